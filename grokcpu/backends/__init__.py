@@ -1,0 +1,1 @@
+"""Compute backends. `cpu` runs everything with numba kernels and numpy's BLAS."""

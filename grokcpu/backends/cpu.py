@@ -1,0 +1,106 @@
+"""The CPU backend: picks a kernel per call shape and owns the thread count."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from ..checkpoint import QWeight
+from ..kernels import layers as K
+from ..kernels import matvec as M
+
+# Rows above which a product goes through dequantized tiles and BLAS instead of matvecs.
+GEMM_MIN_ROWS = 4
+# Elements per dequantized float32 tile (16 MB): big enough for BLAS, small enough for L3/RAM.
+TILE_ELEMS = 4 << 20
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+        n = psutil.cpu_count(logical=False)
+    except Exception:  # psutil cannot tell on some systems
+        n = None
+    return max(1, n or numba.config.NUMBA_NUM_THREADS)
+
+
+def set_threads(n: int | None) -> int:
+    n = physical_cores() if n is None else int(n)
+    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    return n
+
+
+_parts: dict = {}
+
+
+def _part(C: int) -> np.ndarray:
+    P = numba.get_num_threads()
+    buf = _parts.get((P, C))
+    if buf is None:
+        buf = _parts[(P, C)] = np.empty((P, C), np.float32)
+    return buf
+
+
+def matvec(x: np.ndarray, w: np.ndarray, s: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x[R] @ dequant(w[R, C], s[nb, C]) -> [C] float32."""
+    C = w.shape[1]
+    if out is None:
+        out = np.empty(C, np.float32)
+    M.qmatvec(x, w, s, out, _part(C))
+    return out
+
+
+def matmul(x: np.ndarray, w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """x[T, R] @ dequant(w[R, C], s[nb, C]) -> [T, C] float32."""
+    T = x.shape[0]
+    R, C = w.shape
+    out = np.empty((T, C), np.float32)
+    if T < GEMM_MIN_ROWS:
+        for t in range(T):
+            matvec(np.ascontiguousarray(x[t]), w, s, out[t])
+        return out
+    width = max(64, min(C, TILE_ELEMS // R // 64 * 64))
+    tile = np.empty((R, width), np.float32)
+    for c0 in range(0, C, width):
+        n = min(width, C - c0)
+        t = tile[:, :n] if n == width else np.empty((R, n), np.float32)
+        M.dequant_cols(w, s, c0, t)
+        np.matmul(x, t, out=out[:, c0:c0 + n])
+    return out
+
+
+def qmatmul(x: np.ndarray, qw: QWeight) -> np.ndarray:
+    return matmul(x, qw.w, qw.s)
+
+
+def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray) -> np.ndarray:
+    """sum_j gate[t, j] * expert_{idx[t, j]}(x[t]); each expert runs once over its tokens."""
+    T, D = x.shape
+    out = np.zeros((T, D), np.float32)
+    for e in np.unique(idx):
+        rows, slot = np.nonzero(idx == e)
+        xe = np.ascontiguousarray(x[rows])
+        g = matmul(xe, lw.w_gate.w[e], lw.w_gate.s[e])
+        u = matmul(xe, lw.w_up.w[e], lw.w_up.s[e])
+        for t in range(g.shape[0]):
+            K.gelu_mul(g[t], u[t])
+        y = matmul(g, lw.w_down.w[e], lw.w_down.s[e])
+        out[rows] += gate[rows, slot][:, None] * y
+    return out
+
+
+def unembed(h: np.ndarray, emb: np.ndarray, scale: float) -> np.ndarray:
+    """h[T, D] @ emb[V, D].T * scale -> [T, V] float32."""
+    T = h.shape[0]
+    V = emb.shape[0]
+    out = np.empty((T, V), np.float32)
+    if T < GEMM_MIN_ROWS:
+        for t in range(T):
+            M.unembed(np.ascontiguousarray(h[t]), emb, scale, out[t])
+        return out
+    rows = max(256, TILE_ELEMS // emb.shape[1])
+    for v0 in range(0, V, rows):
+        np.matmul(h, emb[v0:v0 + rows].T, out=out[:, v0:v0 + rows])
+    out *= np.float32(scale)
+    return out

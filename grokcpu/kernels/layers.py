@@ -1,0 +1,156 @@
+"""Norms, rotary embeddings, attention, activations and routing."""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, fastmath=True)
+def rmsnorm(x, scale, eps, out):
+    """out[T, D] = scale * x / sqrt(mean(x^2) + eps), row by row (x and out may alias)."""
+    T, D = x.shape
+    for t in range(T):
+        ss = 0.0
+        for i in range(D):
+            v = np.float64(x[t, i])
+            ss += v * v
+        inv = np.float32(1.0 / math.sqrt(ss / D + eps))
+        for i in range(D):
+            out[t, i] = scale[i] * (x[t, i] * inv)
+
+
+@njit(cache=True, fastmath=True)
+def add_rmsnorm(h, x, scale, eps):
+    """h[T, D] += rmsnorm(x) (the sandwich post-norm on a branch output, then the residual)."""
+    T, D = x.shape
+    for t in range(T):
+        ss = 0.0
+        for i in range(D):
+            v = np.float64(x[t, i])
+            ss += v * v
+        inv = np.float32(1.0 / math.sqrt(ss / D + eps))
+        for i in range(D):
+            h[t, i] += scale[i] * (x[t, i] * inv)
+
+
+@njit(cache=True)
+def rope_tables(inv_freq, pos0, T, cos, sin):
+    """cos/sin [T, d/2] of phase = float32(pos) * inv_freq, as the reference forms it in float32."""
+    for t in range(T):
+        p = np.float32(pos0 + t)
+        for j in range(inv_freq.shape[0]):
+            ph = p * inv_freq[j]
+            cos[t, j] = np.float32(math.cos(np.float64(ph)))
+            sin[t, j] = np.float32(math.sin(np.float64(ph)))
+
+
+@njit(cache=True, fastmath=True)
+def rope(x, cos, sin):
+    """Rotate x[T, heads, d] in place, half-split (dim j pairs with j + d/2)."""
+    T, nh, d = x.shape
+    half = d // 2
+    for t in range(T):
+        for h in range(nh):
+            for j in range(half):
+                a = x[t, h, j]
+                b = x[t, h, j + half]
+                c = cos[t, j]
+                s = sin[t, j]
+                x[t, h, j] = a * c - b * s
+                x[t, h, j + half] = b * c + a * s
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def attention(q, kc, vc, pos0, key_ok, mult, cap, n_uniform, out, scores):
+    """Causal attention of T new queries against the cache.
+
+    q [T, H, d] (rotated); kc, vc [G, S, d] one layer's cache, rows 0..pos0+T-1 filled;
+    key_ok [S] uint8: keys a query may see (besides causality); out [T, H, d];
+    scores [H, S] scratch. Logits: (q.k) * mult, then cap*tanh(./cap), then mask, softmax.
+    A query that may see no key gets the reference's uniform softmax over `n_uniform` rows
+    (rows past the filled ones hold zeros, so it is the sum of the filled rows / n_uniform).
+    """
+    T, H, d = q.shape
+    G = kc.shape[0]
+    grp = H // G
+    for h in prange(H):
+        g = h // grp
+        sc = scores[h]
+        for t in range(T):
+            n = pos0 + t + 1
+            qv = q[t, h]
+            m = -np.inf
+            for s in range(n):
+                if key_ok[s]:
+                    kv = kc[g, s]
+                    a = np.float32(0.0)
+                    for i in range(d):
+                        a += qv[i] * kv[i]
+                    a = np.float32(cap * math.tanh(a * mult / cap))
+                    sc[s] = a
+                    if a > m:
+                        m = a
+            o = out[t, h]
+            o[:] = 0.0
+            if m == -np.inf:                      # no visible key
+                for s in range(n):
+                    vv = vc[g, s]
+                    for i in range(d):
+                        o[i] += vv[i]
+                for i in range(d):
+                    o[i] /= n_uniform
+                continue
+            tot = np.float32(0.0)
+            for s in range(n):
+                if key_ok[s]:
+                    e = np.float32(math.exp(sc[s] - m))
+                    sc[s] = e
+                    tot += e
+            for s in range(n):
+                if key_ok[s]:
+                    p = sc[s] / tot
+                    vv = vc[g, s]
+                    for i in range(d):
+                        o[i] += p * vv[i]
+
+
+@njit(cache=True, fastmath=True)
+def gelu_mul(g, u):
+    """g[:] = gelu_tanh(g) * u  (the gated expert activation, in place)."""
+    k = np.float32(math.sqrt(2.0 / math.pi))
+    for i in range(g.shape[0]):
+        z = g[i]
+        g[i] = np.float32(0.5) * z * (np.float32(1.0) + math.tanh(k * (z + np.float32(0.044715) * z * z * z))) * u[i]
+
+
+@njit(cache=True)
+def route(x, router, k, idx, gate):
+    """Router: softmax(x[T, D] @ router[D, E]) in float32; top-k per token, ties to the lower index.
+
+    idx [T, k] int64 and gate [T, k] float32 (raw probabilities, not renormalised).
+    """
+    T, D = x.shape
+    E = router.shape[1]
+    logits = np.zeros(E, np.float64)
+    for t in range(T):
+        for e in range(E):
+            acc = np.float32(0.0)
+            for i in range(D):
+                acc += x[t, i] * router[i, e]
+            logits[e] = acc
+        m = logits.max()
+        tot = 0.0
+        for e in range(E):
+            logits[e] = math.exp(np.float32(logits[e] - m))
+            tot += logits[e]
+        for e in range(E):
+            logits[e] = np.float32(logits[e] / tot)
+        for j in range(k):
+            best = -1
+            for e in range(E):
+                if logits[e] >= 0 and (best < 0 or logits[e] > logits[best]):
+                    best = e
+            idx[t, j] = best
+            gate[t, j] = logits[best]
+            logits[best] = -1.0

@@ -1,0 +1,117 @@
+"""int8-weight products: decode matvec, prefill dequantization tiles, the tied unembedding."""
+
+import numpy as np
+from numba import njit, prange
+
+# Columns per work item of the decode matvec. Wide items keep each thread's reads in long
+# contiguous runs (rows are input-major, so a column range is a strided slice).
+COL_CHUNK = 2048
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def qmatvec(x, w, s, out, part):
+    """out[C] = x[R] @ (w[R, C] * s[r // (R/nb), C]).
+
+    part [P, C] float32 scratch: the rows are split into P contiguous ranges (one stream per
+    thread), each summed into its own row of `part`, then added up. Four rows per step share
+    the loads of the accumulator; the scale of a row block is applied once per block.
+    """
+    R, C = w.shape
+    nb = s.shape[0]
+    rb = R // nb
+    P = part.shape[0]
+    nch = (C + COL_CHUNK - 1) // COL_CHUNK
+    rows_per = ((R + P - 1) // P + 3) // 4 * 4
+    for j in prange(P * nch):
+        p = j // nch
+        c0 = (j % nch) * COL_CHUNK
+        c1 = min(C, c0 + COL_CHUNK)
+        n = c1 - c0
+        o = part[p, c0:c1]
+        o[:] = 0.0
+        acc = np.empty(n, np.float32)
+        r = p * rows_per
+        r1 = min(R, r + rows_per)
+        while r < r1:
+            b = r // rb
+            bend = min(r1, (b + 1) * rb)
+            acc[:] = 0.0
+            while r + 4 <= bend:
+                x0 = x[r]
+                x1 = x[r + 1]
+                x2 = x[r + 2]
+                x3 = x[r + 3]
+                w0 = w[r, c0:c1]
+                w1 = w[r + 1, c0:c1]
+                w2 = w[r + 2, c0:c1]
+                w3 = w[r + 3, c0:c1]
+                for c in range(n):
+                    acc[c] += (x0 * np.float32(w0[c]) + x1 * np.float32(w1[c])
+                               + x2 * np.float32(w2[c]) + x3 * np.float32(w3[c]))
+                r += 4
+            while r < bend:
+                x0 = x[r]
+                w0 = w[r, c0:c1]
+                for c in range(n):
+                    acc[c] += x0 * np.float32(w0[c])
+                r += 1
+            sb = s[b, c0:c1]
+            for c in range(n):
+                o[c] += sb[c] * acc[c]
+    for c in range(C):
+        t = part[0, c]
+        for p in range(1, P):
+            t += part[p, c]
+        out[c] = t
+
+
+@njit(parallel=True, cache=True)
+def dequant_cols(w, s, c0, out):
+    """out[R, n] = w[:, c0:c0+n] * s[block(r), c0:c0+n] as float32 (a tile for BLAS)."""
+    R = w.shape[0]
+    n = out.shape[1]
+    rb = R // s.shape[0]
+    for r in prange(R):
+        sb = s[r // rb, c0:c0 + n]
+        wr = w[r, c0:c0 + n]
+        o = out[r]
+        for c in range(n):
+            o[c] = np.float32(wr[c]) * sb[c]
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def unembed(h, emb, scale, out):
+    """out[V] = (emb[V, D] @ h[D]) * scale: the tied output layer, a row-wise dot product."""
+    V, D = emb.shape
+    nblk = (V + 255) // 256
+    for j in prange(nblk):
+        v0 = j * 256
+        v1 = min(V, v0 + 256)
+        v = v0
+        while v + 4 <= v1:
+            e0 = emb[v]
+            e1 = emb[v + 1]
+            e2 = emb[v + 2]
+            e3 = emb[v + 3]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for i in range(D):
+                hi = h[i]
+                a0 += e0[i] * hi
+                a1 += e1[i] * hi
+                a2 += e2[i] * hi
+                a3 += e3[i] * hi
+            out[v] = a0 * scale
+            out[v + 1] = a1 * scale
+            out[v + 2] = a2 * scale
+            out[v + 3] = a3 * scale
+            v += 4
+        while v < v1:
+            e0 = emb[v]
+            a0 = np.float32(0.0)
+            for i in range(D):
+                a0 += e0[i] * h[i]
+            out[v] = a0 * scale
+            v += 1

@@ -1,0 +1,163 @@
+"""The Grok-1 decoder: prefill and single-token decode through a KV cache.
+
+Reads like spec/GROK1.md §2. Per layer:
+    a = Attention(RMSNorm_0(h));  h += RMSNorm_1(a)
+    m = MoE(RMSNorm_2(h));        h += RMSNorm_3(m)
+then logits = RMSNorm_final(h) @ Emb.T * output_multiplier. Activations are float32; int8
+weights are dequantized inside the kernels (decode) or in column tiles for BLAS (prefill).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backends import cpu
+from .checkpoint import Checkpoint, LayerWeights
+from .config import GrokConfig
+from .errors import ContextFullError, GrokError
+from .kernels import layers as K
+
+
+class Model:
+    """A loaded checkpoint, ready to run. Create sessions to generate."""
+
+    def __init__(self, ckpt: Checkpoint, threads: int | None = None, context: int | None = None):
+        self.ckpt = ckpt
+        self.config: GrokConfig = ckpt.config
+        self.threads = cpu.set_threads(threads)
+        c = self.config
+        self.context = c.sequence_len if context is None else int(context)
+        if not 1 <= self.context <= c.sequence_len:
+            raise GrokError(f"context {self.context} is outside 1..{c.sequence_len}",
+                            hint=f"pass a context length up to the model's sequence_len {c.sequence_len}")
+        d = c.key_size
+        self.inv_freq = (1.0 / (np.float32(c.rope_base) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
+                         ).astype(np.float32)
+
+    @property
+    def layers(self) -> list[LayerWeights]:
+        return self.ckpt.layers
+
+    def new_session(self) -> "Session":
+        return Session(self)
+
+    def stats(self) -> dict:
+        return {"threads": self.threads, "checkpoint_bytes": self.ckpt.nbytes}
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+class Session:
+    """One sequence: its KV cache and position. `prefill` many tokens, then `decode` one at a time."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        c = model.config
+        S = model.context
+        # KV cache [L, G, S, d]; np.zeros maps lazily, so memory grows with use.
+        self.k = np.zeros((c.num_layers, c.num_kv_heads, S, c.key_size), np.float32)
+        self.v = np.zeros_like(self.k)
+        self.key_ok = np.zeros(S, np.uint8)
+        self.pos = 0
+        self.tokens: list[int] = []
+        self._all = np.ones(S, np.uint8)
+        self._none = np.zeros(S, np.uint8)
+
+    def reset(self) -> None:
+        """Forget the sequence (keeps the buffers)."""
+        n = self.pos
+        self.k[:, :, :n] = 0.0
+        self.v[:, :, :n] = 0.0
+        self.key_ok[:n] = 0
+        self.pos = 0
+        self.tokens = []
+
+    def _check(self, token_ids) -> np.ndarray:
+        toks = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        V = self.model.config.vocab_size
+        if toks.size and (toks.min() < 0 or toks.max() >= V):
+            bad = int(toks[(toks < 0) | (toks >= V)][0])
+            raise GrokError(f"token id {bad} is outside the vocabulary 0..{V - 1}",
+                            hint="the tokenizer does not fit this model")
+        if self.pos + toks.size > self.model.context:
+            raise ContextFullError(
+                f"{self.pos + toks.size} tokens do not fit the context of {self.model.context}",
+                hint="shorten the prompt or start a new session")
+        return toks
+
+    def prefill(self, token_ids, logits: str = "all", chunk: int = 512) -> np.ndarray:
+        """Run the tokens through the model; return logits float32 [T, V] (or [V] with logits='last').
+
+        From a fresh session this is exactly the reference's prefill (pad keys masked).
+        Long inputs run in chunks of `chunk` tokens with the same result.
+        """
+        toks = self._check(token_ids)
+        T = toks.size
+        if T == 0:
+            raise GrokError("prefill needs at least one token")
+        outs = []
+        for i in range(0, T, chunk):
+            part = toks[i:i + chunk]
+            h = self._forward(part)
+            if logits == "all" or i + chunk >= T:
+                outs.append(self._logits(h if logits == "all" else h[-1:]))
+        out = np.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+        return out if logits == "all" else out[-1]
+
+    def decode(self, token_id: int) -> np.ndarray:
+        """Feed one token at the next position; return the next-token logits float32 [V]."""
+        toks = self._check([token_id])
+        h = self._forward(toks, decode=True)
+        return self._logits(h)[0]
+
+    # -- the forward pass -------------------------------------------------------------------
+    def _forward(self, toks: np.ndarray, decode: bool = False) -> np.ndarray:
+        m = self.model
+        c = m.config
+        T = toks.size
+        p0 = self.pos
+        eps = c.rms_norm_eps
+        H, G, d = c.num_q_heads, c.num_kv_heads, c.key_size
+        self.key_ok[p0:p0 + T] = toks > c.pad_token
+        if decode:   # reference quirk: a pad query masks every key; cached pads are not re-checked
+            key_ok = self._all if toks[0] > c.pad_token else self._none
+        else:
+            key_ok = self.key_ok
+        cos = np.empty((T, d // 2), np.float32)
+        sin = np.empty((T, d // 2), np.float32)
+        K.rope_tables(m.inv_freq, p0, T, cos, sin)
+
+        h = np.asarray(m.ckpt.embeddings[toks], dtype=np.float32) * np.float32(c.embedding_multiplier_scale)
+        x = np.empty_like(h)
+        attn = np.empty((T, H, d), np.float32)
+        scores = np.empty((H, p0 + T), np.float32)
+        idx = np.empty((T, c.num_selected_experts), np.int64)
+        gate = np.empty((T, c.num_selected_experts), np.float32)
+        for li, lw in enumerate(m.layers):
+            # attention block
+            K.rmsnorm(h, lw.attn_norm, eps, x)
+            q = cpu.qmatmul(x, lw.wq).reshape(T, H, d)
+            k = cpu.qmatmul(x, lw.wk).reshape(T, G, d)
+            v = cpu.qmatmul(x, lw.wv).reshape(T, G, d)
+            K.rope(q, cos, sin)
+            K.rope(k, cos, sin)
+            self.k[li, :, p0:p0 + T] = k.transpose(1, 0, 2)
+            self.v[li, :, p0:p0 + T] = v.transpose(1, 0, 2)
+            K.attention(q, self.k[li], self.v[li], p0, key_ok, np.float32(c.attn_output_multiplier),
+                        np.float32(c.attn_logit_cap), np.float32(c.sequence_len), attn, scores)
+            a = cpu.qmatmul(attn.reshape(T, H * d), lw.wo)
+            K.add_rmsnorm(h, a, lw.attn_post_norm, eps)
+            # MoE block
+            K.rmsnorm(h, lw.moe_norm, eps, x)
+            K.route(x, lw.router, c.num_selected_experts, idx, gate)
+            moe = cpu.moe(x, lw, idx, gate)
+            K.add_rmsnorm(h, moe, lw.moe_post_norm, eps)
+        self.pos = p0 + T
+        self.tokens.extend(int(t) for t in toks)
+        K.rmsnorm(h, m.ckpt.final_norm, eps, h)
+        return h
+
+    def _logits(self, hf: np.ndarray) -> np.ndarray:
+        m = self.model
+        return cpu.unembed(hf, m.ckpt.embeddings, m.config.output_multiplier_scale)
