@@ -16,11 +16,17 @@ __version__ = "0.1.0"
 
 
 def load(path: str | os.PathLike, *, threads: int | None = None, context: int | None = None,
-         config=None) -> "Model":
-    """Open a released Grok-1 checkpoint (memory-mapped, zero copy) and return a Model."""
+         config=None, **options) -> "Model":
+    """Open a released Grok-1 checkpoint (memory-mapped, zero copy) and return a Model.
+
+    path: a folder holding ckpt-0/ (and optionally config.json), or ckpt-0/ itself.
+    threads: compute threads (default: physical cores). context: KV-cache length
+    (default: the model's sequence_len). options: expert_cache_gb, expert_cache_policy,
+    prefetch (the expert cache's settings).
+    """
     from .checkpoint import Checkpoint
     from .model import Model
-    return Model(Checkpoint(path, config=config), threads=threads, context=context)
+    return Model(Checkpoint(path, config=config), threads=threads, context=context, **options)
 
 
 __all__ = ["load", "GrokError", "__version__"]

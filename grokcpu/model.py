@@ -21,8 +21,12 @@ from .kernels import layers as K
 class Model:
     """A loaded checkpoint, ready to run. Create sessions to generate."""
 
-    def __init__(self, ckpt: Checkpoint, threads: int | None = None, context: int | None = None):
+    def __init__(self, ckpt: Checkpoint, threads: int | None = None, context: int | None = None,
+                 expert_cache_gb: float | str | None = None, expert_cache_policy: str = "lru",
+                 prefetch: bool = True):
         self.ckpt = ckpt
+        self.options = {"expert_cache_gb": expert_cache_gb, "expert_cache_policy": expert_cache_policy,
+                        "prefetch": prefetch}
         self.config: GrokConfig = ckpt.config
         self.threads = cpu.set_threads(threads)
         c = self.config
