@@ -239,7 +239,7 @@ def _expected(name: str, D, V, E, F, Q, K):
 
 def _describe(ref) -> str:
     if isinstance(ref, QuantizedRef):
-        return f"int8? {ref.weight.dtype} {list(ref.weight.shape)} with scales {ref.scales.dtype} {list(ref.scales.shape)}"
+        return f"{ref.weight.dtype} {list(ref.weight.shape)} with scales {ref.scales.dtype} {list(ref.scales.shape)}"
     return f"{ref.dtype} {list(ref.shape)}"
 
 

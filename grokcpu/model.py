@@ -65,6 +65,7 @@ class Session:
         self.key_ok = np.zeros(S, np.uint8)
         self.pos = 0
         self.tokens: list[int] = []
+        self.trace: list | None = None   # set to [] to record (layer, expert ids [T,k], probs [T,E])
         self._all = np.ones(S, np.uint8)
         self._none = np.zeros(S, np.uint8)
 
@@ -138,6 +139,7 @@ class Session:
         scores = np.empty((H, p0 + T), np.float32)
         idx = np.empty((T, c.num_selected_experts), np.int64)
         gate = np.empty((T, c.num_selected_experts), np.float32)
+        probs = np.empty((T, c.num_experts), np.float32)
         for li, lw in enumerate(m.layers):
             # attention block
             K.rmsnorm(h, lw.attn_norm, eps, x)
@@ -154,7 +156,9 @@ class Session:
             K.add_rmsnorm(h, a, lw.attn_post_norm, eps)
             # MoE block
             K.rmsnorm(h, lw.moe_norm, eps, x)
-            K.route(x, lw.router, c.num_selected_experts, idx, gate)
+            K.route(x, lw.router, c.num_selected_experts, idx, gate, probs)
+            if self.trace is not None:
+                self.trace.append((li, idx.copy(), probs.copy()))
             moe = cpu.moe(x, lw, idx, gate)
             K.add_rmsnorm(h, moe, lw.moe_post_norm, eps)
         self.pos = p0 + T

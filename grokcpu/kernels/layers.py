@@ -125,10 +125,11 @@ def gelu_mul(g, u):
 
 
 @njit(cache=True)
-def route(x, router, k, idx, gate):
+def route(x, router, k, idx, gate, probs):
     """Router: softmax(x[T, D] @ router[D, E]) in float32; top-k per token, ties to the lower index.
 
-    idx [T, k] int64 and gate [T, k] float32 (raw probabilities, not renormalised).
+    idx [T, k] int64 and gate [T, k] float32 (raw probabilities, not renormalised);
+    probs [T, E] float32 receives the whole softmax.
     """
     T, D = x.shape
     E = router.shape[1]
@@ -146,6 +147,7 @@ def route(x, router, k, idx, gate):
             tot += logits[e]
         for e in range(E):
             logits[e] = np.float32(logits[e] / tot)
+            probs[t, e] = logits[e]
         for j in range(k):
             best = -1
             for e in range(E):

@@ -1,0 +1,42 @@
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GROKCPU_SHARED", ROOT.parent / "shared")).resolve()
+FIXTURES = SHARED / "fixtures"
+TOKENIZER = SHARED / "data" / "grok1-tokenizer.model"
+
+
+def fixture_dirs():
+    if not FIXTURES.is_dir():
+        return []
+    return sorted(p for p in FIXTURES.iterdir() if (p / "ckpt-0").is_dir() and (p / "config.json").is_file())
+
+
+def need_shared():
+    if not FIXTURES.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared fixtures not found at {FIXTURES}; CI must have ../shared")
+        pytest.skip(f"shared fixtures not found at {FIXTURES} (they live in ../shared beside the repo)")
+
+
+class Fixture:
+    def __init__(self, path: Path):
+        self.path = path
+        self.name = path.name
+        self.cfg = json.loads((path / "config.json").read_text())
+        self.prompt = self.cfg["inputs"]["prompt_tokens"]
+        self.decode_tokens = self.cfg["inputs"]["decode_tokens"]
+
+    def load(self, name):
+        return np.load(self.path / name)
+
+
+@pytest.fixture(params=[p.name for p in fixture_dirs()] or ["<no fixtures>"])
+def fixture(request):
+    need_shared()
+    return Fixture(FIXTURES / request.param)
