@@ -80,7 +80,8 @@ def attention(q, kc, vc, pos0, key_ok, mult, cap, n_uniform, out, scores):
         for t in range(T):
             n = pos0 + t + 1
             qv = q[t, h]
-            m = -np.inf
+            m = np.float32(0.0)
+            seen = False
             for s in range(n):
                 if key_ok[s]:
                     kv = kc[g, s]
@@ -89,11 +90,12 @@ def attention(q, kc, vc, pos0, key_ok, mult, cap, n_uniform, out, scores):
                         a += qv[i] * kv[i]
                     a = np.float32(cap * math.tanh(a * mult / cap))
                     sc[s] = a
-                    if a > m:
+                    if not seen or a > m:
                         m = a
+                    seen = True
             o = out[t, h]
             o[:] = 0.0
-            if m == -np.inf:                      # no visible key
+            if not seen:                          # no visible key
                 for s in range(n):
                     vv = vc[g, s]
                     for i in range(d):

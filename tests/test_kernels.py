@@ -1,0 +1,137 @@
+"""Kernels against float64 numpy on random shapes, including sizes that are not multiples of
+the kernels' blocks (4 rows, 2048-column chunks, 256-row vocab blocks)."""
+
+import numpy as np
+import pytest
+
+from grokcpu.backends import cpu
+from grokcpu.kernels import layers as K
+
+RNG = np.random.default_rng(1234)
+
+
+def qweight(R, C, nb):
+    w = RNG.integers(-128, 128, (R, C), dtype=np.int8)
+    s = (RNG.random((nb, C), dtype=np.float32) + 0.5) / 64
+    return w, s
+
+
+def dequant64(w, s):
+    return w.astype(np.float64) * np.repeat(s.astype(np.float64), w.shape[0] // s.shape[0], axis=0)
+
+
+# float32 accumulation over R terms of size ~1: relative error ~ sqrt(R) * 6e-8 of the row norm
+@pytest.mark.parametrize("R,C,nb", [(8, 8, 1), (37, 5, 1), (64, 2049, 8), (203, 300, 7), (1, 3, 1), (4104, 33, 8)])
+def test_matvec_and_matmul_against_float64(R, C, nb):
+    if R % nb:
+        R = R // nb * nb
+    w, s = qweight(R, C, nb)
+    ref_w = dequant64(w, s)
+    for T in (1, 3, 4, 9):
+        x = RNG.standard_normal((T, R)).astype(np.float32)
+        ref = x.astype(np.float64) @ ref_w
+        got = cpu.matmul(x, w, s)
+        scale = np.sqrt((x.astype(np.float64) ** 2) @ (ref_w ** 2)) + 1e-30
+        assert got.dtype == np.float32 and got.shape == (T, C)
+        assert (np.abs(got - ref) / scale).max() < 1e-5
+
+
+def test_matvec_on_read_only_strided_expert_slice():
+    w3 = RNG.integers(-128, 128, (3, 40, 70), dtype=np.int8)
+    w3.setflags(write=False)
+    s3 = RNG.random((3, 8, 70), dtype=np.float32)
+    x = RNG.standard_normal(40).astype(np.float32)
+    got = cpu.matvec(x, w3[2], s3[2])
+    np.testing.assert_allclose(got, x.astype(np.float64) @ dequant64(w3[2], s3[2]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("V,D,T", [(1000, 33, 1), (257, 64, 2), (300, 16, 6)])
+def test_unembed(V, D, T):
+    emb = RNG.standard_normal((V, D)).astype(np.float32)
+    h = RNG.standard_normal((T, D)).astype(np.float32)
+    got = cpu.unembed(h, emb, 0.5773502691896257)
+    ref = (h.astype(np.float64) @ emb.T.astype(np.float64)) * 0.5773502691896257
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_rmsnorm_and_residual():
+    x = RNG.standard_normal((5, 77)).astype(np.float32) * 3
+    sc = RNG.random(77, dtype=np.float32)
+    out = np.empty_like(x)
+    K.rmsnorm(x, sc, 1e-5, out)
+    ref = sc * x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-6)
+    h = np.ones_like(x)
+    K.add_rmsnorm(h, x, sc, 1e-5)
+    np.testing.assert_allclose(h, 1 + ref, rtol=2e-6, atol=2e-6)
+
+
+def test_rope_half_split():
+    d, T, nh, p0 = 16, 3, 2, 5000
+    inv = (1.0 / (np.float32(10000) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))).astype(np.float32)
+    cos = np.empty((T, d // 2), np.float32)
+    sin = np.empty((T, d // 2), np.float32)
+    K.rope_tables(inv, p0, T, cos, sin)
+    x = RNG.standard_normal((T, nh, d)).astype(np.float32)
+    ref = x.astype(np.float64).copy()
+    ph = (np.arange(p0, p0 + T, dtype=np.float32)[:, None] * inv[None]).astype(np.float64)
+    c, s = np.cos(ph)[:, None], np.sin(ph)[:, None]
+    x1, x2 = ref[..., : d // 2].copy(), ref[..., d // 2:].copy()
+    ref = np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+    K.rope(x, cos, sin)
+    np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_with_softcap_mask_and_uniform_rows():
+    H, G, d, S, p0, T = 6, 2, 8, 16, 3, 4
+    q = RNG.standard_normal((T, H, d)).astype(np.float32) * 20       # big: into the soft cap
+    kc = np.zeros((G, S, d), np.float32)
+    vc = np.zeros((G, S, d), np.float32)
+    kc[:, : p0 + T] = RNG.standard_normal((G, p0 + T, d))
+    vc[:, : p0 + T] = RNG.standard_normal((G, p0 + T, d))
+    key_ok = np.ones(S, np.uint8)
+    key_ok[1] = 0
+    out = np.empty((T, H, d), np.float32)
+    K.attention(q, kc, vc, p0, key_ok, np.float32(0.35), np.float32(30.0), np.float32(S), out,
+                np.empty((H, S), np.float32))
+    for t in range(T):
+        for h in range(H):
+            g = h // (H // G)
+            n = p0 + t + 1
+            a = (kc[g, :n].astype(np.float64) @ q[t, h].astype(np.float64)) * 0.35
+            a = 30 * np.tanh(a / 30)
+            a = np.where(key_ok[:n] > 0, a, -1e30)
+            p = np.exp(a - a.max())
+            p /= p.sum()
+            np.testing.assert_allclose(out[t, h], p @ vc[g, :n], rtol=1e-4, atol=1e-5)
+    # no visible key: uniform over all S rows (zeros past the filled ones), as the reference
+    K.attention(q[:1], kc, vc, 0, np.zeros(S, np.uint8), np.float32(0.35), np.float32(30.0),
+                np.float32(S), out[:1], np.empty((H, S), np.float32))
+    np.testing.assert_allclose(out[0, 0], vc[0, :1].sum(0) / S, rtol=1e-6)
+
+
+def test_route_top2_unnormalised_ties_to_lower_index():
+    D, E = 4, 8
+    x = np.zeros((2, D), np.float32)
+    x[0, 0] = 1
+    x[1, 1] = 1
+    router = np.zeros((D, E), np.float32)
+    router[0] = [0, 1, 2, 3, 3, 1, 0, 0]     # token 0: tie between experts 3 and 4
+    router[1] = [5, 0, 0, 0, 0, 0, 0, 4]
+    idx = np.empty((2, 2), np.int64)
+    gate = np.empty((2, 2), np.float32)
+    probs = np.empty((2, E), np.float32)
+    K.route(x, router, 2, idx, gate, probs)
+    assert idx.tolist() == [[3, 4], [0, 7]]
+    p0 = np.exp(router[0].astype(np.float64))
+    p0 /= p0.sum()
+    np.testing.assert_allclose(gate[0], p0[[3, 4]], rtol=1e-6)
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-6)
+
+
+def test_gelu_tanh():
+    g = np.linspace(-6, 6, 101).astype(np.float32)
+    u = RNG.standard_normal(101).astype(np.float32)
+    ref = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g.astype(np.float64) ** 3))) * u
+    K.gelu_mul(g, u)
+    np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6)
