@@ -350,8 +350,8 @@ def _write_atomic(path, emit, fsync: bool) -> WriteResult:
     path = os.fspath(path)
     tmp = path + ".tmp"
     f = open(tmp, "wb")
+    out = _HashingFile(f)
     try:
-        out = _HashingFile(f)
         em = _Emitter(out)
         emit(em)
         em.finish()
