@@ -32,6 +32,15 @@ def set_threads(n: int | None) -> int:
 
 
 _parts: dict = {}
+_scratches: dict = {}
+
+
+def _scratch(name: str, n: int) -> np.ndarray:
+    """A reusable float32 buffer of at least n elements (fresh pages cost a fault each)."""
+    buf = _scratches.get(name)
+    if buf is None or buf.size < n:
+        buf = _scratches[name] = np.empty(n, np.float32)
+    return buf[:n]
 
 
 def _part(C: int) -> np.ndarray:
@@ -61,10 +70,10 @@ def matmul(x: np.ndarray, w: np.ndarray, s: np.ndarray) -> np.ndarray:
             matvec(np.ascontiguousarray(x[t]), w, s, out[t])
         return out
     width = max(64, min(C, TILE_ELEMS // R // 64 * 64))
-    tile = np.empty((R, width), np.float32)
+    tile = _scratch("tile", R * width)
     for c0 in range(0, C, width):
         n = min(width, C - c0)
-        t = tile[:, :n] if n == width else np.empty((R, n), np.float32)
+        t = tile[: R * n].reshape(R, n)
         M.dequant_cols(w, s, c0, t)
         np.matmul(x, t, out=out[:, c0:c0 + n])
     return out
