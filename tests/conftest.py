@@ -40,3 +40,16 @@ class Fixture:
 def fixture(request):
     need_shared()
     return Fixture(FIXTURES / request.param)
+
+
+MEDIUM = dict(vocab_size=2048, sequence_len=512, emb_size=512, key_size=128, num_q_heads=4,
+              num_kv_heads=2, num_layers=4, num_experts=8, num_selected_experts=2, ffn_size=2048)
+
+
+@pytest.fixture(scope="session")
+def medium_ckpt(tmp_path_factory):
+    """A ~106 MB Grok-architecture checkpoint (head size 128) written by grokcpu.synth."""
+    from grokcpu.synth import make_checkpoint
+    out = tmp_path_factory.mktemp("medium")
+    make_checkpoint(out, dict(MEDIUM), seed=7)
+    return out

@@ -167,3 +167,31 @@ def test_parse_never_reads_payloads(p1):
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="runs past the end"):
         parse_tensor_file(f)
+
+
+def test_bare_ckpt0_infers_grok_geometry(medium_ckpt, tmp_path):
+    bare = tmp_path / "bare"
+    (bare / "ckpt-0").mkdir(parents=True)
+    for p in (medium_ckpt / "ckpt-0").iterdir():
+        (bare / "ckpt-0" / p.name).symlink_to(p)
+    inferred = Checkpoint(bare).config
+    given = Checkpoint(medium_ckpt).config
+    for f in ("vocab_size", "emb_size", "num_layers", "num_experts", "ffn_size", "num_q_heads",
+              "num_kv_heads", "key_size", "embedding_multiplier_scale", "attn_output_multiplier"):
+        assert getattr(inferred, f) == pytest.approx(getattr(given, f)), f
+
+
+def test_load_is_fast_and_maps_instead_of_reading(medium_ckpt):
+    """Load in a fresh process: little Python time, and RSS grows by far less than the files."""
+    import subprocess
+    import sys
+    code = (
+        "import time, psutil, grokcpu, grokcpu.model, numba, numpy;"
+        "p = psutil.Process(); r0 = p.memory_info().rss; t = time.perf_counter();"
+        f"m = grokcpu.load({str(medium_ckpt)!r});"
+        "print(time.perf_counter() - t, p.memory_info().rss - r0, m.ckpt.nbytes)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    seconds, grown, size = (float(v) for v in out.split())
+    assert size > 100e6
+    assert seconds < 1.0
+    assert grown < 0.1 * size
