@@ -15,6 +15,7 @@ from .backends import cpu
 from .checkpoint import Checkpoint, LayerWeights
 from .config import GrokConfig
 from .errors import ContextFullError, GrokError
+from .expert_cache import ExpertCache, parse_budget
 from .kernels import layers as K
 
 
@@ -23,10 +24,8 @@ class Model:
 
     def __init__(self, ckpt: Checkpoint, threads: int | None = None, context: int | None = None,
                  expert_cache_gb: float | str | None = None, expert_cache_policy: str = "lru",
-                 prefetch: bool = True):
+                 prefetch: bool = True, pin_experts=(), routing_trace: str | None = None):
         self.ckpt = ckpt
-        self.options = {"expert_cache_gb": expert_cache_gb, "expert_cache_policy": expert_cache_policy,
-                        "prefetch": prefetch}
         self.config: GrokConfig = ckpt.config
         self.threads = cpu.set_threads(threads)
         c = self.config
@@ -34,6 +33,15 @@ class Model:
         if not 1 <= self.context <= c.sequence_len:
             raise GrokError(f"context {self.context} is outside 1..{c.sequence_len}",
                             hint=f"pass a context length up to the model's sequence_len {c.sequence_len}")
+        budget = parse_budget(expert_cache_gb, ckpt, self.context)
+        all_experts = c.num_layers * c.num_experts * 3 * c.emb_size * c.ffn_size
+        # Under a budget smaller than the experts, file pages are dropped after each read so RAM
+        # holds one copy; when everything fits, the page cache keeps them warm for the next run.
+        self.experts = ExpertCache(ckpt, budget, policy=expert_cache_policy, prefetch=prefetch,
+                                   drop_page_cache=budget < all_experts)
+        if pin_experts:
+            self.experts.pin(pin_experts)
+        self._trace_file = open(routing_trace, "a", encoding="utf-8") if routing_trace else None
         d = c.key_size
         self.inv_freq = (1.0 / (np.float32(c.rope_base) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
                          ).astype(np.float32)
@@ -46,9 +54,13 @@ class Model:
         return Session(self)
 
     def stats(self) -> dict:
-        return {"threads": self.threads, "checkpoint_bytes": self.ckpt.nbytes}
+        return {"threads": self.threads, "checkpoint_bytes": self.ckpt.nbytes,
+                "expert_cache": self.experts.stats.as_dict(self.experts)}
 
     def close(self) -> None:
+        self.experts.close()
+        if self._trace_file is not None:
+            self._trace_file.close()
         self.ckpt.close()
 
 
@@ -140,6 +152,7 @@ class Session:
         idx = np.empty((T, c.num_selected_experts), np.int64)
         gate = np.empty((T, c.num_selected_experts), np.float32)
         probs = np.empty((T, c.num_experts), np.float32)
+        xg, idx_g, gate_g, probs_g = np.empty_like(x), np.empty_like(idx), np.empty_like(gate), np.empty_like(probs)
         for li, lw in enumerate(m.layers):
             # attention block
             K.rmsnorm(h, lw.attn_norm, eps, x)
@@ -159,12 +172,28 @@ class Session:
             K.route(x, lw.router, c.num_selected_experts, idx, gate, probs)
             if self.trace is not None:
                 self.trace.append((li, idx.copy(), probs.copy()))
-            moe = cpu.moe(x, lw, idx, gate)
+            if m._trace_file is not None:
+                self._write_trace(li, p0, idx)
+            cache = m.experts
+            cache.prefetch([(li, int(e)) for e in np.unique(idx)])      # all misses in flight at once
+            if li + 1 < len(m.layers) and cache.prefetch_enabled:      # guess the next layer's experts
+                nxt = m.layers[li + 1]
+                K.rmsnorm(h, nxt.moe_norm, eps, xg)
+                K.route(xg, nxt.router, c.num_selected_experts, idx_g, gate_g, probs_g)
+                cache.prefetch([(li + 1, int(e)) for e in np.unique(idx_g)])
+            moe = cpu.moe(x, lw, idx, gate, cache, li)
             K.add_rmsnorm(h, moe, lw.moe_post_norm, eps)
         self.pos = p0 + T
         self.tokens.extend(int(t) for t in toks)
         K.rmsnorm(h, m.ckpt.final_norm, eps, h)
         return h
+
+    def _write_trace(self, layer: int, p0: int, idx: np.ndarray) -> None:
+        f = self.model._trace_file
+        for t in range(idx.shape[0]):
+            f.write(f'{{"pos": {p0 + t}, "layer": {layer}, "experts": {idx[t].tolist()}}}\n')
+        if layer == len(self.model.layers) - 1:
+            f.flush()
 
     def _logits(self, hf: np.ndarray) -> np.ndarray:
         m = self.model

@@ -83,18 +83,31 @@ def qmatmul(x: np.ndarray, qw: QWeight) -> np.ndarray:
     return matmul(x, qw.w, qw.s)
 
 
-def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray) -> np.ndarray:
-    """sum_j gate[t, j] * expert_{idx[t, j]}(x[t]); each expert runs once over its tokens."""
+def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray, cache=None, layer: int = 0) -> np.ndarray:
+    """sum_j gate[t, j] * expert_{idx[t, j]}(x[t]); each expert runs once over its tokens.
+
+    Expert weights come from `cache` (an ExpertCache: acquired, used, released in file order)
+    or, without one, straight from the memory-mapped checkpoint.
+    """
     T, D = x.shape
     out = np.zeros((T, D), np.float32)
     for e in np.unique(idx):
-        rows, slot = np.nonzero(idx == e)
-        xe = np.ascontiguousarray(x[rows])
-        g = matmul(xe, lw.w_gate.w[e], lw.w_gate.s[e])
-        u = matmul(xe, lw.w_up.w[e], lw.w_up.s[e])
-        for t in range(g.shape[0]):
-            K.gelu_mul(g[t], u[t])
-        y = matmul(g, lw.w_down.w[e], lw.w_down.s[e])
+        e = int(e)
+        if cache is not None:
+            wg, wu, wd = cache.acquire(layer, e)
+        else:
+            wg, wu, wd = lw.w_gate.w[e], lw.w_up.w[e], lw.w_down.w[e]
+        try:
+            rows, slot = np.nonzero(idx == e)
+            xe = np.ascontiguousarray(x[rows])
+            g = matmul(xe, wg, lw.w_gate.s[e])
+            u = matmul(xe, wu, lw.w_up.s[e])
+            for t in range(g.shape[0]):
+                K.gelu_mul(g[t], u[t])
+            y = matmul(g, wd, lw.w_down.s[e])
+        finally:
+            if cache is not None:
+                cache.release(layer, e)
         out[rows] += gate[rows, slot][:, None] * y
     return out
 

@@ -1,0 +1,356 @@
+"""The expert cache: only routed experts enter RAM, into a fixed pool under a byte budget.
+
+Dense weights stay memory-mapped. An expert (its slices of moe/linear, linear_v and linear_1)
+is three contiguous byte ranges in three files; a miss reads each with one large `preadv`
+straight into a preallocated slot, then tells the kernel to drop those file pages
+(`POSIX_FADV_DONTNEED`, with read-ahead off), so the page cache does not hold a second copy and
+the budget means what it says. Reads run on background threads: `prefetch` starts them early,
+`acquire` waits only for what is not there yet.
+
+A slot in use by the layer being computed is pinned (reference counted) and never evicted;
+which unpinned slot goes is the policy's choice (LRU by default).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .errors import GrokError
+
+GB = 1e9
+
+
+# -- eviction policies ---------------------------------------------------------------------------
+
+class LRU:
+    """Least recently used: evict the expert whose last use is oldest."""
+    name = "lru"
+
+    def __init__(self):
+        self.order: OrderedDict = OrderedDict()
+
+    def touch(self, key):
+        self.order[key] = None
+        self.order.move_to_end(key)
+
+    def remove(self, key):
+        self.order.pop(key, None)
+
+    def victim(self, evictable):
+        for key in self.order:            # oldest first
+            if key in evictable:
+                return key
+        return next(iter(evictable))
+
+
+class LFU(LRU):
+    """Least frequently used (counts since load of the model), least recent among equals."""
+    name = "lfu"
+
+    def __init__(self):
+        super().__init__()
+        self.count: dict = {}
+
+    def touch(self, key):
+        super().touch(key)
+        self.count[key] = self.count.get(key, 0) + 1
+
+    def victim(self, evictable):
+        rank = {k: i for i, k in enumerate(self.order)}
+        return min(evictable, key=lambda k: (self.count.get(k, 0), rank.get(k, -1)))
+
+
+POLICIES = {"lru": LRU, "lfu": LFU}
+
+
+def make_policy(name: str):
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise GrokError(f"unknown expert cache policy {name!r}",
+                        hint=f"choose one of: {', '.join(POLICIES)}") from None
+
+
+# -- the cache -----------------------------------------------------------------------------------
+
+class _Slot:
+    __slots__ = ("key", "refs", "ready", "error", "prefetched", "used")
+
+    def __init__(self):
+        self.key = None
+        self.refs = 0
+        self.ready = threading.Event()
+        self.error = None
+        self.prefetched = False
+        self.used = False
+
+
+class ExpertCache:
+    """A pool of `slots` expert-sized buffers; `acquire(layer, expert)` returns its three matrices."""
+
+    def __init__(self, ckpt, budget_bytes: int, policy: str = "lru", prefetch: bool = True,
+                 io_threads: int = 2, drop_page_cache: bool = True):
+        c = ckpt.config
+        self.ckpt = ckpt
+        self.L, self.E, self.k = c.num_layers, c.num_experts, c.num_selected_experts
+        D, F = c.emb_size, c.ffn_size
+        self.shapes = ((D, F), (D, F), (F, D))           # gate (linear), up (linear_v), down (linear_1)
+        self.expert_bytes = 3 * D * F
+        total = self.L * self.E
+        need = self.k * self.expert_bytes
+        if budget_bytes < need:
+            raise GrokError(
+                f"expert cache budget {budget_bytes / GB:.3f} GB cannot hold the {self.k} experts one "
+                f"token needs ({need / GB:.3f} GB)", hint=f"use --expert-cache-gb {need / GB:.3f} or more")
+        self.nslots = int(min(total, budget_bytes // self.expert_bytes))
+        self.budget_bytes = self.nslots * self.expert_bytes
+        self.policy = make_policy(policy)
+        self.prefetch_enabled = prefetch
+        self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
+        # np.empty does not touch the pages: RAM is committed as slots fill.
+        self.pool = np.empty((self.nslots, self.expert_bytes), np.int8)
+        self.slots = [_Slot() for _ in range(self.nslots)]
+        self.where: dict = {}            # (layer, expert) -> slot index
+        self.pinned: set = set()
+        self.lock = threading.Lock()
+        self.io = ThreadPoolExecutor(max_workers=max(1, io_threads), thread_name_prefix="grokcpu-io")
+        self._fds: dict = {}
+        self.ranges = {}                  # (layer, expert) -> [(path, offset, nbytes)] x3
+        for layer in range(self.L):
+            for e in range(self.E):
+                self.ranges[(layer, e)] = ckpt.expert_ranges(layer, e)
+        self.stats = _Stats(self.L)
+
+    # -- public ---------------------------------------------------------------------------------
+    def acquire(self, layer: int, expert: int):
+        """The expert's (gate [D,F], up [D,F], down [F,D]) int8 matrices, pinned until release()."""
+        key = (layer, expert)
+        st = self.stats
+        with self.lock:
+            i = self.where.get(key)
+            if i is None:
+                st.misses[layer] += 1
+                i = self._claim(key, prefetched=False)
+            else:
+                s = self.slots[i]
+                if s.prefetched and not s.used:
+                    st.prefetch_hits[layer] += 1
+                else:
+                    st.hits[layer] += 1
+            s = self.slots[i]
+            s.refs += 1
+            s.used = True
+            self.policy.touch(key)
+        if not s.ready.is_set():
+            t = time.perf_counter()
+            s.ready.wait()
+            st.stall_seconds += time.perf_counter() - t
+        if s.error is not None:
+            self.release(layer, expert)
+            raise s.error
+        return self._views(i)
+
+    def release(self, layer: int, expert: int) -> None:
+        with self.lock:
+            i = self.where.get((layer, expert))
+            if i is not None and self.slots[i].refs > 0:
+                self.slots[i].refs -= 1
+
+    def prefetch(self, keys) -> None:
+        """Start loading these experts if absent and a slot can be freed without waiting."""
+        if not self.prefetch_enabled:
+            return
+        with self.lock:
+            for key in keys:
+                if key in self.where:
+                    continue
+                if self._claim(key, prefetched=True, wait=False) is None:
+                    break
+                self.stats.prefetch_issued[key[0]] += 1
+
+    def pin(self, keys) -> None:
+        """Load these experts now and keep them resident for good."""
+        keys = list(dict.fromkeys(keys))
+        if len(keys) > self.nslots - self.k:
+            raise GrokError(f"cannot pin {len(keys)} experts: the budget holds {self.nslots} and "
+                            f"{self.k} must stay free", hint="pin fewer experts or raise --expert-cache-gb")
+        for key in keys:
+            self.acquire(*key)
+            with self.lock:
+                self.pinned.add(key)
+            self.release(*key)
+
+    def resident(self) -> int:
+        with self.lock:
+            return len(self.where)
+
+    def close(self) -> None:
+        self.io.shutdown(wait=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    # -- internals ------------------------------------------------------------------------------
+    def _views(self, i: int):
+        buf = self.pool[i]
+        out = []
+        off = 0
+        for shape in self.shapes:
+            n = shape[0] * shape[1]
+            a = buf[off:off + n].reshape(shape)
+            a.flags.writeable = False     # the same kernel specialisation as the mapped weights
+            out.append(a)
+            off += n
+        return out
+
+    def _claim(self, key, prefetched: bool, wait: bool = True):
+        """Give `key` a slot (free, or evicted) and start its read. Caller holds the lock."""
+        i = self._free_slot(wait)
+        if i is None:
+            return None
+        s = self.slots[i]
+        if s.key is not None:
+            old = s.key
+            del self.where[old]
+            self.policy.remove(old)
+            self.stats.evictions[old[0]] += 1
+            if s.prefetched and not s.used:
+                self.stats.prefetch_wasted[old[0]] += 1
+        s.key, s.refs, s.error, s.prefetched, s.used = key, 0, None, prefetched, False
+        s.ready.clear()
+        self.where[key] = i
+        self.io.submit(self._load, i, key)
+        return i
+
+    def _free_slot(self, wait: bool):
+        while True:
+            evictable = {}
+            for i, s in enumerate(self.slots):
+                if s.key is None:
+                    return i
+                if s.refs == 0 and s.ready.is_set() and s.key not in self.pinned:
+                    evictable[s.key] = i
+            if evictable:
+                return evictable[self.policy.victim(evictable)]
+            if not wait:
+                return None
+            loading = [s for s in self.slots if not s.ready.is_set()]
+            if not loading:
+                raise GrokError("every expert cache slot is in use", hint="raise --expert-cache-gb")
+            self.lock.release()           # let the reads finish, then look again
+            try:
+                loading[0].ready.wait()
+            finally:
+                self.lock.acquire()
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            if self.drop_page_cache:       # no read-ahead into the neighbouring expert
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            self._fds[path] = fd
+        return fd
+
+    def _load(self, i: int, key) -> None:
+        s = self.slots[i]
+        t = time.perf_counter()
+        try:
+            buf = memoryview(self.pool[i]).cast("B")
+            off = 0
+            for path, foff, n in self.ranges[key]:
+                fd = self._fd(path)
+                got = 0
+                while got < n:            # preadv may return short counts
+                    r = os.preadv(fd, [buf[off + got:off + n]], foff + got)
+                    if r <= 0:
+                        raise GrokError(f"{path}: unexpected end of file reading expert {key}",
+                                        hint="the checkpoint file is truncated; re-download it")
+                    got += r
+                if self.drop_page_cache:
+                    os.posix_fadvise(fd, foff, n, os.POSIX_FADV_DONTNEED)
+                off += n
+        except Exception as e:             # surfaced to the thread that waits for this slot
+            s.error = e if isinstance(e, GrokError) else GrokError(f"reading expert {key} failed: {e}")
+        finally:
+            dt = time.perf_counter() - t
+            with self.lock:
+                self.stats.bytes_read[key[0]] += self.expert_bytes if s.error is None else 0
+                self.stats.read_seconds += dt
+            s.ready.set()
+            if s.error is not None:
+                with self.lock:
+                    if self.where.get(key) == i:
+                        del self.where[key]
+                        self.policy.remove(key)
+                    s.key = None
+
+
+class _Stats:
+    def __init__(self, L: int):
+        self.hits = [0] * L
+        self.misses = [0] * L
+        self.prefetch_hits = [0] * L
+        self.prefetch_issued = [0] * L
+        self.prefetch_wasted = [0] * L
+        self.evictions = [0] * L
+        self.bytes_read = [0] * L
+        self.read_seconds = 0.0
+        self.stall_seconds = 0.0
+
+    def as_dict(self, cache: ExpertCache) -> dict:
+        per_layer = [{"hits": self.hits[i], "misses": self.misses[i], "prefetch_hits": self.prefetch_hits[i],
+                      "prefetch_issued": self.prefetch_issued[i], "prefetch_wasted": self.prefetch_wasted[i],
+                      "evictions": self.evictions[i], "bytes_read": self.bytes_read[i]}
+                     for i in range(len(self.hits))]
+        tot = {k: sum(d[k] for d in per_layer) for k in per_layer[0]}
+        lookups = tot["hits"] + tot["misses"] + tot["prefetch_hits"]
+        return {
+            **tot,
+            "lookups": lookups,
+            "hit_rate": (tot["hits"] + tot["prefetch_hits"]) / lookups if lookups else 0.0,
+            "read_seconds": self.read_seconds,
+            "read_gb_s": tot["bytes_read"] / GB / self.read_seconds if self.read_seconds else 0.0,
+            "stall_seconds": self.stall_seconds,
+            "budget_bytes": cache.budget_bytes,
+            "slots": cache.nslots,
+            "resident": cache.resident(),
+            "expert_bytes": cache.expert_bytes,
+            "policy": cache.policy.name,
+            "prefetch": cache.prefetch_enabled,
+            "per_layer": per_layer,
+        }
+
+
+def auto_budget(ckpt, context: int, margin_fraction: float = 0.1, min_margin: float = 1 * GB) -> int:
+    """What `auto` picks: available RAM minus dense weights, KV cache and a safety margin,
+    clamped to [experts one token needs, every expert]."""
+    import psutil
+    c = ckpt.config
+    expert = 3 * c.emb_size * c.ffn_size
+    total_experts = c.num_layers * c.num_experts * expert
+    dense = ckpt.nbytes - total_experts
+    avail = psutil.virtual_memory().available
+    kv = c.kv_cache_bytes(context)
+    margin = max(min_margin, margin_fraction * avail)
+    budget = avail - dense - kv - margin
+    return int(max(c.num_selected_experts * expert, min(total_experts, budget)))
+
+
+def parse_budget(value, ckpt, context: int) -> int:
+    """--expert-cache-gb: a number of GB, or 'auto' / None."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return auto_budget(ckpt, context)
+    try:
+        gb = float(value)
+    except (TypeError, ValueError):
+        raise GrokError(f"--expert-cache-gb must be a number of GB or 'auto', not {value!r}") from None
+    if not np.isfinite(gb) or gb <= 0:
+        raise GrokError(f"--expert-cache-gb must be positive, not {value!r}")
+    return int(gb * GB)

@@ -1,0 +1,190 @@
+"""The expert cache: exact results under any budget, LRU order, byte accounting, memory bound."""
+
+import ctypes
+import mmap
+import os
+
+import numpy as np
+import pytest
+
+import grokcpu
+from grokcpu.errors import GrokError
+from grokcpu.expert_cache import ExpertCache, auto_budget, parse_budget
+from grokcpu.checkpoint import Checkpoint
+
+
+def run(model, fx):
+    s = model.new_session()
+    pre = s.prefill(fx.prompt)
+    dec = np.stack([s.decode(t) for t in fx.decode_tokens])
+    return pre, dec
+
+
+def expert_gb(cfg):
+    return 3 * cfg.emb_size * cfg.ffn_size / 1e9
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_logits_identical_whatever_the_budget(fixture, prefetch):
+    full = grokcpu.load(fixture.path)
+    ref_pre, ref_dec = run(full, fixture)
+    c = full.config
+    one = expert_gb(c)
+    for n in (c.num_selected_experts, c.num_selected_experts + 1, c.num_layers * c.num_experts // 2):
+        m = grokcpu.load(fixture.path, expert_cache_gb=n * one * 1.0001, prefetch=prefetch)
+        pre, dec = run(m, fixture)
+        assert np.array_equal(pre, ref_pre) and np.array_equal(dec, ref_dec)
+        st = m.stats()["expert_cache"]
+        assert st["slots"] == n and st["resident"] <= n
+        assert st["bytes_read"] == (st["misses"] + st["prefetch_issued"]) * st["expert_bytes"]
+
+
+def test_budget_too_small_is_a_clear_error(fixture):
+    c = Checkpoint(fixture.path).config
+    with pytest.raises(GrokError, match="cannot hold the 2 experts"):
+        grokcpu.load(fixture.path, expert_cache_gb=1.9 * expert_gb(c))
+    for bad in ("lots", "-1", "nan", "0"):
+        with pytest.raises(GrokError, match="expert-cache-gb"):
+            grokcpu.load(fixture.path, expert_cache_gb=bad)
+    with pytest.raises(GrokError, match="unknown expert cache policy"):
+        grokcpu.load(fixture.path, expert_cache_policy="fifo")
+
+
+def test_lru_eviction_order_and_exact_counters(medium_ckpt):
+    ck = Checkpoint(medium_ckpt)
+    cache = ExpertCache(ck, 3 * 3 * 512 * 2048, policy="lru", prefetch=False)
+    eb = cache.expert_bytes
+
+    def use(layer, e):
+        w = cache.acquire(layer, e)
+        cache.release(layer, e)
+        return w
+
+    for key in [(0, 1), (0, 2), (0, 3)]:        # fill: 3 misses
+        use(*key)
+    use(0, 1)                                  # hit; LRU order now 2, 3, 1
+    use(1, 5)                                  # miss: evicts (0, 2)
+    assert set(cache.where) == {(0, 1), (0, 3), (1, 5)}
+    use(0, 2)                                  # miss: evicts (0, 3)
+    assert set(cache.where) == {(0, 1), (1, 5), (0, 2)}
+    st = cache.stats.as_dict(cache)
+    assert (st["hits"], st["misses"], st["evictions"]) == (1, 5, 2)
+    assert st["bytes_read"] == 5 * eb and st["per_layer"][1]["misses"] == 1
+    # the bytes in the slot are the expert's bytes in the files
+    wg, wu, wd = use(1, 5)
+    lw = ck.layers[1]
+    assert np.array_equal(wg, lw.w_gate.w[5]) and np.array_equal(wu, lw.w_up.w[5])
+    assert np.array_equal(wd, lw.w_down.w[5])
+    cache.close()
+
+
+def test_pinned_slot_is_never_evicted_and_in_use_slots_survive(medium_ckpt):
+    ck = Checkpoint(medium_ckpt)
+    cache = ExpertCache(ck, 3 * 3 * 512 * 2048, policy="lru", prefetch=True)
+    cache.pin([(2, 7)])
+    held = cache.acquire(0, 0)                 # in use: must survive the traffic below
+    for e in range(8):
+        cache.acquire(3, e)
+        cache.release(3, e)
+    assert (2, 7) in cache.where and (0, 0) in cache.where
+    assert np.array_equal(held[0], ck.layers[0].w_gate.w[0])
+    cache.release(0, 0)
+    cache.close()
+
+
+def test_lfu_keeps_the_frequent_expert(medium_ckpt):
+    ck = Checkpoint(medium_ckpt)
+    cache = ExpertCache(ck, 2 * 3 * 512 * 2048, policy="lfu", prefetch=False)
+    for key in [(0, 1), (0, 1), (0, 1), (0, 2), (0, 3)]:   # (0,2) used once -> evicted, not (0,1)
+        cache.acquire(*key)
+        cache.release(*key)
+    assert set(cache.where) == {(0, 1), (0, 3)}
+    cache.close()
+
+
+def test_prefetch_is_counted_and_changes_nothing(medium_ckpt):
+    toks = list(range(3, 40))
+    a = grokcpu.load(medium_ckpt, expert_cache_gb=0.04, prefetch=False)
+    b = grokcpu.load(medium_ckpt, expert_cache_gb=0.04, prefetch=True)
+    sa, sb = a.new_session(), b.new_session()
+    sa.prefill(toks[:5])
+    sb.prefill(toks[:5])
+    for t in toks[5:]:
+        assert np.array_equal(sa.decode(t), sb.decode(t))
+    st = b.stats()["expert_cache"]
+    assert st["prefetch_issued"] > 0 and st["prefetch_hits"] > 0
+    assert a.stats()["expert_cache"]["prefetch_issued"] == 0
+
+
+def _resident_bytes(path: str) -> int:
+    """Bytes of `path` in the page cache (mincore)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        page = mmap.PAGESIZE
+        n = (size + page - 1) // page
+        vec = (ctypes.c_ubyte * n)()
+        addr = np.frombuffer(mm, np.uint8).ctypes.data
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0
+        return sum(v & 1 for v in vec) * page
+    finally:
+        del addr
+        try:
+            mm.close()
+        except BufferError:
+            pass
+
+
+def test_expert_memory_stays_within_budget(medium_ckpt):
+    """Experts ~100 MB, budget 12.6 MB: pool + page cache of the expert files stay near the budget."""
+    ck = Checkpoint(medium_ckpt)
+    expert_files = sorted({r[0] for key in [(l, 0) for l in range(4)] for r in ck.expert_ranges(*key)})
+    for p in expert_files:              # start cold (written moments ago: flush, then drop)
+        fd = os.open(p, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    budget = 4 * 3 * 512 * 2048
+    m = grokcpu.load(medium_ckpt, expert_cache_gb=budget / 1e9)
+    s = m.new_session()
+    s.prefill(list(range(3, 60)), logits="last")
+    for t in range(60, 80):
+        s.decode(t)
+    st = m.stats()["expert_cache"]
+    assert st["bytes_read"] > 3 * budget             # it really paged experts in and out
+    # what load itself reads of these files: pickle headers and the scales (copied to RAM)
+    weights = {r.weight.path: r.weight.nbytes for r in ck.refs if hasattr(r, "weight")}
+    not_weights = sum(os.path.getsize(p) - weights[p] for p in expert_files)
+    cached = sum(_resident_bytes(p) for p in expert_files)
+    assert cached < 0.1 * budget + not_weights
+    assert m.experts.pool.nbytes <= budget
+
+
+def test_auto_budget_and_parse(medium_ckpt):
+    ck = Checkpoint(medium_ckpt)
+    a = auto_budget(ck, 512)
+    one = 3 * 512 * 2048
+    assert 2 * one <= a <= 32 * one
+    assert parse_budget("auto", ck, 512) == a
+    assert parse_budget("0.5", ck, 512) == 500_000_000
+
+
+def test_routing_trace_file(medium_ckpt, tmp_path):
+    import json
+    path = tmp_path / "trace.jsonl"
+    m = grokcpu.load(medium_ckpt, routing_trace=str(path))
+    s = m.new_session()
+    s.trace = []
+    s.prefill([5, 6, 7], logits="last")
+    s.decode(8)
+    m.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 4 * 4                        # 4 tokens x 4 layers
+    assert {r["pos"] for r in rows} == {0, 1, 2, 3}
+    mine = {(layer, t): list(idx[t]) for layer, idx, _ in s.trace[:4] for t in range(3)}
+    for r in rows:
+        if r["pos"] < 3:
+            assert r["experts"] == mine[(r["layer"], r["pos"])]
