@@ -22,7 +22,8 @@ def load(path: str | os.PathLike, *, threads: int | None = None, context: int | 
     path: a folder holding ckpt-0/ (and optionally config.json), or ckpt-0/ itself.
     threads: compute threads (default: physical cores). context: KV-cache length
     (default: the model's sequence_len). options: expert_cache_gb, expert_cache_policy,
-    prefetch (the expert cache's settings).
+    prefetch, pin_experts, routing_trace (the expert cache's settings); unembed: "f32" (exact,
+    default) or "int8" (per-row scaled copy of the output layer, 4x fewer bytes per token).
     """
     from .checkpoint import Checkpoint
     from .model import Model

@@ -135,3 +135,16 @@ def test_gelu_tanh():
     ref = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g.astype(np.float64) ** 3))) * u
     K.gelu_mul(g, u)
     np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_int8_unembedding_error_is_bounded():
+    emb = RNG.standard_normal((700, 96)).astype(np.float32) / np.sqrt(96)
+    h = RNG.standard_normal((2, 96)).astype(np.float32)
+    q, rs = cpu.quantize_embedding(emb)
+    step = np.abs(emb).max(1, keepdims=True) / 127          # one quantization step per row
+    assert (np.abs(q.astype(np.float64) * rs[:, None] - emb) <= 0.5001 * step).all()
+    got = cpu.unembed_q8(h, q, rs, 0.5773502691896257)
+    ref = (h.astype(np.float64) @ emb.T.astype(np.float64)) * 0.5773502691896257
+    # each weight is off by at most half a quantization step: |err| <= 0.5 * rs * sum|h| * scale
+    bound = 0.5 * rs[None, :] * np.abs(h).sum(1, keepdims=True) * 0.5773502691896257
+    assert (np.abs(got - ref) <= bound * 1.001 + 1e-6).all()

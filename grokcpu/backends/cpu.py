@@ -126,3 +126,19 @@ def unembed(h: np.ndarray, emb: np.ndarray, scale: float) -> np.ndarray:
         np.matmul(h, emb[v0:v0 + rows].T, out=out[:, v0:v0 + rows])
     out *= np.float32(scale)
     return out
+
+
+def quantize_embedding(emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 [V, D] with per-row float32 scales (absmax / 127)."""
+    q = np.empty(emb.shape, np.int8)
+    rs = np.empty(emb.shape[0], np.float32)
+    M.quantize_rows(emb, q, rs)
+    return q, rs
+
+
+def unembed_q8(h: np.ndarray, q: np.ndarray, rs: np.ndarray, scale: float) -> np.ndarray:
+    """h[T, D] @ dequant(q)[V, D].T * scale -> [T, V] float32."""
+    out = np.empty((h.shape[0], q.shape[0]), np.float32)
+    for t in range(h.shape[0]):
+        M.unembed_q8(np.ascontiguousarray(h[t]), q, rs, np.float32(scale), out[t])
+    return out

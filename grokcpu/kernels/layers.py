@@ -61,7 +61,7 @@ def rope(x, cos, sin):
                 x[t, h, j + half] = b * c + a * s
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def attention(q, kc, vc, pos0, key_ok, mult, cap, n_uniform, out, scores):
     """Causal attention of T new queries against the cache.
 

@@ -8,7 +8,7 @@ from numba import njit, prange
 COL_CHUNK = 2048
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def qmatvec(x, w, s, out, part):
     """out[C] = x[R] @ (w[R, C] * s[r // (R/nb), C]).
 
@@ -65,7 +65,7 @@ def qmatvec(x, w, s, out, part):
         out[c] = t
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def dequant_cols(w, s, c0, out):
     """out[R, n] = w[:, c0:c0+n] * s[block(r), c0:c0+n] as float32 (a tile for BLAS)."""
     R = w.shape[0]
@@ -79,7 +79,7 @@ def dequant_cols(w, s, c0, out):
             o[c] = np.float32(wr[c]) * sb[c]
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def unembed(h, emb, scale, out):
     """out[V] = (emb[V, D] @ h[D]) * scale: the tied output layer, a row-wise dot product."""
     V, D = emb.shape
@@ -114,4 +114,60 @@ def unembed(h, emb, scale, out):
             for i in range(D):
                 a0 += e0[i] * h[i]
             out[v] = a0 * scale
+            v += 1
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def quantize_rows(a, q, scale):
+    """q[V, D] int8, scale[V]: per-row absmax int8 (round to nearest) of a[V, D] float32."""
+    V, D = a.shape
+    for v in prange(V):
+        row = a[v]
+        m = np.float32(0.0)
+        for i in range(D):
+            x = abs(row[i])
+            if x > m:
+                m = x
+        s = m / np.float32(127.0) if m > 0 else np.float32(1.0)
+        scale[v] = s
+        inv = np.float32(1.0) / s
+        for i in range(D):
+            q[v, i] = np.int8(round(row[i] * inv))
+
+
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
+def unembed_q8(h, q, rs, scale, out):
+    """out[V] = rs[v] * (q[V, D] int8 @ h[D]) * scale: the reduced-precision unembedding."""
+    V, D = q.shape
+    nblk = (V + 255) // 256
+    for j in prange(nblk):
+        v0 = j * 256
+        v1 = min(V, v0 + 256)
+        v = v0
+        while v + 4 <= v1:
+            e0 = q[v]
+            e1 = q[v + 1]
+            e2 = q[v + 2]
+            e3 = q[v + 3]
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for i in range(D):
+                hi = h[i]
+                a0 += np.float32(e0[i]) * hi
+                a1 += np.float32(e1[i]) * hi
+                a2 += np.float32(e2[i]) * hi
+                a3 += np.float32(e3[i]) * hi
+            out[v] = a0 * rs[v] * scale
+            out[v + 1] = a1 * rs[v + 1] * scale
+            out[v + 2] = a2 * rs[v + 2] * scale
+            out[v + 3] = a3 * rs[v + 3] * scale
+            v += 4
+        while v < v1:
+            e0 = q[v]
+            a0 = np.float32(0.0)
+            for i in range(D):
+                a0 += np.float32(e0[i]) * h[i]
+            out[v] = a0 * rs[v] * scale
             v += 1

@@ -1,0 +1,768 @@
+"""GPU offload of the dense layers (numba.cuda); the routed experts stay on the CPU.
+
+Import this module only when offload is asked for: it is the one place that imports
+numba.cuda, and it does so lazily (`cuda_status()`, `CudaDense(...)`), so that
+`import grokcpu` never touches the CUDA driver.
+
+What runs where, per decoder layer (spec/GROK1.md §2.3):
+
+    GPU  x = RMSNorm_0(h)  ->  qkv = x @ [Wq|Wk|Wv]  ->  RoPE, K/V into the device cache
+         ->  attention  ->  a = o @ Wo  ->  h += RMSNorm_1(a); x = RMSNorm_2(h)  ->  router top-k
+    bus  x [T, D], idx, gate  ->  host
+    CPU  m = moe_fn(layer, x, idx, gate)                  (the experts: 95 % of the weights)
+    bus  m [T, D]  ->  device
+    GPU  h += RMSNorm_3(m); x = RMSNorm_0 of the next layer (or the final norm) of h
+
+Shapes: T tokens, D emb, H q-heads, G kv-heads, d key size, S context, E experts, k top-k,
+V vocab, nb row blocks of a quantized weight. The KV cache lives on the device as
+`session.cuda_cache` (a `CudaKVCache`: k, v [L, G, S, d] float32 + key_ok [S] uint8), made
+by `CudaDense.forward` on the session's first call. Rows at or past the session's position
+are never read, so a reset needs only `session.pos = 0`.
+
+Every kernel computes what its CPU twin in grokcpu/kernels computes, in float32 (sums of
+squares in float64 as kernels/layers.rmsnorm); only the summation order differs.
+Block sizes are parameters (`Blocks`): the simulator (NUMBA_ENABLE_CUDASIM=1) gets tiny
+blocks, since it runs every GPU thread as a Python thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+
+from ..errors import GrokError
+
+# The numba.cuda module, set by _import_cuda(). Kernels must reach it as a *module global*:
+# the simulator swaps the globals that are numba.cuda for a per-launch fake module.
+cuda = None
+
+MAX_EXPERTS = 256          # router logits live in a shared array of this size
+NEG = np.float32(-1e30)    # "no score": below any soft-capped logit (|s| <= cap)
+
+HINT = ("install an NVIDIA driver and a CUDA toolkit numba can use (libNVVM: e.g. "
+        "`pip install nvidia-cuda-nvcc-cu12`, or set CUDA_HOME), or run without --offload")
+
+
+# -- finding a GPU ------------------------------------------------------------------------
+def simulating() -> bool:
+    """True when numba runs CUDA kernels in its Python simulator (NUMBA_ENABLE_CUDASIM=1)."""
+    from numba.core import config
+    return bool(config.ENABLE_CUDASIM)
+
+
+def _find_pip_nvvm() -> None:
+    """numba's built-in CUDA target finds libNVVM in conda, CUDA_HOME or /usr/local/cuda only;
+    point CUDA_HOME at the pip wheel `nvidia-cuda-nvcc-cu12` when that is all there is."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or os.path.exists("/usr/local/cuda"):
+        return
+    try:
+        spec = importlib.util.find_spec("nvidia.cuda_nvcc")
+    except (ImportError, ValueError):
+        return
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.isdir(os.path.join(loc, "nvvm", "libdevice")):
+            os.environ["CUDA_HOME"] = loc
+            return
+
+
+def _import_cuda():
+    global cuda
+    if cuda is None:
+        if not simulating():
+            _find_pip_nvvm()
+        from numba import cuda as _cuda
+        cuda = _cuda
+    return cuda
+
+
+def _probe(out):
+    out[0] = 42.0
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_status() -> tuple[bool, str]:
+    """(usable, what): whether a CUDA GPU, its driver and numba's compiler all work.
+
+    `what` names the device ("NVIDIA H100 ... (cc 9.0)", or "simulator") or says why not.
+    The check launches one tiny kernel, so a missing libNVVM shows up here, not mid-run.
+    """
+    try:
+        c = _import_cuda()
+    except Exception as e:   # numba without its CUDA target, broken install
+        return False, f"numba.cuda cannot be imported ({type(e).__name__}: {e})"
+    if simulating():
+        return True, "simulator (NUMBA_ENABLE_CUDASIM=1: kernels run on the CPU in Python)"
+    try:
+        if not c.is_available():
+            try:
+                c.gpus   # raises with the driver's reason
+                why = "no CUDA GPU found"
+            except Exception as e:
+                why = " ".join(str(e).split()) or "no CUDA GPU found"
+            return False, why
+        dev = c.get_current_device()
+        name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+        out = c.device_array(1, np.float32)
+        c.jit(_probe)[1, 1](out)
+        if out.copy_to_host()[0] != 42.0:
+            return False, f"{name}: a test kernel computed a wrong result"
+        return True, f"{name} (compute capability {dev.compute_capability[0]}.{dev.compute_capability[1]})"
+    except Exception as e:   # driver, NVVM or launch failure: all end here with their text
+        return False, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def require_cuda() -> str:
+    ok, what = cuda_status()
+    if not ok:
+        raise GrokError(f"--offload dense needs a CUDA GPU: {what}", hint=HINT)
+    return what
+
+
+# -- kernels ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Blocks:
+    """Threads per block of each kernel (powers of two where a tree reduction needs it)."""
+    norm: int = 256     # RMSNorm: threads per token row (power of 2)
+    mm_tx: int = 16     # matmul: threads along the output columns ...
+    mm_cpt: int = 4     # ... each owning this many consecutive columns (tile = tx * cpt)
+    mm_ty: int = 16     # ... threads striding over the input rows (partial sums, then summed)
+    mm_tt: int = 8      # ... tokens per block for T > 1 (each weight byte serves tt tokens)
+    rope: int = 128     # RoPE + cache store: threads per token
+    attn: int = 256     # attention: threads per (query, head) (power of 2; raised to >= d)
+    route: int = 256    # router: threads per token (power of 2)
+    un_lanes: int = 32  # unembedding: lanes over D per vocab row (power of 2) ...
+    un_rows: int = 8    # ... vocab rows per block
+    un_tt: int = 8      # ... tokens per block for T > 1
+
+
+GPU_BLOCKS = Blocks()
+# The simulator starts a Python thread per GPU thread (~150 us each): small blocks, wide tiles.
+SIM_BLOCKS = Blocks(norm=8, mm_tx=4, mm_cpt=4, mm_ty=2, mm_tt=4, rope=16, attn=8, route=8,
+                    un_lanes=4, un_rows=4, un_tt=4)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _reductions(nt: int):
+    """Block-wide sum / max over sh[0..nt) (nt a power of 2); every thread gets the result."""
+    c = _import_cuda()
+
+    @c.jit(device=True)
+    def block_sum(sh, tid):
+        cuda.syncthreads()
+        step = nt // 2
+        while step > 0:
+            if tid < step:
+                sh[tid] += sh[tid + step]
+            cuda.syncthreads()
+            step //= 2
+        v = sh[0]
+        cuda.syncthreads()   # sh may be reused at once
+        return v
+
+    @c.jit(device=True)
+    def block_max(sh, tid):
+        cuda.syncthreads()
+        step = nt // 2
+        while step > 0:
+            if tid < step:
+                if sh[tid + step] > sh[tid]:
+                    sh[tid] = sh[tid + step]
+            cuda.syncthreads()
+            step //= 2
+        v = sh[0]
+        cuda.syncthreads()
+        return v
+
+    return block_sum, block_max
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_kernels(nt: int):
+    c = _import_cuda()
+    block_sum, _ = _reductions(nt)
+
+    @c.jit
+    def rmsnorm(x, scale, eps, out):
+        """out[T, D] = scale * x / sqrt(mean(x^2) + eps); one block per row (out may be x)."""
+        t = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        D = x.shape[1]
+        sh = cuda.shared.array(nt, np.float64)
+        ss = 0.0
+        for i in range(tid, D, nt):
+            v = np.float64(x[t, i])
+            ss += v * v
+        sh[tid] = ss
+        inv = np.float32(1.0 / math.sqrt(block_sum(sh, tid) / D + eps))
+        for i in range(tid, D, nt):
+            out[t, i] = scale[i] * (x[t, i] * inv)
+
+    @c.jit
+    def add_norm(h, br, post, nxt, eps, x):
+        """h[T, D] += rmsnorm(br, post); then x = rmsnorm(h, nxt): a branch's post-norm and
+        residual, fused with the norm that opens the next block."""
+        t = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        D = h.shape[1]
+        sh = cuda.shared.array(nt, np.float64)
+        ss = 0.0
+        for i in range(tid, D, nt):
+            v = np.float64(br[t, i])
+            ss += v * v
+        sh[tid] = ss
+        inv = np.float32(1.0 / math.sqrt(block_sum(sh, tid) / D + eps))
+        ss = 0.0
+        for i in range(tid, D, nt):
+            hv = h[t, i] + post[i] * (br[t, i] * inv)
+            h[t, i] = hv
+            v = np.float64(hv)
+            ss += v * v
+        sh[tid] = ss
+        inv2 = np.float32(1.0 / math.sqrt(block_sum(sh, tid) / D + eps))
+        for i in range(tid, D, nt):
+            x[t, i] = nxt[i] * (h[t, i] * inv2)
+
+    @c.jit
+    def embed_norm(tok, emb, mult, scale, eps, h, x):
+        """h[t] = emb[tok[t]] * mult; x = rmsnorm(h, scale) (the first layer's pre-norm)."""
+        t = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        D = h.shape[1]
+        row = tok[t]
+        sh = cuda.shared.array(nt, np.float64)
+        ss = 0.0
+        for i in range(tid, D, nt):
+            hv = emb[row, i] * mult
+            h[t, i] = hv
+            v = np.float64(hv)
+            ss += v * v
+        sh[tid] = ss
+        inv = np.float32(1.0 / math.sqrt(block_sum(sh, tid) / D + eps))
+        for i in range(tid, D, nt):
+            x[t, i] = scale[i] * (h[t, i] * inv)
+
+    return SimpleNamespace(rmsnorm=rmsnorm, add_norm=add_norm, embed_norm=embed_norm)
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul_kernel(tx: int, cpt: int, ty: int, tt: int):
+    """out[T, C] = x[T, R] @ (w[R, C] * s[r // (R/nb), C]).
+
+    Block (tx, ty), grid (ceil(C / (tx*cpt)), ceil(T / tt)). Thread (i, j) owns columns
+    c0 .. c0+cpt-1 (a warp reads tx*cpt consecutive bytes of a weight row) for tt tokens and
+    sums rows j, j+ty, ... of each row block, scaling each block's partial sum once; the ty
+    partial sums meet in shared memory.
+    """
+    c = _import_cuda()
+    tw = tx * cpt            # columns per block
+    nacc = tt * cpt          # accumulators per thread
+    outn = tt * tw           # outputs per block
+    nth = tx * ty
+    shn = ty * outn          # (array sizes must be plain constants, not expressions)
+
+    @c.jit
+    def matmul(x, w, s, out):
+        T = x.shape[0]
+        R = w.shape[0]
+        C = w.shape[1]
+        nb = s.shape[0]
+        rb = R // nb
+        i = cuda.threadIdx.x
+        j = cuda.threadIdx.y
+        cb = cuda.blockIdx.x * tw
+        c0 = cb + i * cpt
+        t0 = cuda.blockIdx.y * tt
+        acc = cuda.local.array(nacc, np.float32)
+        part = cuda.local.array(nacc, np.float32)
+        wv = cuda.local.array(cpt, np.float32)
+        for a in range(nacc):
+            acc[a] = 0.0
+        for b in range(nb):
+            for a in range(nacc):
+                part[a] = 0.0
+            for r in range(b * rb + j, (b + 1) * rb, ty):
+                for jc in range(cpt):
+                    col = c0 + jc
+                    wv[jc] = np.float32(w[r, col]) if col < C else np.float32(0.0)
+                for jt in range(tt):
+                    if t0 + jt < T:
+                        xv = x[t0 + jt, r]
+                        for jc in range(cpt):
+                            part[jt * cpt + jc] += xv * wv[jc]
+            for jc in range(cpt):
+                col = c0 + jc
+                if col < C:
+                    sc = s[b, col]
+                    for jt in range(tt):
+                        acc[jt * cpt + jc] += part[jt * cpt + jc] * sc
+        sh = cuda.shared.array(shn, np.float32)
+        for jt in range(tt):
+            for jc in range(cpt):
+                sh[j * outn + jt * tw + i * cpt + jc] = acc[jt * cpt + jc]
+        cuda.syncthreads()
+        for e in range(j * tx + i, outn, nth):
+            v = sh[e]
+            for y in range(1, ty):
+                v += sh[y * outn + e]
+            t = t0 + e // tw
+            col = cb + e % tw
+            if t < T and col < C:
+                out[t, col] = v
+
+    return matmul
+
+
+@functools.lru_cache(maxsize=None)
+def _rope_kernel(nt: int):
+    c = _import_cuda()
+
+    @c.jit
+    def rope_store(qkv, inv_freq, p0, H, q, kc, vc):
+        """Split qkv[T, (H+2G)*d] = [q | k | v]; rotate q and k (half-split RoPE, phase =
+        float32(pos) * inv_freq, cos/sin as kernels/layers.rope_tables) at pos = p0 + t;
+        q -> q[T, H*d]; k, v -> rows pos of the cache kc, vc [G, S, d]. One block per token."""
+        t = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        G = kc.shape[0]
+        d = kc.shape[2]
+        half = d // 2
+        nq = H * half
+        nr = (H + G) * half
+        pos = p0 + t
+        pf = np.float32(pos)
+        for jj in range(tid, nr + G * d, nt):
+            if jj < nr:
+                hh = jj // half
+                i = jj % half
+                ph = pf * inv_freq[i]
+                cs = np.float32(math.cos(np.float64(ph)))
+                sn = np.float32(math.sin(np.float64(ph)))
+                a = qkv[t, hh * d + i]
+                b = qkv[t, hh * d + i + half]
+                ra = a * cs - b * sn
+                rb = b * cs + a * sn
+                if jj < nq:
+                    q[t, hh * d + i] = ra
+                    q[t, hh * d + i + half] = rb
+                else:
+                    kc[hh - H, pos, i] = ra
+                    kc[hh - H, pos, i + half] = rb
+            else:
+                e = jj - nr
+                vc[e // d, pos, e % d] = qkv[t, (H + G) * d + e]
+
+    return rope_store
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_kernel(nt: int):
+    """Grid (T, H), nt >= d threads. Keys go by in chunks of nt (one per thread) with an
+    online softmax: a running max m, sum l and per-dim output; nt // d thread groups split a
+    chunk's keys for the p @ V part."""
+    c = _import_cuda()
+    block_sum, block_max = _reductions(nt)
+
+    @c.jit
+    def attention(q, kc, vc, p0, key_ok, mult, cap, n_uniform, out):
+        """out[t, h*d:(h+1)*d] = softmax_s(mask(cap*tanh((q.k_s)*mult/cap))) @ v, s < p0+t+1.
+
+        q, out [T, H*d]; kc, vc [G, S, d]; key_ok [S] uint8 (keys a query may see). A query
+        that sees no key gets sum of v rows 0..p0+t / n_uniform (kernels/layers.attention)."""
+        t = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        tid = cuda.threadIdx.x
+        H = cuda.gridDim.y
+        G = kc.shape[0]
+        d = kc.shape[2]
+        g = h // (H // G)
+        n = p0 + t + 1
+        qs = cuda.shared.array(nt, np.float32)
+        pr = cuda.shared.array(nt, np.float32)
+        red = cuda.shared.array(nt, np.float32)
+        if tid < d:
+            qs[tid] = q[t, h * d + tid]
+        cuda.syncthreads()
+        nparts = nt // d
+        part = tid // d
+        i = tid % d
+        m = NEG
+        l = np.float32(0.0)
+        acc = np.float32(0.0)
+        seen = False
+        for base in range(0, n, nt):
+            s = base + tid
+            ok = False
+            if s < n:
+                ok = key_ok[s] != 0
+            a = NEG
+            if ok:
+                dot = np.float32(0.0)
+                for ii in range(d):
+                    dot += qs[ii] * kc[g, s, ii]
+                a = np.float32(cap * math.tanh(dot * mult / cap))
+            red[tid] = a
+            cmax = block_max(red, tid)
+            if cmax > NEG:                      # the same on every thread
+                mn = cmax if cmax > m else m
+                alpha = np.float32(math.exp(m - mn)) if seen else np.float32(0.0)
+                p = np.float32(math.exp(a - mn)) if ok else np.float32(0.0)
+                pr[tid] = p
+                red[tid] = p
+                l = l * alpha + block_sum(red, tid)   # also publishes pr
+                if part < nparts:
+                    pa = np.float32(0.0)
+                    for jk in range(part, nt, nparts):
+                        sk = base + jk
+                        if sk < n:
+                            pa += pr[jk] * vc[g, sk, i]
+                    acc = acc * alpha + pa
+                m = mn
+                seen = True
+                cuda.syncthreads()                  # pr is rewritten next chunk
+        if not seen:                                # uniform over the reference's n_uniform rows
+            acc = np.float32(0.0)
+            if part < nparts:
+                for sk in range(part, n, nparts):
+                    acc += vc[g, sk, i]
+            l = n_uniform
+        red[tid] = acc if part < nparts else np.float32(0.0)
+        cuda.syncthreads()
+        if tid < d:
+            o = red[tid]
+            for pp in range(1, nparts):
+                o += red[pp * d + tid]
+            out[t, h * d + tid] = o / l
+
+    return attention
+
+
+@functools.lru_cache(maxsize=None)
+def _route_kernel(nt: int):
+    c = _import_cuda()
+    block_sum, _ = _reductions(nt)
+
+    @c.jit
+    def route(x, router, k, idx, gate, probs):
+        """probs[t] = softmax(x[t] @ router[D, E]); idx, gate [T, k] = top-k (descending, ties
+        to the lower index; gates are the raw probabilities). One block per token."""
+        t = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        D = x.shape[1]
+        E = router.shape[1]
+        red = cuda.shared.array(nt, np.float32)
+        lg = cuda.shared.array(MAX_EXPERTS, np.float64)
+        for e in range(E):
+            a = np.float32(0.0)
+            for i in range(tid, D, nt):
+                a += x[t, i] * router[i, e]
+            red[tid] = a
+            dot = block_sum(red, tid)
+            if tid == 0:
+                lg[e] = dot
+        if tid == 0:
+            mx = lg[0]
+            for e in range(1, E):
+                if lg[e] > mx:
+                    mx = lg[e]
+            tot = 0.0
+            for e in range(E):
+                v = np.float64(math.exp(np.float32(lg[e] - mx)))
+                lg[e] = v
+                tot += v
+            for e in range(E):
+                p = np.float32(lg[e] / tot)
+                lg[e] = p
+                probs[t, e] = p
+            for jk in range(k):
+                best = -1
+                for e in range(E):
+                    if lg[e] >= 0 and (best < 0 or lg[e] > lg[best]):
+                        best = e
+                idx[t, jk] = best
+                gate[t, jk] = lg[best]
+                lg[best] = -1.0
+
+    return route
+
+
+@functools.lru_cache(maxsize=None)
+def _unembed_kernel(lanes: int, rows: int, tt: int):
+    """Block (lanes, rows), grid (ceil(V / rows), ceil(T / tt)): each row of threads takes one
+    vocabulary row (read coalesced along D) against tt tokens, then a tree sum over lanes."""
+    c = _import_cuda()
+    tile = rows * lanes
+    shn = tt * tile
+
+    @c.jit
+    def unembed(h, emb, scale, out):
+        """out[T, V] = (h[T, D] @ emb[V, D].T) * scale: the tied output layer."""
+        T = h.shape[0]
+        V = emb.shape[0]
+        D = emb.shape[1]
+        lx = cuda.threadIdx.x
+        ly = cuda.threadIdx.y
+        v = cuda.blockIdx.x * rows + ly
+        t0 = cuda.blockIdx.y * tt
+        part = cuda.local.array(tt, np.float32)
+        for jt in range(tt):
+            part[jt] = 0.0
+        if v < V:
+            for i in range(lx, D, lanes):
+                e = emb[v, i]
+                for jt in range(tt):
+                    if t0 + jt < T:
+                        part[jt] += h[t0 + jt, i] * e
+        sh = cuda.shared.array(shn, np.float32)
+        for jt in range(tt):
+            sh[jt * tile + ly * lanes + lx] = part[jt]
+        cuda.syncthreads()
+        step = lanes // 2
+        while step > 0:
+            if lx < step:
+                for jt in range(tt):
+                    sh[jt * tile + ly * lanes + lx] += sh[jt * tile + ly * lanes + lx + step]
+            cuda.syncthreads()
+            step //= 2
+        for jt in range(lx, tt, lanes):
+            if v < V and t0 + jt < T:
+                out[t0 + jt, v] = sh[jt * tile + ly * lanes] * scale
+
+    return unembed
+
+
+class Kernels:
+    """Launchers over device arrays (numba device arrays, or host arrays in tests).
+
+    Each writes into its `out` argument and returns it. `blocks` picks the block sizes.
+    """
+
+    def __init__(self, blocks: Blocks | None = None):
+        _import_cuda()
+        self.b = b = blocks or (SIM_BLOCKS if simulating() else GPU_BLOCKS)
+        for name in ("norm", "attn", "route", "un_lanes"):
+            if getattr(b, name) != _pow2(getattr(b, name)):
+                raise ValueError(f"Blocks.{name}={getattr(b, name)} must be a power of two")
+        self._norms = _norm_kernels(b.norm)
+
+    def rmsnorm(self, x, scale, eps, out):
+        self._norms.rmsnorm[x.shape[0], self.b.norm](x, scale, np.float64(eps), out)
+        return out
+
+    def add_norm(self, h, br, post, nxt, eps, x):
+        self._norms.add_norm[h.shape[0], self.b.norm](h, br, post, nxt, np.float64(eps), x)
+        return x
+
+    def embed_norm(self, tok, emb, mult, scale, eps, h, x):
+        self._norms.embed_norm[h.shape[0], self.b.norm](tok, emb, np.float32(mult), scale,
+                                                        np.float64(eps), h, x)
+        return x
+
+    def matmul(self, x, w, s, out):
+        b = self.b
+        T, C = out.shape
+        tt = 1 if T == 1 else b.mm_tt
+        grid = ((C + b.mm_tx * b.mm_cpt - 1) // (b.mm_tx * b.mm_cpt), (T + tt - 1) // tt)
+        _matmul_kernel(b.mm_tx, b.mm_cpt, b.mm_ty, tt)[grid, (b.mm_tx, b.mm_ty)](x, w, s, out)
+        return out
+
+    def rope_store(self, qkv, inv_freq, p0, H, q, kc, vc):
+        _rope_kernel(self.b.rope)[qkv.shape[0], self.b.rope](qkv, inv_freq, np.int64(p0), np.int64(H), q, kc, vc)
+        return q
+
+    def attention(self, q, kc, vc, p0, key_ok, mult, cap, n_uniform, H, out):
+        nt = min(1024, max(self.b.attn, _pow2(kc.shape[2])))
+        _attention_kernel(nt)[(q.shape[0], H), nt](q, kc, vc, np.int64(p0), key_ok, np.float32(mult),
+                                                   np.float32(cap), np.float32(n_uniform), out)
+        return out
+
+    def route(self, x, router, k, idx, gate, probs):
+        if router.shape[1] > MAX_EXPERTS:
+            raise GrokError(f"{router.shape[1]} experts: the GPU router handles at most {MAX_EXPERTS}")
+        _route_kernel(self.b.route)[x.shape[0], self.b.route](x, router, np.int64(k), idx, gate, probs)
+        return idx, gate
+
+    def unembed(self, h, emb, scale, out):
+        b = self.b
+        T, V = out.shape
+        tt = 1 if T == 1 else b.un_tt
+        grid = ((V + b.un_rows - 1) // b.un_rows, (T + tt - 1) // tt)
+        _unembed_kernel(b.un_lanes, b.un_rows, tt)[grid, (b.un_lanes, b.un_rows)](h, emb, np.float32(scale), out)
+        return out
+
+
+# -- the offloaded model ------------------------------------------------------------------
+def _merge_scales(scales: list[np.ndarray]) -> np.ndarray:
+    """Scales [nb_i, C_i] of weights joined along C, re-expressed over lcm(nb_i) row blocks
+    (R is a multiple of every nb_i, hence of their lcm)."""
+    nb = 1
+    for s in scales:
+        nb = nb * s.shape[0] // math.gcd(nb, s.shape[0])
+    return np.ascontiguousarray(np.concatenate(
+        [np.repeat(s.astype(np.float32), nb // s.shape[0], axis=0) for s in scales], axis=1))
+
+
+@dataclass
+class DeviceLayer:
+    w_qkv: object         # [D, (H+2G)*d] int8: Wq | Wk | Wv
+    s_qkv: object         # [nb, (H+2G)*d] float32
+    wo: object            # [H*d, D] int8
+    so: object            # [nb_o, D] float32
+    attn_norm: object     # [D] rms_norm
+    attn_post_norm: object
+    moe_norm: object
+    moe_post_norm: object
+    router: object        # [D, E] float32
+
+
+class CudaKVCache:
+    """One session's KV cache on the device: k, v [L, G, S, d] float32, key_ok [S] uint8.
+
+    Not zeroed: attention reads rows < pos + T only, all written by then.
+    """
+
+    def __init__(self, owner: "CudaDense", context: int):
+        c = owner.config
+        shape = (c.num_layers, c.num_kv_heads, context, c.key_size)
+        self.owner = owner
+        self.context = context
+        self.k = cuda.device_array(shape, np.float32)
+        self.v = cuda.device_array(shape, np.float32)
+        self.key_ok = cuda.device_array(context, np.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.size * 4 + self.key_ok.size
+
+
+class CudaDense:
+    """The dense part of every layer on the GPU, built from a `grokcpu.model.Model`.
+
+        dense = CudaDense(model)                      # uploads once; GrokError without a GPU
+        h = dense.forward(session, toks, key_ok, moe_fn)   # [T, D] host, final-normed
+        logits = dense.logits(h)                      # [T, V] host float32
+
+    On the device: per layer Wq|Wk|Wv and Wo (int8) with their scales, the four norm scales
+    and the router; the embedding table (float32 [V, D], also the tied output layer), the
+    final norm and RoPE's inverse frequencies.
+    """
+
+    def __init__(self, model, blocks: Blocks | None = None):
+        self.device_name = require_cuda()
+        self.model = model
+        self.config = c = model.config
+        if c.num_experts > MAX_EXPERTS:
+            raise GrokError(f"{c.num_experts} experts: --offload dense handles at most {MAX_EXPERTS}")
+        self.K = Kernels(blocks)
+        up = cuda.to_device
+        self.layers: list[DeviceLayer] = []
+        nbytes = 0
+        for lw in model.layers:
+            dl = DeviceLayer(
+                w_qkv=up(np.ascontiguousarray(np.concatenate([lw.wq.w, lw.wk.w, lw.wv.w], axis=1))),
+                s_qkv=up(_merge_scales([lw.wq.s, lw.wk.s, lw.wv.s])),
+                wo=up(np.ascontiguousarray(lw.wo.w)), so=up(np.ascontiguousarray(lw.wo.s, np.float32)),
+                attn_norm=up(_f32(lw.attn_norm)), attn_post_norm=up(_f32(lw.attn_post_norm)),
+                moe_norm=up(_f32(lw.moe_norm)), moe_post_norm=up(_f32(lw.moe_post_norm)),
+                router=up(_f32(lw.router)))
+            nbytes += sum(a.nbytes for a in vars(dl).values())
+            self.layers.append(dl)
+        self.emb = up(_f32(model.ckpt.embeddings))
+        self.final_norm = up(_f32(model.ckpt.final_norm))
+        self.inv_freq = up(_f32(model.inv_freq))
+        self.nbytes = nbytes + self.emb.nbytes
+        self._bufs: dict[int, SimpleNamespace] = {}
+
+    # -- buffers and caches -----------------------------------------------------------------
+    def new_cache(self, context: int) -> CudaKVCache:
+        return CudaKVCache(self, int(context))
+
+    def cache_for(self, session) -> CudaKVCache:
+        """The session's device KV cache (`session.cuda_cache`), made on first use."""
+        cache = getattr(session, "cuda_cache", None)
+        if cache is None or cache.owner is not self:
+            cache = session.cuda_cache = self.new_cache(session.model.context)
+        return cache
+
+    def _buffers(self, T: int) -> SimpleNamespace:
+        b = self._bufs.get(T)
+        if b is None:
+            c = self.config
+            H, G, d, D = c.num_q_heads, c.num_kv_heads, c.key_size, c.emb_size
+            da = cuda.device_array
+            b = SimpleNamespace(
+                tok=da(T, np.int64), h=da((T, D), np.float32), x=da((T, D), np.float32),
+                qkv=da((T, (H + 2 * G) * d), np.float32), q=da((T, H * d), np.float32),
+                o=da((T, H * d), np.float32), br=da((T, D), np.float32),
+                idx=da((T, c.num_selected_experts), np.int64),
+                gate=da((T, c.num_selected_experts), np.float32), probs=da((T, c.num_experts), np.float32))
+            if len(self._bufs) >= 4:              # prefill chunk, its tail, decode: few sizes
+                self._bufs.pop(next(iter(self._bufs)))
+            self._bufs[T] = b
+        return b
+
+    # -- the forward pass -------------------------------------------------------------------
+    def forward(self, session, toks: np.ndarray, key_ok_host: np.ndarray, moe_fn) -> np.ndarray:
+        """Session._forward for positions session.pos .. session.pos+T-1, dense part on the GPU.
+
+        toks [T] int64; key_ok_host [context] uint8: exactly what Session._forward hands to
+        K.attention (session.key_ok after writing this call's tokens, or the all-ones /
+        all-zeros array of a decode step). moe_fn(layer, x [T, D], idx [T, k] int64,
+        gate [T, k] float32) -> [T, D] float32 runs the experts on the host. K/V go into
+        `session.cuda_cache`; session.pos, .tokens and .key_ok are left to the caller.
+        Appends (layer, idx, probs) to session.trace when that is a list.
+        Returns the final-normed hidden states h [T, D] float32 (host).
+        """
+        c = self.config
+        toks = np.ascontiguousarray(toks, dtype=np.int64).reshape(-1)
+        T = toks.size
+        p0 = int(session.pos)
+        cache = self.cache_for(session)
+        if T == 0 or p0 + T > cache.context:
+            raise GrokError(f"positions {p0}..{p0 + T - 1} do not fit the context of {cache.context}")
+        key_ok_host = np.ascontiguousarray(key_ok_host, dtype=np.uint8)
+        if key_ok_host.shape != (cache.context,):
+            raise ValueError(f"key_ok has shape {key_ok_host.shape}, expected ({cache.context},)")
+        K, b, eps, H = self.K, self._buffers(T), c.rms_norm_eps, c.num_q_heads
+        trace = getattr(session, "trace", None)
+        b.tok.copy_to_device(toks)
+        cache.key_ok.copy_to_device(key_ok_host)
+        K.embed_norm(b.tok, self.emb, c.embedding_multiplier_scale, self.layers[0].attn_norm, eps, b.h, b.x)
+        for li, dl in enumerate(self.layers):
+            kc, vc = cache.k[li], cache.v[li]
+            K.matmul(b.x, dl.w_qkv, dl.s_qkv, b.qkv)
+            K.rope_store(b.qkv, self.inv_freq, p0, H, b.q, kc, vc)
+            K.attention(b.q, kc, vc, p0, cache.key_ok, c.attn_output_multiplier, c.attn_logit_cap,
+                        c.sequence_len, H, b.o)
+            K.matmul(b.o, dl.wo, dl.so, b.br)
+            K.add_norm(b.h, b.br, dl.attn_post_norm, dl.moe_norm, eps, b.x)
+            K.route(b.x, dl.router, c.num_selected_experts, b.idx, b.gate, b.probs)
+            x, idx, gate = b.x.copy_to_host(), b.idx.copy_to_host(), b.gate.copy_to_host()
+            if trace is not None:
+                trace.append((li, idx.copy(), b.probs.copy_to_host()))
+            m = np.ascontiguousarray(moe_fn(li, x, idx, gate), dtype=np.float32)
+            if m.shape != (T, c.emb_size):
+                raise ValueError(f"moe_fn returned shape {m.shape}, expected {(T, c.emb_size)}")
+            b.br.copy_to_device(m)
+            nxt = self.layers[li + 1].attn_norm if li + 1 < len(self.layers) else self.final_norm
+            K.add_norm(b.h, b.br, dl.moe_post_norm, nxt, eps, b.x)
+        return b.x.copy_to_host()
+
+    def logits(self, h) -> np.ndarray:
+        """h [T, D] (host or device, final-normed) -> logits [T, V] float32 on the host."""
+        hd = cuda.to_device(np.ascontiguousarray(h, dtype=np.float32)) if isinstance(h, np.ndarray) else h
+        out = cuda.device_array((hd.shape[0], self.config.vocab_size), np.float32)
+        return self.K.unembed(hd, self.emb, self.config.output_multiplier_scale, out).copy_to_host()
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
