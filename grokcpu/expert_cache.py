@@ -344,13 +344,13 @@ def auto_budget(ckpt, context: int, margin_fraction: float = 0.1, min_margin: fl
 
 
 def parse_budget(value, ckpt, context: int) -> int:
-    """--expert-cache-gb: a number of GB, or 'auto' / None."""
+    """--expert-cache-gb: a number of GB, or 'auto' / None ('off' is handled by the model)."""
     if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
         return auto_budget(ckpt, context)
     try:
         gb = float(value)
     except (TypeError, ValueError):
-        raise GrokError(f"--expert-cache-gb must be a number of GB or 'auto', not {value!r}") from None
+        raise GrokError(f"--expert-cache-gb must be a number of GB, 'auto' or 'off', not {value!r}") from None
     if not np.isfinite(gb) or gb <= 0:
         raise GrokError(f"--expert-cache-gb must be positive, not {value!r}")
     return int(gb * GB)

@@ -34,14 +34,18 @@ class Model:
         if not 1 <= self.context <= c.sequence_len:
             raise GrokError(f"context {self.context} is outside 1..{c.sequence_len}",
                             hint=f"pass a context length up to the model's sequence_len {c.sequence_len}")
-        budget = parse_budget(expert_cache_gb, ckpt, self.context)
-        all_experts = c.num_layers * c.num_experts * 3 * c.emb_size * c.ffn_size
-        # Under a budget smaller than the experts, file pages are dropped after each read so RAM
-        # holds one copy; when everything fits, the page cache keeps them warm for the next run.
-        self.experts = ExpertCache(ckpt, budget, policy=expert_cache_policy, prefetch=prefetch,
-                                   drop_page_cache=budget < all_experts)
-        if pin_experts:
-            self.experts.pin(pin_experts)
+        self.experts: ExpertCache | None = None
+        if not (isinstance(expert_cache_gb, str) and expert_cache_gb.strip().lower() == "off"):
+            budget = parse_budget(expert_cache_gb, ckpt, self.context)
+            all_experts = c.num_layers * c.num_experts * 3 * c.emb_size * c.ffn_size
+            # Under a budget smaller than the experts, file pages are dropped after each read so
+            # RAM holds one copy; when everything fits, the page cache keeps them for the next run.
+            self.experts = ExpertCache(ckpt, budget, policy=expert_cache_policy, prefetch=prefetch,
+                                       drop_page_cache=budget < all_experts)
+            if pin_experts:
+                self.experts.pin(pin_experts)
+        # "off": experts are read straight from the memory map and the kernel's page cache decides
+        # what stays (the baseline the cache is measured against).
         self._trace_file = open(routing_trace, "a", encoding="utf-8") if routing_trace else None
         if unembed not in ("f32", "int8"):
             raise GrokError(f"unknown unembedding precision {unembed!r}", hint="choose f32 (exact) or int8")
@@ -61,11 +65,14 @@ class Model:
         return Session(self)
 
     def stats(self) -> dict:
-        return {"threads": self.threads, "checkpoint_bytes": self.ckpt.nbytes,
-                "expert_cache": self.experts.stats.as_dict(self.experts)}
+        out = {"threads": self.threads, "checkpoint_bytes": self.ckpt.nbytes, "unembed": self.unembed}
+        if self.experts is not None:
+            out["expert_cache"] = self.experts.stats.as_dict(self.experts)
+        return out
 
     def close(self) -> None:
-        self.experts.close()
+        if self.experts is not None:
+            self.experts.close()
         if self._trace_file is not None:
             self._trace_file.close()
         self.ckpt.close()
@@ -182,8 +189,10 @@ class Session:
             if m._trace_file is not None:
                 self._write_trace(li, p0, idx)
             cache = m.experts
-            cache.prefetch([(li, int(e)) for e in np.unique(idx)])      # all misses in flight at once
-            if li + 1 < len(m.layers) and cache.prefetch_enabled:      # guess the next layer's experts
+            if cache is not None:
+                cache.prefetch([(li, int(e)) for e in np.unique(idx)])  # all misses in flight at once
+            if li + 1 < len(m.layers) and cache is not None and cache.prefetch_enabled:
+                # guess the next layer's experts from this layer's residual, and start reading them
                 nxt = m.layers[li + 1]
                 K.rmsnorm(h, nxt.moe_norm, eps, xg)
                 K.route(xg, nxt.router, c.num_selected_experts, idx_g, gate_g, probs_g)

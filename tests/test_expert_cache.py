@@ -188,3 +188,11 @@ def test_routing_trace_file(medium_ckpt, tmp_path):
     for r in rows:
         if r["pos"] < 3:
             assert r["experts"] == mine[(r["layer"], r["pos"])]
+
+
+def test_cache_off_reads_the_map_with_the_same_results(fixture):
+    on = grokcpu.load(fixture.path)
+    off = grokcpu.load(fixture.path, expert_cache_gb="off")
+    a, b = run(on, fixture), run(off, fixture)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert "expert_cache" not in off.stats()
