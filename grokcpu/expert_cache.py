@@ -80,19 +80,23 @@ def make_policy(name: str):
 # -- the cache -----------------------------------------------------------------------------------
 
 class _Slot:
-    __slots__ = ("key", "refs", "ready", "error", "prefetched", "used")
+    __slots__ = ("key", "refs", "ready", "error", "prefetched", "used", "last_step")
 
     def __init__(self):
         self.key = None
         self.refs = 0
         self.ready = threading.Event()
         self.error = None
-        self.prefetched = False
-        self.used = False
+        self.prefetched = False      # loaded on a guess, not on demand
+        self.used = False            # acquired since it was loaded
+        self.last_step = -1          # forward step of its last use
 
 
 class ExpertCache:
     """A pool of `slots` expert-sized buffers; `acquire(layer, expert)` returns its three matrices."""
+
+    GUESS_WARMUP = 64          # guesses judged before prefetch may pause itself
+    READ_AHEAD_SLACK = 8 << 20  # bytes past a read that the kernel may have read ahead
 
     def __init__(self, ckpt, budget_bytes: int, policy: str = "lru", prefetch: bool = True,
                  io_threads: int = 2, drop_page_cache: bool = True):
@@ -118,6 +122,7 @@ class ExpertCache:
         self.slots = [_Slot() for _ in range(self.nslots)]
         self.where: dict = {}            # (layer, expert) -> slot index
         self.pinned: set = set()
+        self.step = 0
         self.lock = threading.Lock()
         self.io = ThreadPoolExecutor(max_workers=max(1, io_threads), thread_name_prefix="grokcpu-io")
         self._fds: dict = {}
@@ -135,17 +140,17 @@ class ExpertCache:
         with self.lock:
             i = self.where.get(key)
             if i is None:
-                st.misses[layer] += 1
                 i = self._claim(key, prefetched=False)
-            else:
-                s = self.slots[i]
-                if s.prefetched and not s.used:
-                    st.prefetch_hits[layer] += 1
-                else:
-                    st.hits[layer] += 1
             s = self.slots[i]
+            if s.used:
+                st.hits[layer] += 1
+            elif s.prefetched:
+                st.prefetch_hits[layer] += 1
+            else:                         # loaded on demand (by request() or just now)
+                st.misses[layer] += 1
             s.refs += 1
             s.used = True
+            s.last_step = self.step
             self.policy.touch(key)
         if not s.ready.is_set():
             t = time.perf_counter()
@@ -162,17 +167,36 @@ class ExpertCache:
             if i is not None and self.slots[i].refs > 0:
                 self.slots[i].refs -= 1
 
+    def request(self, keys) -> None:
+        """Start reading every missing expert a layer needs now, all at once (they overlap)."""
+        keys = list(keys)
+        with self.lock:
+            for key in keys:
+                if key not in self.where and self._claim(key, prefetched=False, wait=False,
+                                                         protect=set(keys)) is None:
+                    break                 # no room for more now: acquire() reads the rest in turn
+
+    def next_step(self) -> None:
+        """Mark the start of a forward step (guesses may only evict what this step has not used)."""
+        self.step += 1
+
     def prefetch(self, keys) -> None:
-        """Start loading these experts if absent and a slot can be freed without waiting."""
+        """Guess: start loading these experts if a slot is free or holds one not used since the
+        previous step. Guessing turns itself off while fewer than half the guesses are used."""
         if not self.prefetch_enabled:
+            return
+        st = self.stats
+        issued, useful = sum(st.prefetch_issued), sum(st.prefetch_hits)
+        if issued >= self.GUESS_WARMUP and useful < 0.5 * issued:
+            st.guessing_paused += 1
             return
         with self.lock:
             for key in keys:
                 if key in self.where:
                     continue
-                if self._claim(key, prefetched=True, wait=False) is None:
+                if self._claim(key, prefetched=True, wait=False, stale_before=self.step - 1) is None:
                     break
-                self.stats.prefetch_issued[key[0]] += 1
+                st.prefetch_issued[key[0]] += 1
 
     def pin(self, keys) -> None:
         """Load these experts now and keep them resident for good."""
@@ -209,9 +233,10 @@ class ExpertCache:
             off += n
         return out
 
-    def _claim(self, key, prefetched: bool, wait: bool = True):
+    def _claim(self, key, prefetched: bool, wait: bool = True, stale_before: int | None = None,
+               protect=()):
         """Give `key` a slot (free, or evicted) and start its read. Caller holds the lock."""
-        i = self._free_slot(wait)
+        i = self._free_slot(wait, stale_before, protect)
         if i is None:
             return None
         s = self.slots[i]
@@ -222,19 +247,20 @@ class ExpertCache:
             self.stats.evictions[old[0]] += 1
             if s.prefetched and not s.used:
                 self.stats.prefetch_wasted[old[0]] += 1
-        s.key, s.refs, s.error, s.prefetched, s.used = key, 0, None, prefetched, False
+        s.key, s.refs, s.error, s.prefetched, s.used, s.last_step = key, 0, None, prefetched, False, self.step
         s.ready.clear()
         self.where[key] = i
         self.io.submit(self._load, i, key)
         return i
 
-    def _free_slot(self, wait: bool):
+    def _free_slot(self, wait: bool, stale_before: int | None = None, protect=()):
         while True:
             evictable = {}
             for i, s in enumerate(self.slots):
                 if s.key is None:
                     return i
-                if s.refs == 0 and s.ready.is_set() and s.key not in self.pinned:
+                if s.refs == 0 and s.ready.is_set() and s.key not in self.pinned and s.key not in protect and (
+                        stale_before is None or (s.used and s.last_step < stale_before)):
                     evictable[s.key] = i
             if evictable:
                 return evictable[self.policy.victim(evictable)]
@@ -253,14 +279,18 @@ class ExpertCache:
         fd = self._fds.get(path)
         if fd is None:
             fd = os.open(path, os.O_RDONLY)
-            if self.drop_page_cache:       # no read-ahead into the neighbouring expert
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            if hasattr(os, "posix_fadvise"):   # large read-ahead: each read is one long run
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             self._fds[path] = fd
         return fd
 
     def _load(self, i: int, key) -> None:
         s = self.slots[i]
         t = time.perf_counter()
+        with self.lock:                    # wall time with at least one read in flight
+            if self.stats.inflight == 0:
+                self.stats.busy_since = t
+            self.stats.inflight += 1
         try:
             buf = memoryview(self.pool[i]).cast("B")
             off = 0
@@ -273,16 +303,19 @@ class ExpertCache:
                         raise GrokError(f"{path}: unexpected end of file reading expert {key}",
                                         hint="the checkpoint file is truncated; re-download it")
                     got += r
-                if self.drop_page_cache:
-                    os.posix_fadvise(fd, foff, n, os.POSIX_FADV_DONTNEED)
+                if self.drop_page_cache:   # with what read-ahead pulled in past the end
+                    os.posix_fadvise(fd, foff, n + self.READ_AHEAD_SLACK, os.POSIX_FADV_DONTNEED)
                 off += n
         except Exception as e:             # surfaced to the thread that waits for this slot
             s.error = e if isinstance(e, GrokError) else GrokError(f"reading expert {key} failed: {e}")
         finally:
-            dt = time.perf_counter() - t
+            now = time.perf_counter()
             with self.lock:
                 self.stats.bytes_read[key[0]] += self.expert_bytes if s.error is None else 0
-                self.stats.read_seconds += dt
+                self.stats.read_seconds += now - t
+                self.stats.inflight -= 1
+                if self.stats.inflight == 0:
+                    self.stats.io_busy_seconds += now - self.stats.busy_since
             s.ready.set()
             if s.error is not None:
                 with self.lock:
@@ -300,9 +333,13 @@ class _Stats:
         self.prefetch_issued = [0] * L
         self.prefetch_wasted = [0] * L
         self.evictions = [0] * L
+        self.guessing_paused = 0         # guesses skipped because too few were being used
         self.bytes_read = [0] * L
-        self.read_seconds = 0.0
-        self.stall_seconds = 0.0
+        self.read_seconds = 0.0          # summed over reads (overlapping reads both count)
+        self.io_busy_seconds = 0.0       # wall time with at least one read in flight
+        self.stall_seconds = 0.0         # compute waiting for a read
+        self.inflight = 0
+        self.busy_since = 0.0
 
     def as_dict(self, cache: ExpertCache) -> dict:
         per_layer = [{"hits": self.hits[i], "misses": self.misses[i], "prefetch_hits": self.prefetch_hits[i],
@@ -316,7 +353,8 @@ class _Stats:
             "lookups": lookups,
             "hit_rate": (tot["hits"] + tot["prefetch_hits"]) / lookups if lookups else 0.0,
             "read_seconds": self.read_seconds,
-            "read_gb_s": tot["bytes_read"] / GB / self.read_seconds if self.read_seconds else 0.0,
+            "io_busy_seconds": self.io_busy_seconds,
+            "read_gb_s": tot["bytes_read"] / GB / self.io_busy_seconds if self.io_busy_seconds else 0.0,
             "stall_seconds": self.stall_seconds,
             "budget_bytes": cache.budget_bytes,
             "slots": cache.nslots,
@@ -324,6 +362,7 @@ class _Stats:
             "expert_bytes": cache.expert_bytes,
             "policy": cache.policy.name,
             "prefetch": cache.prefetch_enabled,
+            "guesses_skipped": self.guessing_paused,
             "per_layer": per_layer,
         }
 
@@ -354,3 +393,28 @@ def parse_budget(value, ckpt, context: int) -> int:
     if not np.isfinite(gb) or gb <= 0:
         raise GrokError(f"--expert-cache-gb must be positive, not {value!r}")
     return int(gb * GB)
+
+
+def parse_pins(value: str | None, num_layers: int, num_experts: int) -> list[tuple[int, int]]:
+    """--pin-experts: "LAYER:EXPERT,..." or "TRACE.jsonl:N" (the N most used in a routing trace)."""
+    if not value:
+        return []
+    head, _, tail = value.rpartition(":")
+    if head and os.path.isfile(head):
+        from .replay import most_used, read_trace
+        try:
+            n = int(tail)
+        except ValueError:
+            raise GrokError(f"--pin-experts {value!r}: expected TRACE:N with N a number") from None
+        return most_used(read_trace(head), n)
+    pins = []
+    for part in value.split(","):
+        try:
+            layer, e = (int(v) for v in part.strip().split(":"))
+        except ValueError:
+            raise GrokError(f"--pin-experts: {part!r} is not LAYER:EXPERT",
+                            hint="e.g. --pin-experts 0:3,0:5 or --pin-experts trace.jsonl:16") from None
+        if not (0 <= layer < num_layers and 0 <= e < num_experts):
+            raise GrokError(f"--pin-experts: {part!r} is outside {num_layers} layers x {num_experts} experts")
+        pins.append((layer, e))
+    return pins

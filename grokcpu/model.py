@@ -158,6 +158,8 @@ class Session:
         cos = np.empty((T, d // 2), np.float32)
         sin = np.empty((T, d // 2), np.float32)
         K.rope_tables(m.inv_freq, p0, T, cos, sin)
+        if m.experts is not None:
+            m.experts.next_step()
 
         h = np.asarray(m.ckpt.embeddings[toks], dtype=np.float32) * np.float32(c.embedding_multiplier_scale)
         x = np.empty_like(h)
@@ -190,7 +192,7 @@ class Session:
                 self._write_trace(li, p0, idx)
             cache = m.experts
             if cache is not None:
-                cache.prefetch([(li, int(e)) for e in np.unique(idx)])  # all misses in flight at once
+                cache.request([(li, int(e)) for e in np.unique(idx)])   # all misses in flight at once
             if li + 1 < len(m.layers) and cache is not None and cache.prefetch_enabled:
                 # guess the next layer's experts from this layer's residual, and start reading them
                 nxt = m.layers[li + 1]

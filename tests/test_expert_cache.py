@@ -36,6 +36,7 @@ def test_logits_identical_whatever_the_budget(fixture, prefetch):
         assert np.array_equal(pre, ref_pre) and np.array_equal(dec, ref_dec)
         st = m.stats()["expert_cache"]
         assert st["slots"] == n and st["resident"] <= n
+        # every read is a demand miss or a guess (a guess evicted unused is read and lost)
         assert st["bytes_read"] == (st["misses"] + st["prefetch_issued"]) * st["expert_bytes"]
 
 
@@ -196,3 +197,15 @@ def test_cache_off_reads_the_map_with_the_same_results(fixture):
     a, b = run(on, fixture), run(off, fixture)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert "expert_cache" not in off.stats()
+
+
+def test_parse_pins(tmp_path):
+    from grokcpu.expert_cache import parse_pins
+    assert parse_pins("0:3, 2:5", 4, 8) == [(0, 3), (2, 5)]
+    with pytest.raises(GrokError, match="outside"):
+        parse_pins("9:0", 4, 8)
+    with pytest.raises(GrokError, match="LAYER:EXPERT"):
+        parse_pins("x", 4, 8)
+    t = tmp_path / "t.jsonl"
+    t.write_text('{"pos": 0, "layer": 1, "experts": [2, 3]}\n{"pos": 1, "layer": 1, "experts": [3, 4]}\n')
+    assert parse_pins(f"{t}:1", 4, 8) == [(1, 3)]
