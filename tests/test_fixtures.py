@@ -1,6 +1,7 @@
 """The engine against the reference's logits on every fixture in ../shared/fixtures."""
 
 import numpy as np
+import pytest
 
 import grokcpu
 
@@ -32,6 +33,9 @@ def test_logits_match_f32_reference(fixture):
 
 
 def test_logits_match_bf16_reference(fixture):
+    """fixtures/README: the bf16 bound holds for short sequences; bf16 drift grows with length."""
+    if len(fixture.prompt) + len(fixture.decode_tokens) > 32:
+        pytest.skip("long sequence: the bf16 reference drifts; compared with f32act only")
     pre, dec, _, _ = run(fixture)
     ref_pre = fixture.load("prefill_logits.npy")
     ref_dec = fixture.load("decode_logits.npy")
