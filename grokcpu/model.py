@@ -139,82 +139,117 @@ class Session:
     def decode(self, token_id: int) -> np.ndarray:
         """Feed one token at the next position; return the next-token logits float32 [V]."""
         toks = self._check([token_id])
-        h = self._forward(toks, decode=True)
+        h = _forward(self.model, [self], toks, decode=True)
         return self._logits(h)[0]
 
-    # -- the forward pass -------------------------------------------------------------------
-    def _forward(self, toks: np.ndarray, decode: bool = False) -> np.ndarray:
-        m = self.model
-        c = m.config
-        T = toks.size
-        p0 = self.pos
-        eps = c.rms_norm_eps
-        H, G, d = c.num_q_heads, c.num_kv_heads, c.key_size
-        self.key_ok[p0:p0 + T] = toks > c.pad_token
-        if decode:   # reference quirk: a pad query masks every key; cached pads are not re-checked
-            key_ok = self._all if toks[0] > c.pad_token else self._none
-        else:
-            key_ok = self.key_ok
-        cos = np.empty((T, d // 2), np.float32)
-        sin = np.empty((T, d // 2), np.float32)
-        K.rope_tables(m.inv_freq, p0, T, cos, sin)
-        if m.experts is not None:
-            m.experts.next_step()
-
-        h = np.asarray(m.ckpt.embeddings[toks], dtype=np.float32) * np.float32(c.embedding_multiplier_scale)
-        x = np.empty_like(h)
-        attn = np.empty((T, H, d), np.float32)
-        scores = np.empty((H, p0 + T), np.float32)
-        idx = np.empty((T, c.num_selected_experts), np.int64)
-        gate = np.empty((T, c.num_selected_experts), np.float32)
-        probs = np.empty((T, c.num_experts), np.float32)
-        xg, idx_g, gate_g, probs_g = np.empty_like(x), np.empty_like(idx), np.empty_like(gate), np.empty_like(probs)
-        for li, lw in enumerate(m.layers):
-            # attention block
-            K.rmsnorm(h, lw.attn_norm, eps, x)
-            q = cpu.qmatmul(x, lw.wq).reshape(T, H, d)
-            k = cpu.qmatmul(x, lw.wk).reshape(T, G, d)
-            v = cpu.qmatmul(x, lw.wv).reshape(T, G, d)
-            K.rope(q, cos, sin)
-            K.rope(k, cos, sin)
-            self.k[li, :, p0:p0 + T] = k.transpose(1, 0, 2)
-            self.v[li, :, p0:p0 + T] = v.transpose(1, 0, 2)
-            K.attention(q, self.k[li], self.v[li], p0, key_ok, np.float32(c.attn_output_multiplier),
-                        np.float32(c.attn_logit_cap), np.float32(c.sequence_len), attn, scores)
-            a = cpu.qmatmul(attn.reshape(T, H * d), lw.wo)
-            K.add_rmsnorm(h, a, lw.attn_post_norm, eps)
-            # MoE block
-            K.rmsnorm(h, lw.moe_norm, eps, x)
-            K.route(x, lw.router, c.num_selected_experts, idx, gate, probs)
-            if self.trace is not None:
-                self.trace.append((li, idx.copy(), probs.copy()))
-            if m._trace_file is not None:
-                self._write_trace(li, p0, idx)
-            cache = m.experts
-            if cache is not None:
-                cache.request([(li, int(e)) for e in np.unique(idx)])   # all misses in flight at once
-            if li + 1 < len(m.layers) and cache is not None and cache.prefetch_enabled:
-                # guess the next layer's experts from this layer's residual, and start reading them
-                nxt = m.layers[li + 1]
-                K.rmsnorm(h, nxt.moe_norm, eps, xg)
-                K.route(xg, nxt.router, c.num_selected_experts, idx_g, gate_g, probs_g)
-                cache.prefetch([(li + 1, int(e)) for e in np.unique(idx_g)])
-            moe = cpu.moe(x, lw, idx, gate, cache, li)
-            K.add_rmsnorm(h, moe, lw.moe_post_norm, eps)
-        self.pos = p0 + T
-        self.tokens.extend(int(t) for t in toks)
-        K.rmsnorm(h, m.ckpt.final_norm, eps, h)
-        return h
-
-    def _write_trace(self, layer: int, p0: int, idx: np.ndarray) -> None:
-        f = self.model._trace_file
-        for t in range(idx.shape[0]):
-            f.write(f'{{"pos": {p0 + t}, "layer": {layer}, "experts": {idx[t].tolist()}}}\n')
-        if layer == len(self.model.layers) - 1:
-            f.flush()
+    def _forward(self, toks: np.ndarray) -> np.ndarray:
+        return _forward(self.model, [self], toks, decode=False)
 
     def _logits(self, hf: np.ndarray) -> np.ndarray:
         m = self.model
         if m.unembed_q is not None:
             return cpu.unembed_q8(hf, *m.unembed_q, m.config.output_multiplier_scale)
         return cpu.unembed(hf, m.ckpt.embeddings, m.config.output_multiplier_scale)
+
+
+def decode_batch(sessions: list[Session], token_ids) -> np.ndarray:
+    """One decode step for several sessions at once: logits float32 [B, V].
+
+    Every weight is read once for the whole batch (the rows share the matrix products; each
+    row attends over its own session's cache). Same results as `s.decode(t)` one by one, up to
+    float32 summation order.
+    """
+    if len(sessions) != len(token_ids):
+        raise GrokError("decode_batch needs one token per session")
+    if not sessions:
+        return np.empty((0, 0), np.float32)
+    model = sessions[0].model
+    if any(s.model is not model for s in sessions) or len(set(map(id, sessions))) != len(sessions):
+        raise GrokError("decode_batch needs distinct sessions of one model")
+    toks = np.concatenate([s._check([t]) for s, t in zip(sessions, token_ids)])
+    h = _forward(model, sessions, toks, decode=True)
+    return sessions[0]._logits(h)
+
+
+def _forward(m: Model, sessions: list[Session], toks: np.ndarray, decode: bool) -> np.ndarray:
+    """Run rows of tokens through the decoder; return the final-normed hidden states [T, D].
+
+    Either one session with T consecutive tokens (prefill, or a decode step when T == 1), or
+    one decode token for each of B sessions (rows share every weight read).
+    """
+    c = m.config
+    T = toks.size
+    eps = c.rms_norm_eps
+    H, G, d = c.num_q_heads, c.num_kv_heads, c.key_size
+    single = len(sessions) == 1
+    if single:
+        s0 = sessions[0]
+        pos = s0.pos + np.arange(T, dtype=np.int64)
+        rows = [(s0, 0, T)]
+    else:
+        pos = np.array([s.pos for s in sessions], dtype=np.int64)
+        rows = [(s, b, 1) for b, s in enumerate(sessions)]
+    for s, r0, n in rows:
+        s.key_ok[s.pos:s.pos + n] = toks[r0:r0 + n] > c.pad_token
+    cos = np.empty((T, d // 2), np.float32)
+    sin = np.empty((T, d // 2), np.float32)
+    K.rope_tables(m.inv_freq, pos, cos, sin)
+    cache = m.experts
+    if cache is not None:
+        cache.next_step()
+
+    h = np.asarray(m.ckpt.embeddings[toks], dtype=np.float32) * np.float32(c.embedding_multiplier_scale)
+    x = np.empty_like(h)
+    attn = np.empty((T, H, d), np.float32)
+    scores = np.empty((H, int(pos.max()) + 1), np.float32)
+    k_top = c.num_selected_experts
+    idx, gate, probs = np.empty((T, k_top), np.int64), np.empty((T, k_top), np.float32), \
+        np.empty((T, c.num_experts), np.float32)
+    xg, idx_g, gate_g, probs_g = np.empty_like(x), np.empty_like(idx), np.empty_like(gate), np.empty_like(probs)
+    mult, cap, n_uniform = np.float32(c.attn_output_multiplier), np.float32(c.attn_logit_cap), \
+        np.float32(c.sequence_len)
+    for li, lw in enumerate(m.layers):
+        # -- attention block: h += RMSNorm_1(Attention(RMSNorm_0(h)))
+        K.rmsnorm(h, lw.attn_norm, eps, x)
+        q = cpu.qmatmul(x, lw.wq).reshape(T, H, d)
+        k = cpu.qmatmul(x, lw.wk).reshape(T, G, d)
+        v = cpu.qmatmul(x, lw.wv).reshape(T, G, d)
+        K.rope(q, cos, sin)
+        K.rope(k, cos, sin)
+        for s, r0, n in rows:
+            p0 = s.pos
+            s.k[li, :, p0:p0 + n] = k[r0:r0 + n].transpose(1, 0, 2)
+            s.v[li, :, p0:p0 + n] = v[r0:r0 + n].transpose(1, 0, 2)
+            if decode:   # reference quirk: a pad query masks every key; cached pads are not re-checked
+                key_ok = s._all if toks[r0] > c.pad_token else s._none
+            else:
+                key_ok = s.key_ok
+            K.attention(q[r0:r0 + n], s.k[li], s.v[li], p0, key_ok, mult, cap, n_uniform,
+                        attn[r0:r0 + n], scores)
+        a = cpu.qmatmul(attn.reshape(T, H * d), lw.wo)
+        K.add_rmsnorm(h, a, lw.attn_post_norm, eps)
+        # -- MoE block: h += RMSNorm_3(MoE(RMSNorm_2(h)))
+        K.rmsnorm(h, lw.moe_norm, eps, x)
+        K.route(x, lw.router, k_top, idx, gate, probs)
+        if single and s0.trace is not None:
+            s0.trace.append((li, idx.copy(), probs.copy()))
+        if m._trace_file is not None:
+            for t in range(T):
+                m._trace_file.write(f'{{"pos": {int(pos[t])}, "layer": {li}, "experts": {idx[t].tolist()}}}\n')
+        if cache is not None:
+            cache.request([(li, int(e)) for e in np.unique(idx)])       # all misses in flight at once
+            if li + 1 < len(m.layers) and cache.prefetch_enabled:
+                # guess the next layer's experts from this layer's residual, and start reading them
+                nxt = m.layers[li + 1]
+                K.rmsnorm(h, nxt.moe_norm, eps, xg)
+                K.route(xg, nxt.router, k_top, idx_g, gate_g, probs_g)
+                cache.prefetch([(li + 1, int(e)) for e in np.unique(idx_g)])
+        moe = cpu.moe(x, lw, idx, gate, cache, li)
+        K.add_rmsnorm(h, moe, lw.moe_post_norm, eps)
+    if m._trace_file is not None:
+        m._trace_file.flush()
+    for s, r0, n in rows:
+        s.pos += n
+        s.tokens.extend(int(t) for t in toks[r0:r0 + n])
+    K.rmsnorm(h, m.ckpt.final_norm, eps, h)
+    return h

@@ -105,3 +105,22 @@ def test_decode_steps_equal_prefill_of_the_longer_sequence(fixture):
     dec = np.stack([s.decode(t) for t in fixture.decode_tokens])
     full = model.new_session().prefill(fixture.prompt + fixture.decode_tokens)
     np.testing.assert_allclose(dec, full[len(fixture.prompt):], rtol=0, atol=1e-4)
+
+
+def test_batched_decode_equals_one_by_one(fixture):
+    """Sessions at different positions decoded together give each session's own logits."""
+    from grokcpu.model import decode_batch
+
+    model = grokcpu.load(fixture.path)
+    prompts = [fixture.prompt, fixture.prompt[:5], fixture.prompt[3:] + fixture.decode_tokens[:1]]
+    solo = [model.new_session() for _ in prompts]
+    group = [model.new_session() for _ in prompts]
+    for a, b, p in zip(solo, group, prompts):
+        a.prefill(p, logits="last")
+        b.prefill(p, logits="last")
+    for t in fixture.decode_tokens:
+        toks = [t, (t * 7) % model.config.vocab_size or 1, t]
+        want = np.stack([s.decode(x) for s, x in zip(solo, toks)])
+        got = decode_batch(group, toks)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert [s.pos for s in group] == [s.pos for s in solo]

@@ -27,7 +27,7 @@ def test_matvec_and_matmul_against_float64(R, C, nb):
         R = R // nb * nb
     w, s = qweight(R, C, nb)
     ref_w = dequant64(w, s)
-    for T in (1, 3, 4, 9):
+    for T in (1, 2, 3, 4, 9, 15, 16, 17):
         x = RNG.standard_normal((T, R)).astype(np.float32)
         ref = x.astype(np.float64) @ ref_w
         got = cpu.matmul(x, w, s)
@@ -71,7 +71,7 @@ def test_rope_half_split():
     inv = (1.0 / (np.float32(10000) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))).astype(np.float32)
     cos = np.empty((T, d // 2), np.float32)
     sin = np.empty((T, d // 2), np.float32)
-    K.rope_tables(inv, p0, T, cos, sin)
+    K.rope_tables(inv, np.arange(p0, p0 + T), cos, sin)
     x = RNG.standard_normal((T, nh, d)).astype(np.float32)
     ref = x.astype(np.float64).copy()
     ph = (np.arange(p0, p0 + T, dtype=np.float32)[:, None] * inv[None]).astype(np.float64)

@@ -9,8 +9,9 @@ from ..checkpoint import QWeight
 from ..kernels import layers as K
 from ..kernels import matvec as M
 
-# Rows above which a product goes through dequantized tiles and BLAS instead of matvecs.
-GEMM_MIN_ROWS = 4
+# Rows from which a product goes through dequantized tiles and BLAS; below, one pass over the
+# int8 weights serves all rows (qmatmul_small), and a single row is a plain matvec.
+GEMM_MIN_ROWS = 16
 # Elements per dequantized float32 tile (16 MB): big enough for BLAS, small enough for L3/RAM.
 TILE_ELEMS = 4 << 20
 
@@ -65,9 +66,13 @@ def matmul(x: np.ndarray, w: np.ndarray, s: np.ndarray) -> np.ndarray:
     T = x.shape[0]
     R, C = w.shape
     out = np.empty((T, C), np.float32)
+    if T == 1:
+        matvec(np.ascontiguousarray(x[0]), w, s, out[0])
+        return out
     if T < GEMM_MIN_ROWS:
-        for t in range(T):
-            matvec(np.ascontiguousarray(x[t]), w, s, out[t])
+        P = numba.get_num_threads()
+        part = _scratch("part", P * T * C).reshape(P, T, C)
+        M.qmatmul_small(np.ascontiguousarray(x), w, s, out, part)
         return out
     width = max(64, min(C, TILE_ELEMS // R // 64 * 64))
     tile = _scratch("tile", R * width)
@@ -117,9 +122,8 @@ def unembed(h: np.ndarray, emb: np.ndarray, scale: float) -> np.ndarray:
     T = h.shape[0]
     V = emb.shape[0]
     out = np.empty((T, V), np.float32)
-    if T < GEMM_MIN_ROWS:
-        for t in range(T):
-            M.unembed(np.ascontiguousarray(h[t]), emb, scale, out[t])
+    if T == 1:
+        M.unembed(np.ascontiguousarray(h[0]), emb, scale, out[0])
         return out
     rows = max(256, TILE_ELEMS // emb.shape[1])
     for v0 in range(0, V, rows):

@@ -35,10 +35,10 @@ def add_rmsnorm(h, x, scale, eps):
 
 
 @njit(cache=True)
-def rope_tables(inv_freq, pos0, T, cos, sin):
-    """cos/sin [T, d/2] of phase = float32(pos) * inv_freq, as the reference forms it in float32."""
-    for t in range(T):
-        p = np.float32(pos0 + t)
+def rope_tables(inv_freq, pos, cos, sin):
+    """cos/sin [T, d/2] of phase = float32(pos[t]) * inv_freq, as the reference forms it in float32."""
+    for t in range(pos.shape[0]):
+        p = np.float32(pos[t])
         for j in range(inv_freq.shape[0]):
             ph = p * inv_freq[j]
             cos[t, j] = np.float32(math.cos(np.float64(ph)))

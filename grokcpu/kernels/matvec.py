@@ -65,6 +65,71 @@ def qmatvec(x, w, s, out, part):
         out[c] = t
 
 
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
+def qmatmul_small(x, w, s, out, part):
+    """out[T, C] = x[T, R] @ (w[R, C] * s[block, C]) for a few rows T: the weights are read once.
+
+    part [P, T, C] float32 scratch, as in qmatvec. Four weight rows at a time are widened to
+    float32 once into a small buffer and reused for every one of the T rows.
+    """
+    T, R = x.shape
+    C = w.shape[1]
+    nb = s.shape[0]
+    rb = R // nb
+    P = part.shape[0]
+    nch = (C + COL_CHUNK - 1) // COL_CHUNK
+    rows_per = ((R + P - 1) // P + 3) // 4 * 4
+    for j in prange(P * nch):
+        p = j // nch
+        c0 = (j % nch) * COL_CHUNK
+        c1 = min(C, c0 + COL_CHUNK)
+        n = c1 - c0
+        for t in range(T):
+            part[p, t, c0:c1] = 0.0
+        acc = np.empty((T, n), np.float32)
+        wf = np.empty((4, n), np.float32)
+        r = p * rows_per
+        r1 = min(R, r + rows_per)
+        while r < r1:
+            b = r // rb
+            bend = min(r1, (b + 1) * rb)
+            acc[:] = 0.0
+            while r < bend:
+                m = min(4, bend - r)
+                for i in range(m):
+                    wr = w[r + i, c0:c1]
+                    wfi = wf[i]
+                    for c in range(n):
+                        wfi[c] = np.float32(wr[c])
+                for i in range(m, 4):
+                    wf[i, :] = 0.0
+                w0 = wf[0]
+                w1 = wf[1]
+                w2 = wf[2]
+                w3 = wf[3]
+                for t in range(T):
+                    x0 = x[t, r]
+                    x1 = x[t, r + 1] if m > 1 else np.float32(0.0)
+                    x2 = x[t, r + 2] if m > 2 else np.float32(0.0)
+                    x3 = x[t, r + 3] if m > 3 else np.float32(0.0)
+                    a = acc[t]
+                    for c in range(n):
+                        a[c] += x0 * w0[c] + x1 * w1[c] + x2 * w2[c] + x3 * w3[c]
+                r += m
+            sb = s[b, c0:c1]
+            for t in range(T):
+                o = part[p, t, c0:c1]
+                a = acc[t]
+                for c in range(n):
+                    o[c] += sb[c] * a[c]
+    for t in range(T):
+        for c in range(C):
+            v = part[0, t, c]
+            for p in range(1, P):
+                v += part[p, t, c]
+            out[t, c] = v
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def dequant_cols(w, s, c0, out):
     """out[R, n] = w[:, c0:c0+n] * s[block(r), c0:c0+n] as float32 (a tile for BLAS)."""
