@@ -143,6 +143,8 @@ def quantize_embedding(emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def unembed_q8(h: np.ndarray, q: np.ndarray, rs: np.ndarray, scale: float) -> np.ndarray:
     """h[T, D] @ dequant(q)[V, D].T * scale -> [T, V] float32."""
     out = np.empty((h.shape[0], q.shape[0]), np.float32)
-    for t in range(h.shape[0]):
-        M.unembed_q8(np.ascontiguousarray(h[t]), q, rs, np.float32(scale), out[t])
+    if h.shape[0] == 1:
+        M.unembed_q8(np.ascontiguousarray(h[0]), q, rs, np.float32(scale), out[0])
+    else:
+        M.unembed_q8_rows(np.ascontiguousarray(h), q, rs, np.float32(scale), out)
     return out

@@ -236,3 +236,26 @@ def unembed_q8(h, q, rs, scale, out):
                 a0 += np.float32(e0[i]) * h[i]
             out[v] = a0 * rs[v] * scale
             v += 1
+
+
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
+def unembed_q8_rows(h, q, rs, scale, out):
+    """out[T, V] = rs[v] * (h[T, D] @ q[V, D].T) * scale, reading the int8 table once for all rows."""
+    T, D = h.shape
+    V = q.shape[0]
+    nblk = (V + 63) // 64
+    for j in prange(nblk):
+        v0 = j * 64
+        v1 = min(V, v0 + 64)
+        row = np.empty(D, np.float32)
+        for v in range(v0, v1):
+            qv = q[v]
+            for i in range(D):
+                row[i] = np.float32(qv[i])
+            f = rs[v] * scale
+            for t in range(T):
+                ht = h[t]
+                a = np.float32(0.0)
+                for i in range(D):
+                    a += row[i] * ht[i]
+                out[t, v] = a * f
