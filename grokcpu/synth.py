@@ -42,6 +42,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from .config import ffn_size
 from .errors import CheckpointError, ConfigError, GrokError
 from .formats import pickle_writer as pw
 
@@ -75,12 +76,6 @@ TR_KEYS = ("emb_size", "widening_factor", "ffn_size", "key_size", "num_q_heads",
 _INT_KEYS = ("vocab_size", "pad_token", "eos_token", "sequence_len", "emb_size", "ffn_size",
              "key_size", "num_q_heads", "num_kv_heads", "num_layers", "num_experts",
              "num_selected_experts", "model_parallel_scale_blocks")
-
-
-def ffn_size(emb_size: int, widening_factor: float) -> int:
-    """model.py:ffn_size: int(w * D) * 2 // 3, rounded up to a multiple of 8."""
-    size = int(widening_factor * emb_size) * 2 // 3
-    return size + (8 - size) % 8
 
 
 def resolve_config(cfg: dict) -> dict:
