@@ -36,6 +36,13 @@ _parts: dict = {}
 _scratches: dict = {}
 
 
+def _ones(n: int) -> np.ndarray:
+    buf = _scratches.get("ones")
+    if buf is None or buf.size < n:
+        buf = _scratches["ones"] = np.ones(n, np.float32)
+    return buf[:n]
+
+
 def _scratch(name: str, n: int) -> np.ndarray:
     """A reusable float32 buffer of at least n elements (fresh pages cost a fault each)."""
     buf = _scratches.get(name)
@@ -123,7 +130,7 @@ def unembed(h: np.ndarray, emb: np.ndarray, scale: float) -> np.ndarray:
     V = emb.shape[0]
     out = np.empty((T, V), np.float32)
     if T == 1:
-        M.unembed(np.ascontiguousarray(h[0]), emb, scale, out[0])
+        M.unembed(np.ascontiguousarray(h[0]), emb, _ones(V), np.float32(scale), out[0])
         return out
     rows = max(256, TILE_ELEMS // emb.shape[1])
     for v0 in range(0, V, rows):
@@ -144,7 +151,7 @@ def unembed_q8(h: np.ndarray, q: np.ndarray, rs: np.ndarray, scale: float) -> np
     """h[T, D] @ dequant(q)[V, D].T * scale -> [T, V] float32."""
     out = np.empty((h.shape[0], q.shape[0]), np.float32)
     if h.shape[0] == 1:
-        M.unembed_q8(np.ascontiguousarray(h[0]), q, rs, np.float32(scale), out[0])
+        M.unembed(np.ascontiguousarray(h[0]), q, rs, np.float32(scale), out[0])
     else:
         M.unembed_q8_rows(np.ascontiguousarray(h), q, rs, np.float32(scale), out)
     return out

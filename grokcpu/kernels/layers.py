@@ -6,31 +6,30 @@ import numpy as np
 from numba import njit, prange
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _inv_rms(row, eps):
+    ss = 0.0
+    for i in range(row.shape[0]):
+        v = np.float64(row[i])
+        ss += v * v
+    return np.float32(1.0 / math.sqrt(ss / row.shape[0] + eps))
+
+
 @njit(cache=True, fastmath=True)
 def rmsnorm(x, scale, eps, out):
     """out[T, D] = scale * x / sqrt(mean(x^2) + eps), row by row (x and out may alias)."""
-    T, D = x.shape
-    for t in range(T):
-        ss = 0.0
-        for i in range(D):
-            v = np.float64(x[t, i])
-            ss += v * v
-        inv = np.float32(1.0 / math.sqrt(ss / D + eps))
-        for i in range(D):
+    for t in range(x.shape[0]):
+        inv = _inv_rms(x[t], eps)
+        for i in range(x.shape[1]):
             out[t, i] = scale[i] * (x[t, i] * inv)
 
 
 @njit(cache=True, fastmath=True)
 def add_rmsnorm(h, x, scale, eps):
     """h[T, D] += rmsnorm(x) (the sandwich post-norm on a branch output, then the residual)."""
-    T, D = x.shape
-    for t in range(T):
-        ss = 0.0
-        for i in range(D):
-            v = np.float64(x[t, i])
-            ss += v * v
-        inv = np.float32(1.0 / math.sqrt(ss / D + eps))
-        for i in range(D):
+    for t in range(x.shape[0]):
+        inv = _inv_rms(x[t], eps)
+        for i in range(x.shape[1]):
             h[t, i] += scale[i] * (x[t, i] * inv)
 
 

@@ -144,44 +144,6 @@ def dequant_cols(w, s, c0, out):
             o[c] = np.float32(wr[c]) * sb[c]
 
 
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def unembed(h, emb, scale, out):
-    """out[V] = (emb[V, D] @ h[D]) * scale: the tied output layer, a row-wise dot product."""
-    V, D = emb.shape
-    nblk = (V + 255) // 256
-    for j in prange(nblk):
-        v0 = j * 256
-        v1 = min(V, v0 + 256)
-        v = v0
-        while v + 4 <= v1:
-            e0 = emb[v]
-            e1 = emb[v + 1]
-            e2 = emb[v + 2]
-            e3 = emb[v + 3]
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            a3 = np.float32(0.0)
-            for i in range(D):
-                hi = h[i]
-                a0 += e0[i] * hi
-                a1 += e1[i] * hi
-                a2 += e2[i] * hi
-                a3 += e3[i] * hi
-            out[v] = a0 * scale
-            out[v + 1] = a1 * scale
-            out[v + 2] = a2 * scale
-            out[v + 3] = a3 * scale
-            v += 4
-        while v < v1:
-            e0 = emb[v]
-            a0 = np.float32(0.0)
-            for i in range(D):
-                a0 += e0[i] * h[i]
-            out[v] = a0 * scale
-            v += 1
-
-
 @njit(parallel=True, cache=True, nogil=True)
 def quantize_rows(a, q, scale):
     """q[V, D] int8, scale[V]: per-row absmax int8 (round to nearest) of a[V, D] float32."""
@@ -201,19 +163,23 @@ def quantize_rows(a, q, scale):
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def unembed_q8(h, q, rs, scale, out):
-    """out[V] = rs[v] * (q[V, D] int8 @ h[D]) * scale: the reduced-precision unembedding."""
-    V, D = q.shape
+def unembed(h, table, rs, scale, out):
+    """out[V] = rs[v] * (table[V, D] @ h[D]) * scale: the tied output layer, one row.
+
+    table is the float32 embedding (rs = ones) or its int8 copy with per-row scales rs.
+    Four table rows per step share the loads of h.
+    """
+    V, D = table.shape
     nblk = (V + 255) // 256
     for j in prange(nblk):
         v0 = j * 256
         v1 = min(V, v0 + 256)
         v = v0
         while v + 4 <= v1:
-            e0 = q[v]
-            e1 = q[v + 1]
-            e2 = q[v + 2]
-            e3 = q[v + 3]
+            e0 = table[v]
+            e1 = table[v + 1]
+            e2 = table[v + 2]
+            e3 = table[v + 3]
             a0 = np.float32(0.0)
             a1 = np.float32(0.0)
             a2 = np.float32(0.0)
@@ -230,7 +196,7 @@ def unembed_q8(h, q, rs, scale, out):
             out[v + 3] = a3 * rs[v + 3] * scale
             v += 4
         while v < v1:
-            e0 = q[v]
+            e0 = table[v]
             a0 = np.float32(0.0)
             for i in range(D):
                 a0 += np.float32(e0[i]) * h[i]
