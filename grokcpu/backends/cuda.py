@@ -42,7 +42,7 @@ from ..errors import GrokError
 # the simulator swaps the globals that are numba.cuda for a per-launch fake module.
 cuda = None
 
-MAX_EXPERTS = 256          # router logits live in a shared array of this size
+MAX_EXPERTS = 64           # router partial sums live in shared arrays of parts x this size
 NEG = np.float32(-1e30)    # "no score": below any soft-capped logit (|s| <= cap)
 
 HINT = ("install an NVIDIA driver and a CUDA toolkit numba can use (libNVVM: e.g. "
@@ -101,10 +101,10 @@ def cuda_status() -> tuple[bool, str]:
     try:
         if not c.is_available():
             try:
-                c.gpus   # raises with the driver's reason
-                why = "no CUDA GPU found"
+                n = len(c.gpus)   # raises with the driver's reason
+                why = "no CUDA GPU found" if n == 0 else "the CUDA driver reports no usable GPU"
             except Exception as e:
-                why = " ".join(str(e).split()) or "no CUDA GPU found"
+                why = " ".join(str(e).split()).rstrip(" :") or "no CUDA GPU found"
             return False, why
         dev = c.get_current_device()
         name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
@@ -134,17 +134,19 @@ class Blocks:
     mm_ty: int = 16     # ... threads striding over the input rows (partial sums, then summed)
     mm_tt: int = 8      # ... tokens per block for T > 1 (each weight byte serves tt tokens)
     rope: int = 128     # RoPE + cache store: threads per token
-    attn: int = 256     # attention: threads per (query, head) (power of 2; raised to >= d)
-    route: int = 256    # router: threads per token (power of 2)
+    attn: int = 256     # attention: threads per (query, head) (power of 2)
+    attn_chunk: int = 1024  # ... keys scored per step (shared memory: 4 bytes each)
+    route: int = 32     # router: threads per expert and token (each sums D / route rows)
     un_lanes: int = 32  # unembedding: lanes over D per vocab row (power of 2) ...
     un_rows: int = 8    # ... vocab rows per block
     un_tt: int = 8      # ... tokens per block for T > 1
 
 
 GPU_BLOCKS = Blocks()
-# The simulator starts a Python thread per GPU thread (~150 us each): small blocks, wide tiles.
-SIM_BLOCKS = Blocks(norm=8, mm_tx=4, mm_cpt=4, mm_ty=2, mm_tt=4, rope=16, attn=8, route=8,
-                    un_lanes=4, un_rows=4, un_tt=4)
+# The simulator runs each GPU thread as a Python thread, and a block's cost grows with its
+# threads times its barriers: few threads, wide tiles (the kernel tests also run bigger ones).
+SIM_BLOCKS = Blocks(norm=2, mm_tx=4, mm_cpt=4, mm_ty=1, mm_tt=8, rope=8, attn=2, attn_chunk=64,
+                    route=1, un_lanes=1, un_rows=8, un_tt=8)
 
 
 def _pow2(n: int) -> int:
@@ -365,12 +367,20 @@ def _rope_kernel(nt: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _attention_kernel(nt: int):
-    """Grid (T, H), nt >= d threads. Keys go by in chunks of nt (one per thread) with an
-    online softmax: a running max m, sum l and per-dim output; nt // d thread groups split a
-    chunk's keys for the p @ V part."""
+def _attention_kernel(nt: int, d: int, kchunk: int):
+    """Grid (T, H), nt threads, head size d, keys in chunks of kchunk with an online softmax
+    (running max m, sum l, output acc rescaled by exp(m_old - m_new) per chunk).
+
+    A chunk: each thread scores keys tid, tid+nt, ... into shared sc; block max; p = exp(s-m)
+    into sc; block sum; then p @ V by nparts = max(1, nt // d) key groups x d dims, coalesced
+    along d (a thread takes dpt of these nparts*d slots when nt < d).
+    """
     c = _import_cuda()
     block_sum, block_max = _reductions(nt)
+    nparts = max(1, nt // d)
+    nv = nparts * d
+    dpt = (nv + nt - 1) // nt
+    nred = max(nt, nv)
 
     @c.jit
     def attention(q, kc, vc, p0, key_ok, mult, cap, n_uniform, out):
@@ -383,118 +393,132 @@ def _attention_kernel(nt: int):
         tid = cuda.threadIdx.x
         H = cuda.gridDim.y
         G = kc.shape[0]
-        d = kc.shape[2]
         g = h // (H // G)
         n = p0 + t + 1
-        qs = cuda.shared.array(nt, np.float32)
-        pr = cuda.shared.array(nt, np.float32)
-        red = cuda.shared.array(nt, np.float32)
-        if tid < d:
-            qs[tid] = q[t, h * d + tid]
+        qs = cuda.shared.array(d, np.float32)
+        sc = cuda.shared.array(kchunk, np.float32)
+        red = cuda.shared.array(nred, np.float32)
+        acc = cuda.local.array(dpt, np.float32)
+        for i in range(tid, d, nt):
+            qs[i] = q[t, h * d + i]
+        for k in range(dpt):
+            acc[k] = 0.0
         cuda.syncthreads()
-        nparts = nt // d
-        part = tid // d
-        i = tid % d
         m = NEG
         l = np.float32(0.0)
-        acc = np.float32(0.0)
         seen = False
-        for base in range(0, n, nt):
-            s = base + tid
-            ok = False
-            if s < n:
-                ok = key_ok[s] != 0
-            a = NEG
-            if ok:
-                dot = np.float32(0.0)
-                for ii in range(d):
-                    dot += qs[ii] * kc[g, s, ii]
-                a = np.float32(cap * math.tanh(dot * mult / cap))
-            red[tid] = a
-            cmax = block_max(red, tid)
-            if cmax > NEG:                      # the same on every thread
+        for base in range(0, n, kchunk):
+            cn = n - base if n - base < kchunk else kchunk
+            lmax = NEG
+            for j in range(tid, cn, nt):
+                a = NEG
+                if key_ok[base + j] != 0:
+                    dot = np.float32(0.0)
+                    for i in range(d):
+                        dot += qs[i] * kc[g, base + j, i]
+                    a = np.float32(cap * math.tanh(dot * mult / cap))
+                    if a > lmax:
+                        lmax = a
+                sc[j] = a
+            red[tid] = lmax
+            cmax = block_max(red, tid)             # the same on every thread; publishes sc
+            if cmax > NEG:
                 mn = cmax if cmax > m else m
                 alpha = np.float32(math.exp(m - mn)) if seen else np.float32(0.0)
-                p = np.float32(math.exp(a - mn)) if ok else np.float32(0.0)
-                pr[tid] = p
-                red[tid] = p
-                l = l * alpha + block_sum(red, tid)   # also publishes pr
-                if part < nparts:
-                    pa = np.float32(0.0)
-                    for jk in range(part, nt, nparts):
-                        sk = base + jk
-                        if sk < n:
-                            pa += pr[jk] * vc[g, sk, i]
-                    acc = acc * alpha + pa
+                lsum = np.float32(0.0)
+                for j in range(tid, cn, nt):
+                    a = sc[j]
+                    p = np.float32(math.exp(a - mn)) if a > NEG else np.float32(0.0)
+                    sc[j] = p
+                    lsum += p
+                red[tid] = lsum
+                l = l * alpha + block_sum(red, tid)   # publishes the p in sc
+                for k in range(dpt):
+                    vt = tid + k * nt
+                    if vt < nv:
+                        i = vt % d
+                        pa = np.float32(0.0)
+                        for j in range(vt // d, cn, nparts):
+                            pa += sc[j] * vc[g, base + j, i]
+                        acc[k] = acc[k] * alpha + pa
                 m = mn
                 seen = True
-                cuda.syncthreads()                  # pr is rewritten next chunk
+                cuda.syncthreads()                  # sc is rewritten by the next chunk
         if not seen:                                # uniform over the reference's n_uniform rows
-            acc = np.float32(0.0)
-            if part < nparts:
-                for sk in range(part, n, nparts):
-                    acc += vc[g, sk, i]
+            for k in range(dpt):
+                vt = tid + k * nt
+                if vt < nv:
+                    i = vt % d
+                    for s in range(vt // d, n, nparts):
+                        acc[k] += vc[g, s, i]
             l = n_uniform
-        red[tid] = acc if part < nparts else np.float32(0.0)
+        for k in range(dpt):
+            vt = tid + k * nt
+            if vt < nv:
+                red[vt] = acc[k]
         cuda.syncthreads()
-        if tid < d:
-            o = red[tid]
+        for i in range(tid, d, nt):
+            o = red[i]
             for pp in range(1, nparts):
-                o += red[pp * d + tid]
-            out[t, h * d + tid] = o / l
+                o += red[pp * d + i]
+            out[t, h * d + i] = o / l
 
     return attention
 
 
 @functools.lru_cache(maxsize=None)
-def _route_kernel(nt: int):
+def _route_kernel(parts: int):
+    """Block (E, parts): thread (e, p) sums x[t, i] * router[i, e] over i = p, p+parts, ...
+    (a warp reads consecutive experts of a router row); thread (0, 0) then does the softmax
+    and the top-k. One block per token."""
     c = _import_cuda()
-    block_sum, _ = _reductions(nt)
+    shn = parts * MAX_EXPERTS
 
     @c.jit
     def route(x, router, k, idx, gate, probs):
         """probs[t] = softmax(x[t] @ router[D, E]); idx, gate [T, k] = top-k (descending, ties
-        to the lower index; gates are the raw probabilities). One block per token."""
+        to the lower index; gates are the raw probabilities, not renormalised)."""
         t = cuda.blockIdx.x
-        tid = cuda.threadIdx.x
+        e = cuda.threadIdx.x
+        p = cuda.threadIdx.y
         D = x.shape[1]
         E = router.shape[1]
-        red = cuda.shared.array(nt, np.float32)
+        sh = cuda.shared.array(shn, np.float32)
         lg = cuda.shared.array(MAX_EXPERTS, np.float64)
-        for e in range(E):
-            a = np.float32(0.0)
-            for i in range(tid, D, nt):
-                a += x[t, i] * router[i, e]
-            red[tid] = a
-            dot = block_sum(red, tid)
-            if tid == 0:
-                lg[e] = dot
-        if tid == 0:
+        a = np.float32(0.0)
+        for i in range(p, D, parts):
+            a += x[t, i] * router[i, e]
+        sh[p * E + e] = a
+        cuda.syncthreads()
+        if p == 0:
+            for pp in range(1, parts):
+                a += sh[pp * E + e]
+            lg[e] = a
+        cuda.syncthreads()
+        if p == 0 and e == 0:
             mx = lg[0]
-            for e in range(1, E):
-                if lg[e] > mx:
-                    mx = lg[e]
+            for j in range(1, E):
+                if lg[j] > mx:
+                    mx = lg[j]
             tot = 0.0
-            for e in range(E):
-                v = np.float64(math.exp(np.float32(lg[e] - mx)))
-                lg[e] = v
+            for j in range(E):
+                v = np.float64(math.exp(np.float32(lg[j] - mx)))
+                lg[j] = v
                 tot += v
-            for e in range(E):
-                p = np.float32(lg[e] / tot)
-                lg[e] = p
-                probs[t, e] = p
+            for j in range(E):
+                pj = np.float32(lg[j] / tot)
+                lg[j] = pj
+                probs[t, j] = pj
             for jk in range(k):
                 best = -1
-                for e in range(E):
-                    if lg[e] >= 0 and (best < 0 or lg[e] > lg[best]):
-                        best = e
+                for j in range(E):
+                    if lg[j] >= 0 and (best < 0 or lg[j] > lg[best]):
+                        best = j
                 idx[t, jk] = best
                 gate[t, jk] = lg[best]
                 lg[best] = -1.0
 
     return route
-
-
 @functools.lru_cache(maxsize=None)
 def _unembed_kernel(lanes: int, rows: int, tt: int):
     """Block (lanes, rows), grid (ceil(V / rows), ceil(T / tt)): each row of threads takes one
@@ -549,7 +573,7 @@ class Kernels:
     def __init__(self, blocks: Blocks | None = None):
         _import_cuda()
         self.b = b = blocks or (SIM_BLOCKS if simulating() else GPU_BLOCKS)
-        for name in ("norm", "attn", "route", "un_lanes"):
+        for name in ("norm", "attn", "un_lanes"):
             if getattr(b, name) != _pow2(getattr(b, name)):
                 raise ValueError(f"Blocks.{name}={getattr(b, name)} must be a power of two")
         self._norms = _norm_kernels(b.norm)
@@ -576,19 +600,23 @@ class Kernels:
         return out
 
     def rope_store(self, qkv, inv_freq, p0, H, q, kc, vc):
-        _rope_kernel(self.b.rope)[qkv.shape[0], self.b.rope](qkv, inv_freq, np.int64(p0), np.int64(H), q, kc, vc)
+        kern = _rope_kernel(self.b.rope)
+        kern[qkv.shape[0], self.b.rope](qkv, inv_freq, np.int64(p0), np.int64(H), q, kc, vc)
         return q
 
     def attention(self, q, kc, vc, p0, key_ok, mult, cap, n_uniform, H, out):
-        nt = min(1024, max(self.b.attn, _pow2(kc.shape[2])))
-        _attention_kernel(nt)[(q.shape[0], H), nt](q, kc, vc, np.int64(p0), key_ok, np.float32(mult),
-                                                   np.float32(cap), np.float32(n_uniform), out)
+        nt = self.b.attn
+        kern = _attention_kernel(nt, kc.shape[2], self.b.attn_chunk)
+        kern[(q.shape[0], H), nt](q, kc, vc, np.int64(p0), key_ok, np.float32(mult), np.float32(cap),
+                                  np.float32(n_uniform), out)
         return out
 
     def route(self, x, router, k, idx, gate, probs):
         if router.shape[1] > MAX_EXPERTS:
             raise GrokError(f"{router.shape[1]} experts: the GPU router handles at most {MAX_EXPERTS}")
-        _route_kernel(self.b.route)[x.shape[0], self.b.route](x, router, np.int64(k), idx, gate, probs)
+        E = router.shape[1]
+        parts = max(1, min(self.b.route, 1024 // E))
+        _route_kernel(parts)[x.shape[0], (E, parts)](x, router, np.int64(k), idx, gate, probs)
         return idx, gate
 
     def unembed(self, h, emb, scale, out):
@@ -596,7 +624,8 @@ class Kernels:
         T, V = out.shape
         tt = 1 if T == 1 else b.un_tt
         grid = ((V + b.un_rows - 1) // b.un_rows, (T + tt - 1) // tt)
-        _unembed_kernel(b.un_lanes, b.un_rows, tt)[grid, (b.un_lanes, b.un_rows)](h, emb, np.float32(scale), out)
+        kern = _unembed_kernel(b.un_lanes, b.un_rows, tt)
+        kern[grid, (b.un_lanes, b.un_rows)](h, emb, np.float32(scale), out)
         return out
 
 
@@ -682,8 +711,15 @@ class CudaDense:
         self.nbytes = nbytes + self.emb.nbytes
         self._bufs: dict[int, SimpleNamespace] = {}
 
+    def close(self) -> None:
+        """Drop the device arrays (numba frees GPU memory once nothing refers to them;
+        sessions' `cuda_cache` too)."""
+        self.layers, self._bufs = [], {}
+        self.emb = self.final_norm = self.inv_freq = None
+
     # -- buffers and caches -----------------------------------------------------------------
     def new_cache(self, context: int) -> CudaKVCache:
+        """A device KV cache for `context` positions (2 * L * G * context * d * 4 bytes)."""
         return CudaKVCache(self, int(context))
 
     def cache_for(self, session) -> CudaKVCache:
@@ -722,27 +758,46 @@ class CudaDense:
         Appends (layer, idx, probs) to session.trace when that is a list.
         Returns the final-normed hidden states h [T, D] float32 (host).
         """
+        toks = np.ascontiguousarray(toks, dtype=np.int64).reshape(-1)
+        return self.forward_batch([session], toks, [key_ok_host], moe_fn, rows=[toks.size])
+
+    def forward_batch(self, sessions, toks: np.ndarray, key_oks, moe_fn, rows=None) -> np.ndarray:
+        """Rows of several sessions in one pass (model._forward's decode_batch): session b owns
+        rows[b] consecutive tokens of toks (default: one each) at its own position, attends over
+        its own cache with key_oks[b]; the weight products, norms and router run once over all
+        rows, and moe_fn sees all rows. Returns h [sum(rows), D] (host)."""
         c = self.config
         toks = np.ascontiguousarray(toks, dtype=np.int64).reshape(-1)
+        rows = [1] * len(sessions) if rows is None else [int(n) for n in rows]
         T = toks.size
-        p0 = int(session.pos)
-        cache = self.cache_for(session)
-        if T == 0 or p0 + T > cache.context:
-            raise GrokError(f"positions {p0}..{p0 + T - 1} do not fit the context of {cache.context}")
-        key_ok_host = np.ascontiguousarray(key_ok_host, dtype=np.uint8)
-        if key_ok_host.shape != (cache.context,):
-            raise ValueError(f"key_ok has shape {key_ok_host.shape}, expected ({cache.context},)")
+        if len(rows) != len(sessions) or len(key_oks) != len(sessions) or sum(rows) != T or T == 0:
+            raise ValueError("forward_batch: one row count and one key_ok per session, covering toks")
+        if len(set(map(id, sessions))) != len(sessions):
+            raise ValueError("forward_batch: sessions must be distinct")
         K, b, eps, H = self.K, self._buffers(T), c.rms_norm_eps, c.num_q_heads
-        trace = getattr(session, "trace", None)
+        plan = []   # (cache, p0, first row, row count)
+        r0 = 0
+        for s, n, ok in zip(sessions, rows, key_oks):
+            cache, p0 = self.cache_for(s), int(s.pos)
+            if n < 1 or p0 + n > cache.context:
+                raise GrokError(f"positions {p0}..{p0 + n - 1} do not fit the context of {cache.context}")
+            ok = np.ascontiguousarray(ok, dtype=np.uint8)
+            if ok.shape != (cache.context,):
+                raise ValueError(f"key_ok has shape {ok.shape}, expected ({cache.context},)")
+            cache.key_ok.copy_to_device(ok)
+            plan.append((cache, p0, r0, n))
+            r0 += n
+        trace = getattr(sessions[0], "trace", None) if len(sessions) == 1 else None
         b.tok.copy_to_device(toks)
-        cache.key_ok.copy_to_device(key_ok_host)
         K.embed_norm(b.tok, self.emb, c.embedding_multiplier_scale, self.layers[0].attn_norm, eps, b.h, b.x)
         for li, dl in enumerate(self.layers):
-            kc, vc = cache.k[li], cache.v[li]
             K.matmul(b.x, dl.w_qkv, dl.s_qkv, b.qkv)
-            K.rope_store(b.qkv, self.inv_freq, p0, H, b.q, kc, vc)
-            K.attention(b.q, kc, vc, p0, cache.key_ok, c.attn_output_multiplier, c.attn_logit_cap,
-                        c.sequence_len, H, b.o)
+            for cache, p0, r0, n in plan:
+                kc, vc = cache.k[li], cache.v[li]
+                q, o = (b.q, b.o) if n == T else (b.q[r0:r0 + n], b.o[r0:r0 + n])
+                K.rope_store(b.qkv if n == T else b.qkv[r0:r0 + n], self.inv_freq, p0, H, q, kc, vc)
+                K.attention(q, kc, vc, p0, cache.key_ok, c.attn_output_multiplier, c.attn_logit_cap,
+                            c.sequence_len, H, o)
             K.matmul(b.o, dl.wo, dl.so, b.br)
             K.add_norm(b.h, b.br, dl.attn_post_norm, dl.moe_norm, eps, b.x)
             K.route(b.x, dl.router, c.num_selected_experts, b.idx, b.gate, b.probs)
@@ -756,6 +811,39 @@ class CudaDense:
             nxt = self.layers[li + 1].attn_norm if li + 1 < len(self.layers) else self.final_norm
             K.add_norm(b.h, b.br, dl.moe_post_norm, nxt, eps, b.x)
         return b.x.copy_to_host()
+
+    def cpu_moe_fn(self):
+        """moe_fn running the experts as model._forward does: backends.cpu.moe, through the
+        model's ExpertCache when it has one (requests all of a layer's misses at once)."""
+        from . import cpu
+        layers = self.model.layers
+        cache = getattr(self.model, "experts", None)
+        if cache is not None:
+            cache.next_step()
+
+        def moe_fn(li, x, idx, gate):
+            if cache is None:
+                return cpu.moe(x, layers[li], idx, gate)
+            cache.request([(li, int(e)) for e in np.unique(idx)])
+            return cpu.moe(x, layers[li], idx, gate, cache, li)
+        return moe_fn
+
+    def session_forward(self, session, toks: np.ndarray, decode: bool = False, moe_fn=None) -> np.ndarray:
+        """A drop-in for model._forward(model, [session], toks, decode): its bookkeeping (key_ok,
+        the decode-step key mask, pos, tokens) around `forward`. moe_fn defaults to
+        `cpu_moe_fn()`. Returns the final-normed h [T, D] (host)."""
+        c = self.config
+        toks = np.ascontiguousarray(toks, dtype=np.int64).reshape(-1)
+        p0, T = session.pos, toks.size
+        session.key_ok[p0:p0 + T] = toks > c.pad_token
+        if decode:   # reference quirk: a pad query masks every key; cached pads are not re-checked
+            key_ok = np.full(session.key_ok.shape, toks[0] > c.pad_token, np.uint8)
+        else:
+            key_ok = session.key_ok
+        h = self.forward(session, toks, key_ok, moe_fn or self.cpu_moe_fn())
+        session.pos = p0 + T
+        session.tokens.extend(int(t) for t in toks)
+        return h
 
     def logits(self, h) -> np.ndarray:
         """h [T, D] (host or device, final-normed) -> logits [T, V] float32 on the host."""

@@ -1,0 +1,375 @@
+"""The CUDA kernels and the dense offload, against float64 numpy and the CPU engine.
+
+Not collected by default (the name does not match test_*.py): tests/test_cuda_sim.py runs it
+in a child process with NUMBA_ENABLE_CUDASIM=1 (numba reads that when it is imported). On a
+machine with a CUDA GPU, `pytest tests/cuda_sim_cases.py` runs the same cases on the GPU.
+The simulator runs every GPU thread as a Python thread, so all shapes here are tiny.
+"""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+from conftest import FIXTURES, Fixture, fixture_dirs, need_shared
+
+import grokcpu
+import grokcpu.config
+from grokcpu.backends import cpu
+from grokcpu.backends import cuda as gc
+from grokcpu.kernels import layers as K
+
+OK, WHY = gc.cuda_status()
+pytestmark = pytest.mark.skipif(not OK, reason=f"no CUDA: {WHY}")
+if OK and gc.simulating():
+    # The simulator's block manager busy-polls its threads at barriers; with the default 5 ms
+    # GIL switch interval every barrier costs milliseconds.
+    sys.setswitchinterval(2e-5)
+
+RNG = np.random.default_rng(7)
+F32_TOL = 2e-3     # fixtures/README: a float32 engine vs the f32-activation reference
+CPU_TOL = 1e-4     # GPU vs CPU engine: same float32 maths, another summation order
+# Block shapes: the simulator default, and GPU-sized tiles (run on tiny shapes: each
+# simulated thread costs ~0.1 ms, the GPU blocks are 64..256 threads).
+SIM = gc.SIM_BLOCKS
+BIG = gc.GPU_BLOCKS
+ODD = gc.Blocks(norm=4, mm_tx=3, mm_cpt=3, mm_ty=3, mm_tt=2, rope=5, attn=4, attn_chunk=5, route=3,
+                un_lanes=2, un_rows=3, un_tt=3)
+WIDE = gc.Blocks(attn=64, attn_chunk=7)   # attention with many key groups per chunk
+
+
+def test_status_reports_available():
+    assert OK
+    if gc.simulating():
+        assert "simulator" in WHY
+
+
+def qweight(R, C, nb):
+    w = RNG.integers(-128, 128, (R, C), dtype=np.int8)
+    s = ((RNG.random((nb, C)) + 0.5) / 64).astype(np.float32)
+    return w, s
+
+
+def dequant64(w, s):
+    return w.astype(np.float64) * np.repeat(s.astype(np.float64), w.shape[0] // s.shape[0], axis=0)
+
+
+# float32 sums of R terms: relative error ~ sqrt(R) * 6e-8 of the norm of the terms
+@pytest.mark.parametrize("blocks", [SIM, ODD], ids=["sim", "odd"])
+@pytest.mark.parametrize("R,C,nb,T", [(8, 8, 1, 1), (40, 37, 1, 5), (24, 13, 8, 1), (64, 33, 8, 9), (6, 3, 2, 2)])
+def test_matmul_against_float64(blocks, R, C, nb, T):
+    kern = gc.Kernels(blocks)
+    w, s = qweight(R, C, nb)
+    x = RNG.standard_normal((T, R)).astype(np.float32)
+    out = np.full((T, C), np.nan, np.float32)
+    kern.matmul(x, w, s, out)
+    ref = x.astype(np.float64) @ dequant64(w, s)
+    scale = np.sqrt((x.astype(np.float64) ** 2) @ (dequant64(w, s) ** 2)) + 1e-30
+    assert (np.abs(out - ref) / scale).max() < 1e-5
+
+
+@pytest.mark.parametrize("T", [1, 9])
+def test_matmul_gpu_blocks(T):
+    """The GPU tile shape (16x16 threads, 64 columns, 8 tokens) on a shape smaller than a tile."""
+    w, s = qweight(32, 70, 8)
+    x = RNG.standard_normal((T, 32)).astype(np.float32)
+    out = np.full((T, 70), np.nan, np.float32)
+    gc.Kernels(BIG).matmul(x, w, s, out)
+    ref = x.astype(np.float64) @ dequant64(w, s)
+    assert np.abs(out - ref).max() < 1e-5 * np.abs(ref).max()
+
+
+def rms64(x, scale, eps):
+    x = x.astype(np.float64)
+    return scale * x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+
+
+@pytest.mark.parametrize("blocks,T,D", [(SIM, 1, 5), (SIM, 3, 64), (SIM, 2, 131), (ODD, 3, 64),
+                                         (ODD, 2, 131), (BIG, 1, 300)])
+def test_norms_against_float64(blocks, T, D):
+    kern = gc.Kernels(blocks)
+    eps = 1e-5
+    sc1, sc2 = (RNG.random(D, dtype=np.float32) + 0.5 for _ in range(2))
+    x = (RNG.standard_normal((T, D)) * 3).astype(np.float32)
+    out = np.empty_like(x)
+    kern.rmsnorm(x, sc1, eps, out)
+    assert np.abs(out - rms64(x, sc1, eps)).max() < 1e-5
+
+    h = RNG.standard_normal((T, D)).astype(np.float32) * 10
+    br = RNG.standard_normal((T, D)).astype(np.float32)
+    h_ref = h.astype(np.float64) + rms64(br, sc1, eps)
+    kern.add_norm(h, br, sc1, sc2, eps, out)
+    assert np.abs(h - h_ref).max() < 1e-5 * np.abs(h_ref).max()
+    assert np.abs(out - rms64(h_ref, sc2, eps)).max() < 1e-5
+
+    emb = RNG.standard_normal((7, D)).astype(np.float32)
+    tok = RNG.integers(0, 7, T).astype(np.int64)
+    kern.embed_norm(tok, emb, 2.5, sc2, eps, h, out)
+    assert np.array_equal(h, emb[tok] * np.float32(2.5))
+    assert np.abs(out - rms64(emb[tok] * 2.5, sc2, eps)).max() < 1e-5
+
+
+def test_rope_store_against_float64():
+    H, G, d, T, p0, S = 4, 2, 8, 3, 5, 12
+    inv_freq = (1.0 / (np.float32(10000) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))).astype(np.float32)
+    qkv = RNG.standard_normal((T, (H + 2 * G) * d)).astype(np.float32)
+    q = np.zeros((T, H * d), np.float32)
+    kc = np.zeros((G, S, d), np.float32)
+    vc = np.zeros((G, S, d), np.float32)
+    for blocks in (SIM, ODD):
+        gc.Kernels(blocks).rope_store(qkv, inv_freq, p0, H, q, kc, vc)
+        ph = (np.arange(p0, p0 + T, dtype=np.float32)[:, None] * inv_freq[None, :]).astype(np.float64)
+        cos, sin = np.cos(ph)[:, None, :], np.sin(ph)[:, None, :]
+
+        def rot(x):
+            x = x.astype(np.float64)
+            a, b = x[..., :d // 2], x[..., d // 2:]
+            return np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+
+        r = qkv.reshape(T, H + 2 * G, d)
+        assert np.abs(q.reshape(T, H, d) - rot(r[:, :H])).max() < 1e-5
+        assert np.abs(kc[:, p0:p0 + T].transpose(1, 0, 2) - rot(r[:, H:H + G])).max() < 1e-5
+        assert np.array_equal(vc[:, p0:p0 + T].transpose(1, 0, 2), r[:, H + G:])
+        assert not kc[:, :p0].any() and not vc[:, p0 + T:].any()
+
+
+def attention64(q, kc, vc, p0, key_ok, mult, cap, n_uniform):
+    """spec §2.4: (q.k)*mult -> cap*tanh(./cap) -> mask -> softmax; no visible key: uniform."""
+    T, H, d = q.shape
+    G = kc.shape[0]
+    out = np.zeros((T, H, d))
+    for t in range(T):
+        n = p0 + t + 1
+        for h in range(H):
+            g = h // (H // G)
+            s = kc[g, :n].astype(np.float64) @ q[t, h].astype(np.float64) * mult
+            s = cap * np.tanh(s / cap)
+            ok = key_ok[:n].astype(bool)
+            if not ok.any():
+                out[t, h] = vc[g, :n].astype(np.float64).sum(0) / n_uniform
+                continue
+            p = np.exp(s - s[ok].max()) * ok
+            out[t, h] = (p / p.sum()) @ vc[g, :n].astype(np.float64)
+    return out
+
+
+ATTN_CASES = [(4, 2, 8, 3, 0, "all"), (2, 1, 4, 1, 20, "some"), (6, 3, 6, 4, 9, "some"),
+              (2, 2, 2, 2, 17, "late"), (4, 4, 8, 2, 3, "none"), (3, 1, 16, 5, 0, "some")]
+
+
+@pytest.mark.parametrize("blocks,H,G,d,T,p0,mask",
+                         [(SIM, *c) for c in ATTN_CASES] + [(ODD, *c) for c in ATTN_CASES]
+                         + [(WIDE, 2, 2, 2, 2, 17, "late"), (WIDE, 2, 1, 8, 1, 9, "none"),
+                            (WIDE, 2, 1, 8, 2, 12, "some")])
+def test_attention_against_float64(blocks, H, G, d, T, p0, mask):
+    S = p0 + T + 3
+    q = (RNG.standard_normal((T, H, d)) * 3).astype(np.float32)
+    kc = (RNG.standard_normal((G, S, d)) * 3).astype(np.float32)
+    vc = RNG.standard_normal((G, S, d)).astype(np.float32)
+    key_ok = {"all": np.ones(S, np.uint8), "none": np.zeros(S, np.uint8),
+              "some": (RNG.random(S) < 0.7).astype(np.uint8),
+              "late": (np.arange(S) >= p0 + 1).astype(np.uint8)}[mask]   # first chunks fully masked
+    mult, cap = np.float32(0.35), np.float32(30.0)
+    out = np.full((T, H * d), np.nan, np.float32)
+    gc.Kernels(blocks).attention(q.reshape(T, H * d), kc, vc, p0, key_ok, mult, cap, 64.0, H, out)
+    ref = attention64(q, kc, vc, p0, key_ok, mult, cap, 64.0)
+    assert np.abs(out.reshape(T, H, d) - ref).max() < 2e-5
+    # and the CPU kernel agrees (same semantics, same inputs)
+    cpu_out = np.empty((T, H, d), np.float32)
+    K.attention(q, kc, vc, p0, key_ok, mult, cap, np.float32(64.0), cpu_out, np.empty((H, S), np.float32))
+    assert np.abs(out.reshape(T, H, d) - cpu_out).max() < 2e-5
+
+
+@pytest.mark.parametrize("blocks", [SIM, ODD, BIG], ids=["sim", "odd", "big"])
+@pytest.mark.parametrize("T,D,E,k", [(1, 37, 8, 2), (4, 64, 4, 2), (3, 5, 5, 3)])
+def test_route_against_float64(blocks, T, D, E, k):
+    x = RNG.standard_normal((T, D)).astype(np.float32)
+    router = RNG.standard_normal((D, E)).astype(np.float32) * 0.3
+    router[:, 1] = router[:, E - 1]          # a tie: the lower index must come first
+    idx = np.zeros((T, k), np.int64)
+    gate = np.zeros((T, k), np.float32)
+    probs = np.zeros((T, E), np.float32)
+    gc.Kernels(blocks).route(x, router, k, idx, gate, probs)
+    lg = x.astype(np.float64) @ router.astype(np.float64)
+    p = np.exp(lg - lg.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert np.abs(probs - p).max() < 1e-6
+    cidx = np.empty_like(idx)
+    cgate = np.empty_like(gate)
+    K.route(x, router, k, cidx, cgate, np.empty_like(probs))
+    assert np.array_equal(idx, cidx)                      # same ranking, ties to the lower index
+    assert np.array_equal(gate, np.take_along_axis(probs, idx, 1))   # raw, not renormalised
+    assert (np.diff(gate, axis=1) <= 0).all()
+
+
+@pytest.mark.parametrize("blocks,T,V,D", [(SIM, 1, 37, 19), (SIM, 5, 11, 64), (SIM, 10, 37, 5), (ODD, 1, 37, 19),
+                                           (ODD, 5, 11, 64), (BIG, 9, 9, 40)])
+def test_unembed_against_float64(blocks, T, V, D):
+    h = RNG.standard_normal((T, D)).astype(np.float32)
+    emb = RNG.standard_normal((V, D)).astype(np.float32)
+    out = np.full((T, V), np.nan, np.float32)
+    gc.Kernels(blocks).unembed(h, emb, 0.577, out)
+    ref = h.astype(np.float64) @ emb.astype(np.float64).T * 0.577
+    assert np.abs(out - ref).max() < 1e-5
+
+
+def test_merge_scales_to_common_blocks():
+    s1 = RNG.random((1, 3), dtype=np.float32)
+    s2 = RNG.random((2, 4), dtype=np.float32)
+    s3 = RNG.random((3, 2), dtype=np.float32)
+    m = gc._merge_scales([s1, s2, s3])
+    assert m.shape == (6, 9)
+    R = 12
+    for r in range(R):
+        assert np.array_equal(m[r // 2], np.concatenate([s1[r // 12], s2[r // 6], s3[r // 4]]))
+
+
+# -- the whole offloaded forward ---------------------------------------------------------
+class Offloaded:
+    """A stand-in for Session on top of CudaDense: Session._forward's bookkeeping, mirrored."""
+
+    def __init__(self, model, dense):
+        self.s = model.new_session()
+        self.dense = dense
+        self.pad = model.config.pad_token
+        S = model.context
+        self.ones, self.zeros = np.ones(S, np.uint8), np.zeros(S, np.uint8)
+        self.moe_calls = []
+
+        def moe_fn(li, x, idx, gate):
+            self.moe_calls.append((li, x.shape))
+            return cpu.moe(x, model.layers[li], idx, gate)
+        self.moe_fn = moe_fn
+
+    def forward(self, toks, decode=False):
+        s = self.s
+        toks = np.asarray(toks, np.int64)
+        p0, T = s.pos, toks.size
+        s.key_ok[p0:p0 + T] = toks > self.pad
+        if decode:
+            key_ok = self.ones if toks[0] > self.pad else self.zeros
+        else:
+            key_ok = s.key_ok
+        h = self.dense.forward(s, toks, key_ok, self.moe_fn)
+        assert s.pos == p0                     # the caller moves the position
+        s.pos = p0 + T
+        return self.dense.logits(h)
+
+    def prefill(self, toks, chunk=None):
+        chunk = chunk or len(toks)
+        return np.concatenate([self.forward(toks[i:i + chunk]) for i in range(0, len(toks), chunk)])
+
+    def decode(self, tok):
+        return self.forward([tok], decode=True)[0]
+
+
+def _fixture_names():
+    return [p.name for p in fixture_dirs()] or ["<no fixtures>"]
+
+
+# The simulator manages ~0.3 M multiply-adds a second: p1 and p3 (2.6 and 2.8 M) run by
+# default, p2 (10 M, ~30 s) and larger ones with GROKCPU_SIM_MAX_MACS=2e7 (all run on a GPU).
+SIM_MAX_MACS = float(os.environ.get("GROKCPU_SIM_MAX_MACS", 6e6))
+
+
+def _dense_macs(fx):
+    c = grokcpu.config.GrokConfig.from_json(fx.path / "config.json")
+    T = len(fx.prompt) + len(fx.decode_tokens)
+    return T * (c.num_layers * c.emb_size * (2 * c.q_size + 2 * c.kv_size) + c.vocab_size * c.emb_size)
+
+
+@pytest.mark.parametrize("name", _fixture_names())
+def test_offloaded_forward_matches_reference_and_cpu(name):
+    need_shared()
+    fx = Fixture(FIXTURES / name)
+    if gc.simulating() and _dense_macs(fx) > SIM_MAX_MACS:
+        pytest.skip(f"{name}: {_dense_macs(fx) / 1e6:.0f} M multiply-adds is too slow for the simulator")
+    model = grokcpu.load(fx.path)
+    dense = gc.CudaDense(model)
+    gpu = Offloaded(model, dense)
+    gpu.s.trace = []
+    pre = gpu.prefill(fx.prompt)
+    dec = np.stack([gpu.decode(t) for t in fx.decode_tokens])
+
+    ref_pre = fx.load("prefill_logits_f32act.npy")
+    ref_dec = fx.load("decode_logits_f32act.npy")
+    assert pre.shape == ref_pre.shape and pre.dtype == np.float32 and dec.shape == ref_dec.shape
+    assert np.abs(pre - ref_pre).max() <= F32_TOL
+    assert np.abs(dec - ref_dec).max() <= F32_TOL
+    assert (pre.argmax(-1) == ref_pre.argmax(-1)).all()
+    assert (dec.argmax(-1) == ref_dec.argmax(-1)).all()
+
+    s = model.new_session()
+    s.trace = []
+    cpu_pre = s.prefill(fx.prompt)
+    cpu_dec = np.stack([s.decode(t) for t in fx.decode_tokens])
+    assert np.abs(pre - cpu_pre).max() <= CPU_TOL
+    assert np.abs(dec - cpu_dec).max() <= CPU_TOL
+    # one moe_fn call per layer and forward, with [T, D] activations
+    L, D = model.config.num_layers, model.config.emb_size
+    assert [c[0] for c in gpu.moe_calls] == list(range(L)) * (1 + len(fx.decode_tokens))
+    assert gpu.moe_calls[0][1] == (len(fx.prompt), D) and gpu.moe_calls[-1][1] == (1, D)
+    # the routing trace matches the CPU engine's (no near-ties in the fixtures at 1e-4)
+    assert len(gpu.s.trace) == len(s.trace)
+    for (l1, i1, p1), (l2, i2, p2) in zip(gpu.s.trace, s.trace):
+        assert l1 == l2 and np.array_equal(i1, i2) and np.abs(p1 - p2).max() < 1e-4
+
+
+def test_pads_chunks_and_pad_decode_match_cpu():
+    """CudaDense.session_forward in a real Session: pad tokens inside the prompt (masked keys),
+    a chunked prefill (p0 > 0 with T > 1), and a pad token decoded (every key masked: the
+    reference's uniform softmax)."""
+    need_shared()
+    model = grokcpu.load(fixture_dirs()[0])
+    dense = gc.CudaDense(model)
+    prompt = np.array([1, 17, 0, 0, 33, 9])
+    s = model.new_session()
+    got = [dense.logits(dense.session_forward(s, prompt[:3])), dense.logits(dense.session_forward(s, prompt[3:])),
+           dense.logits(dense.session_forward(s, [0], decode=True)),
+           dense.logits(dense.session_forward(s, [7], decode=True))]
+    assert s.pos == 8 and s.tokens == [*prompt.tolist(), 0, 7]
+    assert s.key_ok[:9].tolist() == [1, 1, 0, 0, 1, 1, 0, 1, 0]
+    ref = model.new_session()
+    want = [ref.prefill(prompt, chunk=3), ref.decode(0)[None], ref.decode(7)[None]]
+    got = [np.concatenate(got[:2])] + got[2:]
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and np.abs(g - w).max() <= CPU_TOL
+
+
+def test_forward_batch_matches_decode_one_by_one():
+    """Two sessions at different positions in one batched decode step (one a pad token)."""
+    need_shared()
+    model = grokcpu.load(fixture_dirs()[0])
+    dense = gc.CudaDense(model)
+    prompts, toks = [[1, 5, 9], [1, 30]], np.array([7, 0])
+    gs, cs = [model.new_session() for _ in prompts], [model.new_session() for _ in prompts]
+    for g, s, p in zip(gs, cs, prompts):
+        dense.session_forward(g, p)
+        s.prefill(p)
+    key_oks = []
+    for g, t in zip(gs, toks):
+        g.key_ok[g.pos] = t > 0
+        key_oks.append(np.full(model.context, t > 0, np.uint8))
+    h = dense.forward_batch(gs, toks, key_oks, dense.cpu_moe_fn())
+    want = np.stack([s.decode(int(t)) for s, t in zip(cs, toks)])
+    assert np.abs(dense.logits(h) - want).max() <= CPU_TOL
+
+
+def test_cache_lives_on_the_session_and_does_not_move_pos():
+    need_shared()
+    model = grokcpu.load(fixture_dirs()[0])
+    dense = gc.CudaDense(model)
+    s = model.new_session()
+    assert getattr(s, "cuda_cache", None) is None
+    moe = lambda li, x, idx, gate: cpu.moe(x, model.layers[li], idx, gate)   # noqa: E731
+    s.key_ok[:1] = 1
+    h = dense.forward(s, np.array([1]), s.key_ok, moe)
+    assert s.pos == 0 and h.shape == (1, model.config.emb_size) and h.dtype == np.float32
+    cache = s.cuda_cache
+    assert cache.k.shape == (model.config.num_layers, model.config.num_kv_heads, model.context,
+                             model.config.key_size)
+    dense.forward(s, np.array([1]), s.key_ok, moe)
+    assert s.cuda_cache is cache
+    with pytest.raises(grokcpu.GrokError):
+        s.pos = model.context
+        dense.forward(s, np.array([1]), s.key_ok, moe)
