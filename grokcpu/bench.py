@@ -1,0 +1,155 @@
+"""Sizes and speeds: the memory plan of a checkpoint, and the pp/tg benchmark.
+
+`memory_plan(ckpt, context)` says, from the file headers alone, what a run will hold and read:
+dense bytes (used by every token), expert bytes, the KV cache, the expert budget `auto` picks
+on this machine, and the bytes read per generated token.
+
+`run_bench(model_path, prompt_tokens, gen_tokens, threads, reps)` measures prompt processing
+(pp: one prefill of `prompt_tokens`) and token generation (tg: `gen_tokens` greedy decode
+steps) separately, like llama-bench: a warm-up first (compiles the kernels, touches the
+pages), then `reps` timed repetitions; median, mean and stddev of tok/s, and the effective
+bandwidth of tg (weight bytes read per token x tok/s). Tokenization and sampling are not timed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from time import perf_counter
+
+import numpy as np
+
+from .errors import GrokError
+
+
+def _expert_bytes(ckpt) -> int:
+    """Bytes of one expert: its slices of moe/linear, linear_v, linear_1, int8 + scales."""
+    from .checkpoint import file_index
+    L = ckpt.config.num_layers
+    total = 0
+    for off in (0, 1, 2):
+        q = ckpt.refs[file_index(0, off, L)]
+        E = q.weight.shape[0]
+        total += (q.weight.nbytes + q.scales.nbytes) // E
+    return total
+
+
+def _ref_bytes(ref) -> int:
+    if hasattr(ref, "weight"):
+        return ref.weight.nbytes + ref.scales.nbytes
+    return ref.nbytes
+
+
+def memory_plan(ckpt, context: int | None = None, expert_cache_gb=None) -> dict:
+    """What a run of this checkpoint holds and reads, in bytes (no weights are touched)."""
+    import psutil
+
+    from .expert_cache import parse_budget
+
+    c = ckpt.config
+    context = c.sequence_len if context is None else int(context)
+    payload = sum(_ref_bytes(r) for r in ckpt.refs)
+    one_expert = _expert_bytes(ckpt)
+    experts = one_expert * c.num_layers * c.num_experts
+    dense = payload - experts
+    embedding = ckpt.refs[0].nbytes
+    vm = psutil.virtual_memory()
+    budget = parse_budget(expert_cache_gb, ckpt, context)
+    slot = 3 * c.emb_size * c.ffn_size          # what a cache slot holds: the int8 weights
+    held = min(budget // slot, c.num_layers * c.num_experts)
+    # per token: all dense weights but the embedding (attention, norms, routers), one embedding
+    # row in, the whole table out (the logits), and k experts in every layer
+    per_token = (dense - embedding) + 2 * c.emb_size * 4 + embedding \
+        + c.num_layers * c.num_selected_experts * one_expert
+    return {
+        "context": context,
+        "file_bytes": ckpt.nbytes,
+        "payload_bytes": payload,
+        "dense_bytes": dense,
+        "embedding_bytes": embedding,
+        "expert_bytes": experts,
+        "one_expert_bytes": one_expert,
+        "kv_cache_bytes": c.kv_cache_bytes(context),
+        "ram_total_bytes": vm.total,
+        "ram_available_bytes": vm.available,
+        "expert_budget_bytes": budget,
+        "expert_budget_auto": expert_cache_gb is None or str(expert_cache_gb).strip().lower() == "auto",
+        "experts_held": int(held),
+        "experts_total": c.num_layers * c.num_experts,
+        "read_per_token_bytes": per_token,
+        "kv_read_per_token_bytes_at_full_context": c.kv_cache_bytes(context),
+    }
+
+
+def _summary(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "mean": statistics.fmean(xs),
+            "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "runs": xs}
+
+
+def run_bench(model_path, prompt_tokens: int = 128, gen_tokens: int = 32, threads: int | None = None,
+              reps: int = 3, model=None, **load_options) -> dict:
+    """Measure pp (prefill) and tg (decode) speed; see the module docstring. Returns a dict.
+
+    Pass `model` to reuse a loaded model (then model_path is only reported).
+    """
+    import psutil
+
+    import grokcpu
+
+    for name, v, lo in (("--prompt-tokens", prompt_tokens, 1), ("--gen-tokens", gen_tokens, 1), ("--reps", reps, 1)):
+        if int(v) != v or v < lo:
+            raise GrokError(f"{name} {v} is out of range", hint=f"use an integer >= {lo}")
+    if model is None:
+        model = grokcpu.load(model_path, threads=threads, **load_options)
+    c = model.config
+    if prompt_tokens + gen_tokens > model.context:
+        raise GrokError(f"--prompt-tokens {prompt_tokens} + --gen-tokens {gen_tokens} exceed the context of {model.context}",
+                        hint="use fewer tokens")
+    rng = np.random.default_rng(0)
+    lo = min(4, c.vocab_size - 1)                 # skip [PAD] [BOS] [EOS] [UNK]
+    prompt = rng.integers(lo, c.vocab_size, prompt_tokens).tolist()
+
+    def once(n_prompt: int, n_gen: int) -> tuple[float, float]:
+        s = model.new_session()
+        t = perf_counter()
+        logits = s.prefill(prompt[:n_prompt], logits="last")
+        pp = perf_counter() - t
+        tok = int(np.argmax(logits))
+        t = perf_counter()
+        for _ in range(n_gen):
+            tok = int(np.argmax(s.decode(tok)))
+        return pp, perf_counter() - t
+
+    t0 = perf_counter()
+    once(min(prompt_tokens, 8), min(gen_tokens, 2))        # warm-up: compile both paths
+    warmup_s = perf_counter() - t0
+    pp_runs, tg_runs = [], []
+    for _ in range(reps):
+        pp, tg = once(prompt_tokens, gen_tokens)
+        pp_runs.append(prompt_tokens / pp)
+        tg_runs.append(gen_tokens / tg)
+    experts = getattr(model, "experts", None)
+    plan = memory_plan(model.ckpt, model.context, experts.budget_bytes / 1e9 if experts is not None else None)
+    tg = _summary(tg_runs)
+    stats = model.stats()
+    return {
+        "model": str(model_path),
+        "threads": getattr(model, "threads", threads),
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "reps": reps,
+        "warmup_s": warmup_s,
+        "pp_tps": _summary(pp_runs),
+        "tg_tps": tg,
+        "read_per_token_bytes": plan["read_per_token_bytes"],
+        "tg_gb_s": plan["read_per_token_bytes"] * tg["median"] / 1e9,
+        "peak_rss_bytes": _peak_rss(psutil),
+        "expert_cache": {k: v for k, v in stats.get("expert_cache", {}).items() if k != "per_layer"},
+    }
+
+
+def _peak_rss(psutil) -> int:
+    try:
+        import resource
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024   # Linux: KiB
+    except (ImportError, OSError):
+        return int(psutil.Process().memory_info().rss)

@@ -1,0 +1,215 @@
+"""The SentencePiece tokenizer, as the reference runner uses it (spec GROK1.md §5).
+
+    tok = Tokenizer("tokenizer.model")
+    ids = tok.encode("The answer is")        # no BOS, no EOS: what run.py feeds the model
+    text = tok.decode(ids)
+    detok = tok.detokenizer()                # streaming: feed ids one by one, get text pieces
+    piece = detok.add(token_id)              # "" while a multi-byte character is incomplete
+
+`encode_continuation(text)` tokenizes text that *continues* earlier text (a later chat turn):
+the same model without SentencePiece's dummy-prefix space, so encoding segments one by one
+and concatenating the ids does not insert a space at each boundary.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import TokenizerError
+
+REPLACEMENT = "\ufffd"   # what SentencePiece's decode writes for incomplete/invalid UTF-8
+
+
+class Tokenizer:
+    """A SentencePiece model: encode/decode with the reference's defaults."""
+
+    def __init__(self, path: str | os.PathLike):
+        import sentencepiece as spm
+
+        self.path = Path(path)
+        try:
+            proto = self.path.read_bytes()
+        except OSError as e:
+            raise TokenizerError(f"cannot read tokenizer {str(path)!r}: {e.strerror or e}",
+                                 hint="pass --tokenizer PATH to a SentencePiece tokenizer.model") from None
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=proto)
+            self._sp_cont = spm.SentencePieceProcessor(model_proto=_without_dummy_prefix(proto))
+        except (RuntimeError, ValueError, IndexError, OSError):
+            raise TokenizerError(f"{str(path)!r} is not a SentencePiece model",
+                                 hint="pass --tokenizer PATH to a SentencePiece tokenizer.model") from None
+        self.vocab_size: int = self.sp.vocab_size()
+        self.eos_id: int = self.sp.eos_id()
+        self.bos_id: int = self.sp.bos_id()
+        self.pad_id: int = self.sp.pad_id()
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        """Token ids of `text`, SentencePiece defaults (dummy prefix, no BOS/EOS), as run.py.
+        bos=True puts [BOS] first (the reference runner does not)."""
+        return list(self.sp.encode(text, add_bos=bos))
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Token ids of `text` that follows earlier text: no dummy-prefix space is added."""
+        return list(self._sp_cont.encode(text))
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    def detokenizer(self) -> "StreamingDetokenizer":
+        return StreamingDetokenizer(self)
+
+    def check_fits(self, vocab_size: int) -> None:
+        """Raise TokenizerError if this tokenizer can produce ids the model has no row for."""
+        if self.vocab_size > vocab_size:
+            raise TokenizerError(
+                f"tokenizer does not fit the model: {self.path.name} has {self.vocab_size} tokens, "
+                f"the model's vocabulary has {vocab_size}",
+                hint="pass --tokenizer with the tokenizer.model that belongs to this checkpoint")
+
+
+class StreamingDetokenizer:
+    """Turns ids into text pieces as they arrive; the pieces concatenate to `decode(all ids)`.
+
+    Text is emitted only once it is final: a trailing U+FFFD (an incomplete byte-fallback
+    character) is held back until the character completes, and `flush()` returns whatever is
+    held at the end (so a truly invalid byte still comes out exactly as decode() writes it).
+    SentencePiece's "drop the space of the first piece" rule is handled by always decoding the
+    real sequence: the tail since the last commit point is decoded behind an anchor token (a
+    plain text piece), so each step costs O(tail), not O(sequence).
+    """
+
+    COMMIT_EVERY = 16
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+        sp = tok.sp
+        self._plain = lambda i: not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))
+        self._anchor: int | None = None     # plain piece just before the tail (None: tail is everything)
+        self._anchor_len = 0                # len(decode([anchor]))
+        self._tail: list[int] = []
+        self._tail_sent = 0                 # characters of the tail's text already emitted
+        self.text = ""                      # everything emitted so far
+
+    def _tail_text(self) -> str:
+        if self._anchor is None:
+            return self.tok.sp.decode(self._tail)
+        return self.tok.sp.decode([self._anchor] + self._tail)[self._anchor_len:]
+
+    def add(self, token_id: int) -> str:
+        """Feed one id; return the newly final text (possibly "")."""
+        tid = int(token_id)
+        self._tail.append(tid)
+        full = self._tail_text()
+        stable = full.rstrip(REPLACEMENT)
+        new = stable[self._tail_sent:] if len(stable) > self._tail_sent else ""
+        self._tail_sent += len(new)
+        self.text += new
+        if (len(self._tail) >= self.COMMIT_EVERY and stable == full and self._tail_sent == len(full)
+                and self._plain(tid)):
+            self._anchor = tid
+            self._anchor_len = len(self.tok.sp.decode([tid]))
+            self._tail = []
+            self._tail_sent = 0
+        return new
+
+    def flush(self) -> str:
+        """The text still held back (an unfinished byte sequence), as decode() would write it."""
+        full = self._tail_text()
+        new = full[self._tail_sent:]
+        self._tail_sent = len(full)
+        self.text += new
+        return new
+
+
+def find_tokenizer(model_dir: str | os.PathLike | None, explicit: str | os.PathLike | None = None) -> Path:
+    """Which tokenizer.model to use: --tokenizer wins, else one beside the checkpoint.
+
+    Looks in the checkpoint folder and its parent (so both `grok-1/` and `grok-1/ckpt-0/`
+    work). Raises TokenizerError if none is found.
+    """
+    if explicit is not None:
+        p = Path(explicit)
+        if not p.is_file():
+            raise TokenizerError(f"no tokenizer file at {str(p)!r}",
+                                 hint="pass --tokenizer PATH to the tokenizer.model of this checkpoint")
+        return p
+    if model_dir is not None:
+        d = Path(model_dir)
+        for cand in (d / "tokenizer.model", d.parent / "tokenizer.model"):
+            if cand.is_file():
+                return cand
+    raise TokenizerError(f"no tokenizer.model beside the checkpoint {str(model_dir)!r}",
+                         hint="pass --tokenizer PATH (Grok-1's is tokenizer.model in the xai-org/grok-1 repository)")
+
+
+def load_tokenizer(model_dir, explicit=None, vocab_size: int | None = None) -> Tokenizer:
+    """find_tokenizer + Tokenizer + (if vocab_size is given) the fits-the-model check."""
+    tok = Tokenizer(find_tokenizer(model_dir, explicit))
+    if vocab_size is not None:
+        tok.check_fits(vocab_size)
+    return tok
+
+
+# -- the model file without the dummy prefix ---------------------------------------------------
+# A SentencePiece model is a protobuf ModelProto; field 3 is its NormalizerSpec, whose field 3 is
+# `add_dummy_prefix` (bool, default true). We rewrite just that field at the wire level, so no
+# protobuf package is needed.
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+def _enc_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | 0x80 if n else b)
+        if not n:
+            return bytes(out)
+
+
+def _fields(buf: bytes):
+    """(field number, wire type, raw bytes including the key) for each field of a message."""
+    i = 0
+    while i < len(buf):
+        start = i
+        key, i = _varint(buf, i)
+        wt = key & 7
+        if wt == 0:
+            _, i = _varint(buf, i)
+        elif wt == 1:
+            i += 8
+        elif wt == 5:
+            i += 4
+        elif wt == 2:
+            n, i = _varint(buf, i)
+            i += n
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wt}")
+        if i > len(buf):
+            raise ValueError("truncated protobuf message")
+        yield key >> 3, wt, buf[start:i]
+
+
+def _without_dummy_prefix(proto: bytes) -> bytes:
+    out = bytearray()
+    for num, wt, raw in _fields(proto):
+        if num == 3 and wt == 2:                      # normalizer_spec
+            _, j = _varint(raw, 0)
+            n, j = _varint(raw, j)
+            spec = b"".join(r for f, _, r in _fields(raw[j:j + n]) if f != 3) + b"\x18\x00"
+            out += b"\x1a" + _enc_varint(len(spec)) + spec
+        else:
+            out += raw
+    return bytes(out)
