@@ -25,7 +25,7 @@ class Model:
     def __init__(self, ckpt: Checkpoint, threads: int | None = None, context: int | None = None,
                  expert_cache_gb: float | str | None = None, expert_cache_policy: str = "lru",
                  prefetch: bool = True, pin_experts=(), routing_trace: str | None = None,
-                 unembed: str = "f32"):
+                 unembed: str = "f32", offload: str = "none"):
         self.ckpt = ckpt
         self.config: GrokConfig = ckpt.config
         self.threads = cpu.set_threads(threads)
@@ -53,9 +53,16 @@ class Model:
         # int8 copy of the tied embedding with per-row scales, for the output layer only:
         # 4x fewer bytes per token (Grok-1: 0.8 GB instead of 3.2 GB); the input lookup stays exact.
         self.unembed_q = cpu.quantize_embedding(ckpt.embeddings) if unembed == "int8" else None
+        if offload not in ("none", "dense"):
+            raise GrokError(f"unknown offload {offload!r}", hint="choose none or dense")
+        self.offload = offload
+        self.dense = None
         d = c.key_size
         self.inv_freq = (1.0 / (np.float32(c.rope_base) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
                          ).astype(np.float32)
+        if offload == "dense":       # attention, norms, router, embeddings on the GPU; experts here
+            from .backends.cuda import CudaDense
+            self.dense = CudaDense(self)
 
     @property
     def layers(self) -> list[LayerWeights]:
@@ -65,12 +72,17 @@ class Model:
         return Session(self)
 
     def stats(self) -> dict:
-        out = {"threads": self.threads, "checkpoint_bytes": self.ckpt.nbytes, "unembed": self.unembed}
+        out = {"threads": self.threads, "checkpoint_bytes": self.ckpt.nbytes, "unembed": self.unembed,
+               "offload": self.offload}
+        if self.dense is not None:
+            out["gpu"] = {"device": self.dense.device_name, "bytes": self.dense.nbytes}
         if self.experts is not None:
             out["expert_cache"] = self.experts.stats.as_dict(self.experts)
         return out
 
     def close(self) -> None:
+        if self.dense is not None:
+            self.dense.close()
         if self.experts is not None:
             self.experts.close()
         if self._trace_file is not None:
@@ -147,6 +159,8 @@ class Session:
 
     def _logits(self, hf: np.ndarray) -> np.ndarray:
         m = self.model
+        if m.dense is not None:
+            return m.dense.logits(hf)
         if m.unembed_q is not None:
             return cpu.unembed_q8(hf, *m.unembed_q, m.config.output_multiplier_scale)
         return cpu.unembed(hf, m.ckpt.embeddings, m.config.output_multiplier_scale)
@@ -177,6 +191,11 @@ def _forward(m: Model, sessions: list[Session], toks: np.ndarray, decode: bool) 
     Either one session with T consecutive tokens (prefill, or a decode step when T == 1), or
     one decode token for each of B sessions (rows share every weight read).
     """
+    with cpu.blas_phase(toks.size):
+        return _forward_rows(m, sessions, toks, decode)
+
+
+def _forward_rows(m: Model, sessions: list[Session], toks: np.ndarray, decode: bool) -> np.ndarray:
     c = m.config
     T = toks.size
     eps = c.rms_norm_eps
@@ -191,6 +210,14 @@ def _forward(m: Model, sessions: list[Session], toks: np.ndarray, decode: bool) 
         rows = [(s, b, 1) for b, s in enumerate(sessions)]
     for s, r0, n in rows:
         s.key_ok[s.pos:s.pos + n] = toks[r0:r0 + n] > c.pad_token
+    if m.dense is not None:          # the GPU runs the dense part; experts come back to the CPU
+        key_oks = [((s._all if toks[r0] > c.pad_token else s._none) if decode else s.key_ok)
+                   for s, r0, n in rows]
+        h = m.dense.forward_batch(sessions, toks, key_oks, m.dense.cpu_moe_fn(), rows=[n for _, _, n in rows])
+        for s, r0, n in rows:
+            s.pos += n
+            s.tokens.extend(int(t) for t in toks[r0:r0 + n])
+        return h
     cos = np.empty((T, d // 2), np.float32)
     sin = np.empty((T, d // 2), np.float32)
     K.rope_tables(m.inv_freq, pos, cos, sin)

@@ -373,3 +373,23 @@ def test_cache_lives_on_the_session_and_does_not_move_pos():
     with pytest.raises(grokcpu.GrokError):
         s.pos = model.context
         dense.forward(s, np.array([1]), s.key_ok, moe)
+
+
+def test_public_api_offload_dense_matches_fixture():
+    """grokcpu.load(..., offload="dense"): prefill, decode and decode_batch through the model."""
+    need_shared()
+    from grokcpu.model import decode_batch
+    fx = Fixture(FIXTURES / "p1_e8_l2_basic")
+    gpu = grokcpu.load(fx.path, offload="dense")
+    assert gpu.stats()["offload"] == "dense"
+    s = gpu.new_session()
+    pre = s.prefill(fx.prompt)
+    dec = np.stack([s.decode(t) for t in fx.decode_tokens[:2]])
+    assert np.abs(pre - fx.load("prefill_logits_f32act.npy")).max() <= F32_TOL
+    assert np.abs(dec - fx.load("decode_logits_f32act.npy")[:2]).max() <= F32_TOL
+    a, b = gpu.new_session(), gpu.new_session()
+    a.prefill(fx.prompt[:4], logits="last")
+    b.prefill(fx.prompt[:7], logits="last")
+    got = decode_batch([a, b], [fx.prompt[4], fx.prompt[7]])
+    np.testing.assert_allclose(got[0], pre[4], rtol=0, atol=CPU_TOL)
+    np.testing.assert_allclose(got[1], pre[7], rtol=0, atol=CPU_TOL)

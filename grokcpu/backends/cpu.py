@@ -25,6 +25,26 @@ def physical_cores() -> int:
     return max(1, n or numba.config.NUMBA_NUM_THREADS)
 
 
+class blas_phase:
+    """Around a forward pass whose products go through BLAS (T >= GEMM_MIN_ROWS rows): numba's
+    kernels run on one thread, so its idle OpenMP workers, which spin-wait between parallel
+    regions, do not fight OpenBLAS's threads for the cores (2x faster prefill measured here)."""
+
+    def __init__(self, rows: int):
+        self.active = rows >= GEMM_MIN_ROWS
+        self.saved = None
+
+    def __enter__(self):
+        if self.active:
+            self.saved = numba.get_num_threads()
+            numba.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            numba.set_num_threads(self.saved)
+
+
 def set_threads(n: int | None) -> int:
     n = physical_cores() if n is None else int(n)
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
