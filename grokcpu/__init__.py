@@ -23,7 +23,9 @@ def load(path: str | os.PathLike, *, threads: int | None = None, context: int | 
     threads: compute threads (default: physical cores). context: KV-cache length
     (default: the model's sequence_len). options: expert_cache_gb, expert_cache_policy,
     prefetch, pin_experts, routing_trace (the expert cache's settings); unembed: "f32" (exact,
-    default) or "int8" (per-row scaled copy of the output layer, 4x fewer bytes per token).
+    default) or "int8" (per-row scaled copy of the output layer, 4x fewer bytes per token);
+    offload: "none" (default) or "dense" (attention, norms, router and embeddings on a CUDA GPU,
+    experts on the CPU).
     """
     from .checkpoint import Checkpoint
     from .model import Model

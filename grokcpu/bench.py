@@ -120,7 +120,7 @@ def run_bench(model_path, prompt_tokens: int = 128, gen_tokens: int = 32, thread
         return pp, perf_counter() - t
 
     t0 = perf_counter()
-    once(min(prompt_tokens, 8), min(gen_tokens, 2))        # warm-up: compile both paths
+    once(prompt_tokens, min(gen_tokens, 8))   # warm-up: compile both paths, page in the experts
     warmup_s = perf_counter() - t0
     pp_runs, tg_runs = [], []
     for _ in range(reps):
@@ -130,8 +130,20 @@ def run_bench(model_path, prompt_tokens: int = 128, gen_tokens: int = 32, thread
     experts = getattr(model, "experts", None)
     plan = memory_plan(model.ckpt, model.context, experts.budget_bytes / 1e9 if experts is not None else None)
     tg = _summary(tg_runs)
+    pp = _summary(pp_runs)
     stats = model.stats()
+    per_token = decode_bytes_per_token(model)
+    ceiling = read_bandwidth(getattr(model, "threads", threads))
     return {
+        # the llama-bench-like headline figures
+        "prefill_tok_s": pp["median"],
+        "decode_tok_s": tg["median"],
+        "ttft_s": prompt_tokens / pp["median"],
+        "decode_bytes_per_token": per_token,
+        "decode_gb_s": per_token * tg["median"] / 1e9,
+        "read_gb_s": ceiling,
+        "decode_fraction_of_read": per_token * tg["median"] / 1e9 / ceiling,
+        "unembed": getattr(model, "unembed", "f32"),
         "model": str(model_path),
         "threads": getattr(model, "threads", threads),
         "prompt_tokens": prompt_tokens,
@@ -145,6 +157,43 @@ def run_bench(model_path, prompt_tokens: int = 128, gen_tokens: int = 32, thread
         "peak_rss_bytes": _peak_rss(psutil),
         "expert_cache": {k: v for k, v in stats.get("expert_cache", {}).items() if k != "per_layer"},
     }
+
+
+def read_bandwidth(threads: int | None = None, nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Memory read bandwidth in GB/s (median): a float32 sum over `nbytes`, on `threads` threads."""
+    import numba
+
+    from .kernels.matvec import read_sum
+    saved = numba.get_num_threads()
+    if threads:
+        numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    try:
+        a = np.ones(nbytes // 4, np.float32)
+        read_sum(a)
+        ts = []
+        for _ in range(reps):
+            t = perf_counter()
+            read_sum(a)
+            ts.append(perf_counter() - t)
+    finally:
+        numba.set_num_threads(saved)
+    return nbytes / statistics.median(ts) / 1e9
+
+
+def decode_bytes_per_token(model) -> int:
+    """Weight bytes one decode step streams: attention, norms and routers of every layer, k experts
+    per layer (int8 weights + scales), one embedding row in and the output table (float32, or
+    the int8 copy with its row scales)."""
+    c = model.config
+    lw = model.layers[0]
+    attn = sum(q.w.nbytes + q.s.nbytes for q in (lw.wq, lw.wk, lw.wv, lw.wo))
+    small = lw.router.nbytes + 4 * lw.attn_norm.nbytes
+    expert = sum((q.w.nbytes + q.s.nbytes) // c.num_experts for q in (lw.w_gate, lw.w_up, lw.w_down))
+    if getattr(model, "unembed_q", None) is not None:
+        table = model.unembed_q[0].nbytes + model.unembed_q[1].nbytes
+    else:
+        table = c.vocab_size * c.emb_size * 4
+    return c.num_layers * (attn + small + c.num_selected_experts * expert) + table + c.emb_size * 4
 
 
 def _peak_rss(psutil) -> int:

@@ -122,6 +122,7 @@ class ExpertCache:
         self.slots = [_Slot() for _ in range(self.nslots)]
         self.where: dict = {}            # (layer, expert) -> slot index
         self.pinned: set = set()
+        self._pending_drop: list = []
         self.step = 0
         self.lock = threading.Lock()
         self.io = ThreadPoolExecutor(max_workers=max(1, io_threads), thread_name_prefix="grokcpu-io")
@@ -216,6 +217,7 @@ class ExpertCache:
 
     def close(self) -> None:
         self.io.shutdown(wait=True)
+        self.flush_page_cache()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -275,6 +277,30 @@ class ExpertCache:
             finally:
                 self.lock.acquire()
 
+    def _drop_later(self, key) -> None:
+        """Drop the file pages of the reads before this one, and queue this one's.
+
+        Read-ahead may still be landing pages past a range when its read returns, so a range is
+        dropped (with READ_AHEAD_SLACK past its end) one read later: at most the latest reads
+        linger in the page cache, never an accumulation.
+        """
+        with self.lock:
+            old, self._pending_drop = self._pending_drop, [key]
+        for k in old:
+            self._drop_now(k)
+
+    def _drop_now(self, key) -> None:
+        for path, foff, n in self.ranges[key]:
+            os.posix_fadvise(self._fd(path), foff, n + self.READ_AHEAD_SLACK, os.POSIX_FADV_DONTNEED)
+
+    def flush_page_cache(self) -> None:
+        """Drop the pages of the latest reads now (close() does it too)."""
+        with self.lock:
+            old, self._pending_drop = self._pending_drop, []
+        if self.drop_page_cache:
+            for k in old:
+                self._drop_now(k)
+
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
         if fd is None:
@@ -303,9 +329,9 @@ class ExpertCache:
                         raise GrokError(f"{path}: unexpected end of file reading expert {key}",
                                         hint="the checkpoint file is truncated; re-download it")
                     got += r
-                if self.drop_page_cache:   # with what read-ahead pulled in past the end
-                    os.posix_fadvise(fd, foff, n + self.READ_AHEAD_SLACK, os.POSIX_FADV_DONTNEED)
                 off += n
+            if self.drop_page_cache:
+                self._drop_later(key)
         except Exception as e:             # surfaced to the thread that waits for this slot
             s.error = e if isinstance(e, GrokError) else GrokError(f"reading expert {key} failed: {e}")
         finally:

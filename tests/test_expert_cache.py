@@ -159,9 +159,12 @@ def test_expert_memory_stays_within_budget(medium_ckpt):
     # what load itself reads of these files: pickle headers and the scales (copied to RAM)
     weights = {r.weight.path: r.weight.nbytes for r in ck.refs if hasattr(r, "weight")}
     not_weights = sum(os.path.getsize(p) - weights[p] for p in expert_files)
+    # the latest read's pages are dropped one read later (read-ahead may still be landing)
+    latest = m.experts.expert_bytes + 3 * m.experts.READ_AHEAD_SLACK
     cached = sum(_resident_bytes(p) for p in expert_files)
-    assert cached < 0.1 * budget + not_weights
+    assert cached < latest + not_weights
     assert m.experts.pool.nbytes <= budget
+    m.close()
 
 
 def test_auto_budget_and_parse(medium_ckpt):

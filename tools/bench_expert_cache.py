@@ -62,12 +62,12 @@ def disk_gbs(ranges, limit: int, block: int = 64 << 20) -> float:
     return done / (time.perf_counter() - t) / 1e9
 
 
-def run(model_path, files, tokens, threads, **opts) -> dict:
+def run(model_path, files, tokens, threads, prompt_tokens=8, **opts) -> dict:
     drop_cache(files)
     m = grokcpu.load(model_path, threads=threads, **opts)
     s = m.new_session()
     rng = np.random.default_rng(0)
-    prompt = rng.integers(3, m.config.vocab_size, 8).tolist()
+    prompt = rng.integers(3, m.config.vocab_size, prompt_tokens).tolist()
     t0 = time.perf_counter()
     logits = s.prefill(prompt, logits="last")
     t1 = time.perf_counter()
@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--budget-gb", type=float, required=True)
     ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--prompt-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-mmap", action="store_true", help="skip the cache-off baseline")
     ap.add_argument("--json", action="store_true")
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     if not a.skip_mmap:
         modes.append(dict(expert_cache_gb="off"))
     for opts in modes:
-        r = run(a.model, files, a.tokens, a.threads, **opts)
+        r = run(a.model, files, a.tokens, a.threads, a.prompt_tokens, **opts)
         if "read_gb_s" in r:
             r["read_fraction_of_disk"] = r["read_gb_s"] / disk
         results["runs"].append(r)
