@@ -43,6 +43,10 @@ CacheGbOpt = Annotated[str, typer.Option("--expert-cache-gb", help="RAM for cach
 PolicyOpt = Annotated[str, typer.Option("--expert-cache-policy", help="expert eviction policy (lru, lfu)")]
 PrefetchOpt = Annotated[bool, typer.Option("--prefetch/--no-prefetch", help="read the next layer's likely experts ahead")]
 StatsOpt = Annotated[bool, typer.Option("--stats", help="timings and model statistics on stderr")]
+PinOpt = Annotated[Optional[str], typer.Option("--pin-experts", help="keep experts resident: LAYER:EXPERT,... or TRACE.jsonl:N (the N most used)")]
+TraceOpt = Annotated[Optional[str], typer.Option("--routing-trace", help="append the routing (pos, layer, experts) to this JSONL file; replay it with tools/cache_replay.py")]
+UnembedOpt = Annotated[str, typer.Option("--unembed", help="output layer precision: f32 (exact) or int8 (per-row scales, 4x fewer bytes per token)")]
+OffloadOpt = Annotated[str, typer.Option("--offload", help="none, or dense: attention/norms/router/embeddings on a CUDA GPU, experts on the CPU")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show the full traceback of errors")]
 
 # sampling: llama.cpp's names and defaults
@@ -102,7 +106,7 @@ class Loaded:
     """A model and its tokenizer, opened from the command's options."""
 
     def __init__(self, model_path, tokenizer_path, threads, context, cache_gb, policy, prefetch,
-                 need_tokenizer: bool = True):
+                 extra: dict | None = None, need_tokenizer: bool = True):
         import grokcpu
         from .tokenizer import Tokenizer, find_tokenizer
 
@@ -122,9 +126,21 @@ class Loaded:
                 Checkpoint(self.path).close()     # a missing/broken checkpoint is the error to report
                 raise
         self.tok = Tokenizer(tok_file) if tok_file is not None else None    # cheap: before the model
+        extra = dict(extra or {})
+        if extra.get("unembed", "f32") not in ("f32", "int8"):
+            raise GrokError(f"--unembed {extra['unembed']!r} is not known", hint="use f32 or int8")
+        if extra.get("offload", "none") not in ("none", "dense"):
+            raise GrokError(f"--offload {extra['offload']!r} is not known", hint="use none or dense")
+        if extra.get("pin_experts"):
+            from .checkpoint import Checkpoint
+            from .expert_cache import parse_pins
+            c = Checkpoint(self.path).config
+            extra["pin_experts"] = parse_pins(extra["pin_experts"], c.num_layers, c.num_experts)
+        else:
+            extra.pop("pin_experts", None)
         self.model = grokcpu.load(self.path, threads=threads, context=context,
                                   expert_cache_gb=_cache_gb(cache_gb), expert_cache_policy=policy,
-                                  prefetch=prefetch)
+                                  prefetch=prefetch, **extra)
         if self.tok is not None:
             self.tok.check_fits(self.model.config.vocab_size)
 
@@ -140,12 +156,12 @@ def _demo_path() -> Path:
 
 def _cache_gb(value: str):
     v = value.strip().lower()
-    if v == "auto":
-        return "auto"
+    if v in ("auto", "off"):
+        return v
     try:
         x = float(v)
     except ValueError:
-        raise GrokError(f"--expert-cache-gb {value!r} is not a number", hint="give a size in GB, e.g. 64, or 'auto'") from None
+        raise GrokError(f"--expert-cache-gb {value!r} is not a number", hint="give a size in GB, e.g. 64, 'auto', or 'off' (read experts from the memory map)") from None
     if not (x > 0 and x < float("inf")):
         raise GrokError(f"--expert-cache-gb {value!r} is out of range", hint="give a positive size in GB, or 'auto'")
     return x
@@ -213,7 +229,8 @@ def chat(
     max_tokens: MaxTokOpt = 256, stop: StopOpt = None, ignore_eos: IgnoreEosOpt = False,
     model: ModelOpt = None, tokenizer: TokenizerOpt = None, threads: ThreadsOpt = None, context: ContextOpt = None,
     expert_cache_gb: CacheGbOpt = "auto", expert_cache_policy: PolicyOpt = "lru", prefetch: PrefetchOpt = True,
-    stats: StatsOpt = False, debug: DebugOpt = False,
+    pin_experts: PinOpt = None, routing_trace: TraceOpt = None, unembed: UnembedOpt = "f32",
+    offload: OffloadOpt = "none", stats: StatsOpt = False, debug: DebugOpt = False,
 ):
     """Talk with the model. One line per message; /help lists the commands.
 
@@ -224,7 +241,8 @@ def chat(
     """
     with guard(debug):
         s = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, max_tokens)
-        L = Loaded(model, tokenizer, threads, context, expert_cache_gb, expert_cache_policy, prefetch)
+        L = Loaded(model, tokenizer, threads, context, expert_cache_gb, expert_cache_policy, prefetch,
+                   dict(pin_experts=pin_experts, routing_trace=routing_trace, unembed=unembed, offload=offload))
         conv = engine.Conversation(L.model, L.tok, system, template)
         _ChatLoop(L, conv, s, list(stop or ()), not ignore_eos, stats, debug).run()
 
@@ -357,13 +375,15 @@ def generate(
     max_tokens: MaxTokOpt = 256, stop: StopOpt = None, ignore_eos: IgnoreEosOpt = False,
     model: ModelOpt = None, tokenizer: TokenizerOpt = None, threads: ThreadsOpt = None, context: ContextOpt = None,
     expert_cache_gb: CacheGbOpt = "auto", expert_cache_policy: PolicyOpt = "lru", prefetch: PrefetchOpt = True,
-    stats: StatsOpt = False, debug: DebugOpt = False,
+    pin_experts: PinOpt = None, routing_trace: TraceOpt = None, unembed: UnembedOpt = "f32",
+    offload: OffloadOpt = "none", stats: StatsOpt = False, debug: DebugOpt = False,
 ):
     """Continue a prompt; the completion streams to stdout (followed by one newline)."""
     with guard(debug):
         text = _read_prompt(prompt, prompt_file)
         s = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, max_tokens)
-        L = Loaded(model, tokenizer, threads, context, expert_cache_gb, expert_cache_policy, prefetch)
+        L = Loaded(model, tokenizer, threads, context, expert_cache_gb, expert_cache_policy, prefetch,
+                   dict(pin_experts=pin_experts, routing_trace=routing_trace, unembed=unembed, offload=offload))
         ids = L.tok.encode(text)
         res, started = None, False
         try:
@@ -461,7 +481,8 @@ def batch(
     max_tokens: MaxTokOpt = 256, stop: StopOpt = None, ignore_eos: IgnoreEosOpt = False,
     model: ModelOpt = None, tokenizer: TokenizerOpt = None, threads: ThreadsOpt = None, context: ContextOpt = None,
     expert_cache_gb: CacheGbOpt = "auto", expert_cache_policy: PolicyOpt = "lru", prefetch: PrefetchOpt = True,
-    stats: StatsOpt = False, debug: DebugOpt = False,
+    pin_experts: PinOpt = None, routing_trace: TraceOpt = None, unembed: UnembedOpt = "f32",
+    offload: OffloadOpt = "none", stats: StatsOpt = False, debug: DebugOpt = False,
 ):
     """Complete many prompts; resumable.
 
@@ -485,7 +506,8 @@ def batch(
         if output.exists() and output.resolve() == input.resolve():
             raise GrokError("--output is the same file as --input", hint="write the results to another file")
         done_ids, done_lines = _resume_state(output)
-        L = Loaded(model, tokenizer, threads, context, expert_cache_gb, expert_cache_policy, prefetch)
+        L = Loaded(model, tokenizer, threads, context, expert_cache_gb, expert_cache_policy, prefetch,
+                   dict(pin_experts=pin_experts, routing_trace=routing_trace, unembed=unembed, offload=offload))
         _BatchRun(L, lines, output, done_ids, done_lines, s, list(stop or ()), not ignore_eos, batch_size,
                   stats).run()
 
@@ -677,7 +699,8 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of text")] = False,
     model: ModelOpt = None, tokenizer: TokenizerOpt = None, threads: ThreadsOpt = None, context: ContextOpt = None,
     expert_cache_gb: CacheGbOpt = "auto", expert_cache_policy: PolicyOpt = "lru", prefetch: PrefetchOpt = True,
-    stats: StatsOpt = False, debug: DebugOpt = False,
+    pin_experts: PinOpt = None, routing_trace: TraceOpt = None, unembed: UnembedOpt = "f32",
+    offload: OffloadOpt = "none", stats: StatsOpt = False, debug: DebugOpt = False,
 ):
     """Describe a checkpoint without loading it: config, sizes, checksums, memory plan.
 
@@ -824,12 +847,14 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of a table")] = False,
     model: ModelOpt = None, tokenizer: TokenizerOpt = None, threads: ThreadsOpt = None, context: ContextOpt = None,
     expert_cache_gb: CacheGbOpt = "auto", expert_cache_policy: PolicyOpt = "lru", prefetch: PrefetchOpt = True,
-    stats: StatsOpt = False, debug: DebugOpt = False,
+    pin_experts: PinOpt = None, routing_trace: TraceOpt = None, unembed: UnembedOpt = "f32",
+    offload: OffloadOpt = "none", stats: StatsOpt = False, debug: DebugOpt = False,
 ):
     """Measure prompt processing (pp) and token generation (tg) speed, llama-bench style."""
     with guard(debug):
         from .bench import run_bench
         L = Loaded(model, tokenizer, threads, context, expert_cache_gb, expert_cache_policy, prefetch,
+                   dict(pin_experts=pin_experts, routing_trace=routing_trace, unembed=unembed, offload=offload),
                    need_tokenizer=False)
         r = run_bench(L.path, prompt_tokens, gen_tokens, threads, reps, model=L.model)
         if as_json:

@@ -406,3 +406,36 @@ def test_bench(demo_path):
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
     assert d["model"].endswith("p1_e8_l2_basic") and len(d["tg_tps"]["runs"]) == 2 and d["tg_tps"]["median"] > 0
+
+
+# -- engine flags: expert cache, routing trace, unembedding, offload ------------------------------
+
+def test_engine_flags(model, tok, tmp_path):
+    prompt = "Memory bandwidth"
+    want = tok.decode(greedy_direct(model, tok.encode(prompt), 6)) + "\n"
+    trace = tmp_path / "trace.jsonl"
+    r = cli("generate", "-p", prompt, "-n", 6, *GREEDY, "--expert-cache-gb", "off", "--routing-trace", trace)
+    assert r.exit_code == 0 and r.stdout == want
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    n_prompt = len(tok.encode(prompt))
+    assert len(rows) == (n_prompt + 5) * model.config.num_layers        # prompt + 5 decode steps
+    r = cli("generate", "-p", prompt, "-n", 6, *GREEDY, "--pin-experts", f"{trace}:3", "--expert-cache-gb", "0.004")
+    assert r.exit_code == 0 and r.stdout == want
+    r = cli("generate", "-p", prompt, "-n", 6, *GREEDY, "--unembed", "int8")
+    assert r.exit_code == 0 and len(r.stdout) > 1
+    for args, msg in ((("--pin-experts", "99:0"), "outside"), (("--unembed", "f16"), "--unembed"),
+                      (("--offload", "tpu"), "--offload"), (("--expert-cache-gb", "0.0001"), "cannot hold")):
+        r = cli("generate", "-p", prompt, "-n", 2, *args)
+        assert r.exit_code != 0
+        lines = error_lines(r.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0]
+
+
+def test_offload_dense_without_a_gpu_is_one_clear_line():
+    from grokcpu.backends.cuda import cuda_status
+    if cuda_status()[0]:
+        pytest.skip("a CUDA device is present")
+    r = cli("generate", "-p", "hi", "-n", 2, "--offload", "dense")
+    assert r.exit_code != 0
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and "--offload dense needs a CUDA GPU" in lines[0]

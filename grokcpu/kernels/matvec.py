@@ -5,7 +5,7 @@ from numba import njit, prange
 
 # Columns per work item of the decode matvec. Wide items keep each thread's reads in long
 # contiguous runs (rows are input-major, so a column range is a strided slice).
-COL_CHUNK = 2048
+COL_CHUNK = 4096
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
@@ -13,15 +13,16 @@ def qmatvec(x, w, s, out, part):
     """out[C] = x[R] @ (w[R, C] * s[r // (R/nb), C]).
 
     part [P, C] float32 scratch: the rows are split into P contiguous ranges (one stream per
-    thread), each summed into its own row of `part`, then added up. Four rows per step share
-    the loads of the accumulator; the scale of a row block is applied once per block.
+    thread), each summed into its own row of `part`, then added up. Eight rows per step share
+    the loads and stores of the accumulator (summed as a tree, so the additions do not form
+    one long dependency chain); the scale of a row block is applied once per block.
     """
     R, C = w.shape
     nb = s.shape[0]
     rb = R // nb
     P = part.shape[0]
     nch = (C + COL_CHUNK - 1) // COL_CHUNK
-    rows_per = ((R + P - 1) // P + 3) // 4 * 4
+    rows_per = ((R + P - 1) // P + 7) // 8 * 8
     for j in prange(P * nch):
         p = j // nch
         c0 = (j % nch) * COL_CHUNK
@@ -36,19 +37,17 @@ def qmatvec(x, w, s, out, part):
             b = r // rb
             bend = min(r1, (b + 1) * rb)
             acc[:] = 0.0
-            while r + 4 <= bend:
-                x0 = x[r]
-                x1 = x[r + 1]
-                x2 = x[r + 2]
-                x3 = x[r + 3]
-                w0 = w[r, c0:c1]
-                w1 = w[r + 1, c0:c1]
-                w2 = w[r + 2, c0:c1]
-                w3 = w[r + 3, c0:c1]
+            while r + 8 <= bend:
+                x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+                x4, x5, x6, x7 = x[r + 4], x[r + 5], x[r + 6], x[r + 7]
+                w0, w1, w2, w3 = w[r, c0:c1], w[r + 1, c0:c1], w[r + 2, c0:c1], w[r + 3, c0:c1]
+                w4, w5, w6, w7 = w[r + 4, c0:c1], w[r + 5, c0:c1], w[r + 6, c0:c1], w[r + 7, c0:c1]
                 for c in range(n):
-                    acc[c] += (x0 * np.float32(w0[c]) + x1 * np.float32(w1[c])
-                               + x2 * np.float32(w2[c]) + x3 * np.float32(w3[c]))
-                r += 4
+                    acc[c] += (((x0 * np.float32(w0[c]) + x1 * np.float32(w1[c]))
+                                + (x2 * np.float32(w2[c]) + x3 * np.float32(w3[c])))
+                               + ((x4 * np.float32(w4[c]) + x5 * np.float32(w5[c]))
+                                  + (x6 * np.float32(w6[c]) + x7 * np.float32(w7[c]))))
+                r += 8
             while r < bend:
                 x0 = x[r]
                 w0 = w[r, c0:c1]
