@@ -8,6 +8,7 @@ The simulator runs every GPU thread as a Python thread, so all shapes here are t
 
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -222,6 +223,108 @@ def test_merge_scales_to_common_blocks():
     R = 12
     for r in range(R):
         assert np.array_equal(m[r // 2], np.concatenate([s1[r // 12], s2[r // 6], s3[r // 4]]))
+
+
+# -- shared arrays: one per block, whatever the thread scheduling ----------------------------
+# numba's simulator looks a block's cuda.shared.array up by the calling line in a dict, with no
+# lock: a thread switch between that lookup and the store gave two threads of one block two
+# different, uninitialised arrays, and every block reduction garbage (the offloaded forward on
+# p3 failed about one run in four: a wrong RMSNorm, or `math domain error` on a negative sum of
+# squares). gc._import_cuda() serialises the lookup-or-create.
+if OK:
+    cuda = gc._import_cuda()      # kernels here must reach numba.cuda as a module global
+
+
+def _block_sum_kernel(size):
+    """Every thread writes its slot of a shared array, then sums all slots: nt(nt+1)/2."""
+    @cuda.jit
+    def block_sum(out):
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        cuda.syncthreads()                             # the threads leave together ...
+        sh = cuda.shared.array(size, np.float64)       # ... and ask for the array at once
+        sh[tid] = tid + 1.0
+        cuda.syncthreads()
+        s = 0.0
+        for i in range(nt):
+            s += sh[i]
+        out[cuda.blockIdx.x, tid] = s
+    return block_sum
+
+
+class _PreemptingSize:
+    """An array size whose conversion sleeps: the simulator hands the GIL to the block's other
+    threads right between looking the shared array up and storing it."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __index__(self):
+        time.sleep(2e-3)
+        return self.n
+
+
+@pytest.mark.skipif(not gc.simulating(), reason="the simulator's thread scheduling")
+def test_simulated_shared_array_is_one_per_block_when_threads_interleave():
+    nt = 4
+    out = np.zeros((2, nt))
+    _block_sum_kernel(_PreemptingSize(nt))[2, nt](out)     # deterministic before the fix
+    assert (out == nt * (nt + 1) / 2).all(), out
+
+
+def test_shared_array_under_natural_scheduling():
+    """The same without the help: 100 launches of 16 threads (the race hit a few of them)."""
+    nt = 16
+    kern = _block_sum_kernel(nt)
+    for _ in range(100):
+        out = np.zeros((1, nt))
+        kern[1, nt](out)
+        assert (out == nt * (nt + 1) / 2).all(), out
+
+
+MANY = gc.Blocks(norm=16, attn=4, attn_chunk=64, route=4)   # more threads: more interleaving
+
+
+@pytest.mark.parametrize("blocks", [SIM, MANY], ids=["sim", "many"])
+def test_p3_layer_kernels_repeated_against_float64(blocks):
+    """The kernels with a block reduction, on p3's shapes (D=64, H=G=8, d=8, E=8, k=2; a 10-token
+    prefill, then decodes at p0=10..12), launched again and again: each result against float64.
+    A guard against barrier races in the kernels themselves (there were none: the flaky p3 run
+    was the simulator's, which the two tests above catch; this one rarely would)."""
+    kern = gc.Kernels(blocks)
+    D, H, G, d, E, k, S, eps = 64, 8, 8, 8, 8, 2, 16, 1e-5
+    mult, cap = np.float32(0.3535533905932738), np.float32(30.0)
+    rng = np.random.default_rng(3)
+    sc1, sc2 = (rng.random(D, dtype=np.float32) + 0.5 for _ in range(2))
+    router = (rng.standard_normal((D, E)) * 0.3).astype(np.float32)
+    kc = (rng.standard_normal((G, S, d)) * 3).astype(np.float32)
+    vc = rng.standard_normal((G, S, d)).astype(np.float32)
+    key_ok = np.ones(S, np.uint8)
+    for rep in range(3):
+        for T, p0 in ((10, 0), (1, 10 + rep)):
+            h = (rng.standard_normal((T, D)) * 10).astype(np.float32)
+            br = rng.standard_normal((T, D)).astype(np.float32)
+            x = np.full((T, D), np.nan, np.float32)
+            h_ref = h.astype(np.float64) + rms64(br, sc1, eps)
+            kern.add_norm(h, br, sc1, sc2, eps, x)
+            assert np.abs(h - h_ref).max() < 1e-5 * np.abs(h_ref).max(), (rep, T)
+            assert np.abs(x - rms64(h_ref, sc2, eps)).max() < 1e-5, (rep, T)
+
+            q = (rng.standard_normal((T, H, d)) * 3).astype(np.float32)
+            out = np.full((T, H * d), np.nan, np.float32)
+            kern.attention(q.reshape(T, H * d), kc, vc, p0, key_ok, mult, cap, 32.0, H, out)
+            ref = attention64(q, kc, vc, p0, key_ok, mult, cap, 32.0)
+            assert np.abs(out.reshape(T, H, d) - ref).max() < 2e-5, (rep, T)
+
+            idx = np.zeros((T, k), np.int64)
+            gate = np.zeros((T, k), np.float32)
+            probs = np.full((T, E), np.nan, np.float32)
+            kern.route(x, router, k, idx, gate, probs)
+            lg = x.astype(np.float64) @ router.astype(np.float64)
+            p = np.exp(lg - lg.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            assert np.abs(probs - p).max() < 1e-6, (rep, T)
+            assert np.array_equal(idx, np.argsort(-p, axis=1, kind="stable")[:, :k]), (rep, T)
 
 
 # -- the whole offloaded forward ---------------------------------------------------------

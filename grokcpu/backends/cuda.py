@@ -31,6 +31,8 @@ import functools
 import importlib.util
 import math
 import os
+import sys
+import threading
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -77,8 +79,61 @@ def _import_cuda():
         if not simulating():
             _find_pip_nvvm()
         from numba import cuda as _cuda
+        if simulating():
+            _serialise_sim_shared_arrays()
         cuda = _cuda
     return cuda
+
+
+_SIM_SHARED_LOCK = threading.Lock()
+
+
+def _serialise_sim_shared_arrays() -> None:
+    """Make the simulator's `cuda.shared.array` hand every thread of a block the same array.
+
+    numba's simulator (numba/cuda/simulator/kernelapi.py, FakeCUDAShared.array) runs each GPU
+    thread as a Python thread and finds a block's shared array by the calling (file, line) in
+    a dict: `res = allocs.get(key); if res is None: res = np.empty(...); allocs[key] = res`,
+    with no lock. When the GIL passes to another thread of the block between that `get` and
+    the store, both threads see no array and each makes its own: from then on they write to
+    and read from different (uninitialised, np.empty) buffers, whatever barriers the kernel
+    has. A block reduction (RMSNorm's sum of squares, attention's max / sum, the router's
+    logits) then adds a garbage slot: a wrong norm, or `math domain error` when the "sum of
+    squares" comes out negative. It strikes the first block of a launch, roughly once in a few
+    thousand launches of the SIM_BLOCKS kernels (more often with more threads per block), which
+    made the simulated offloaded forward (~400 launches on p3) fail about one run in four. The
+    kernels themselves are race-free; a real GPU never had the problem. Here the lookup-or-create
+    runs under a lock, keyed exactly as numba keys it (the caller's file and line); dynamic
+    shared memory (shape 0) and anything unexpected go to numba's own method.
+    """
+    try:
+        from numba.core import types
+        from numba.cuda.simulator import kernelapi
+        from numba.np import numpy_support
+    except ImportError:
+        return
+    cls = getattr(kernelapi, "FakeCUDAShared", None)
+    original = getattr(cls, "array", None)
+    if original is None or getattr(original, "_grokcpu_locked", False):
+        return
+
+    def array(self, shape, dtype):
+        allocs = getattr(self, "_allocations", None)
+        if allocs is None or shape == 0:     # (dynamic shared memory)
+            return original(self, shape, dtype)
+        frame = sys._getframe(1)               # the kernel line asking, as numba keys it
+        key = (frame.f_code.co_filename, frame.f_lineno)
+        del frame
+        with _SIM_SHARED_LOCK:
+            res = allocs.get(key)
+            if res is None:
+                dt = numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype
+                res = allocs[key] = np.empty(shape, dt)
+        return res
+
+    array._grokcpu_locked = True
+    array.__doc__ = original.__doc__
+    cls.array = array
 
 
 def _probe(out):
