@@ -116,6 +116,20 @@ class Session:
         self.pos = 0
         self.tokens = []
 
+    def truncate(self, n: int) -> None:
+        """Keep the first n tokens and forget the rest (rewinds the KV cache to position n)."""
+        n = int(n)
+        if not 0 <= n <= self.pos:
+            raise GrokError(f"cannot truncate a session of {self.pos} tokens to {n}")
+        self.k[:, :, n:self.pos] = 0.0      # rows past the fill must read as zeros (see attention)
+        self.v[:, :, n:self.pos] = 0.0
+        self.key_ok[n:self.pos] = 0
+        self.pos = n
+        del self.tokens[n:]
+        cache = getattr(self, "cuda_cache", None)
+        if cache is not None and hasattr(cache, "truncate"):
+            cache.truncate(n)
+
     def _check(self, token_ids) -> np.ndarray:
         toks = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         V = self.model.config.vocab_size

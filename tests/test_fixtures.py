@@ -124,3 +124,18 @@ def test_batched_decode_equals_one_by_one(fixture):
         got = decode_batch(group, toks)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
     assert [s.pos for s in group] == [s.pos for s in solo]
+
+
+def test_truncate_rewinds_the_cache(fixture):
+    model = grokcpu.load(fixture.path)
+    s = model.new_session()
+    s.prefill(fixture.prompt, logits="last")
+    for t in fixture.decode_tokens:
+        s.decode(t)
+    s.truncate(len(fixture.prompt) - 2)
+    assert s.pos == len(fixture.prompt) - 2 and s.tokens == fixture.prompt[:-2]
+    got = s.decode(fixture.prompt[-2])
+    want = model.new_session().prefill(fixture.prompt[:-1])[-1]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    with pytest.raises(grokcpu.GrokError):
+        s.truncate(s.pos + 1)
