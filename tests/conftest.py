@@ -53,3 +53,15 @@ def medium_ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("medium")
     make_checkpoint(out, dict(MEDIUM), seed=7)
     return out
+
+
+def greedy_direct(model, ids, n):
+    """n greedy tokens computed with grokcpu's Session directly (no engine or CLI code)."""
+    s = model.new_session()
+    logits = s.prefill(ids, logits="last")
+    out = []
+    for i in range(n):
+        out.append(int(np.argmax(logits)))
+        if i + 1 < n:
+            logits = s.decode(out[-1])
+    return out

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 import grokcpu
-from conftest import FIXTURES, ROOT, need_shared
+from conftest import greedy_direct, FIXTURES, ROOT, need_shared
 from grokcpu import demo
 from grokcpu.cli import app
 from grokcpu.tokenizer import Tokenizer
@@ -53,17 +53,6 @@ def cli(*args, input=None):
 def sub(*args, input=None, timeout=120):
     return subprocess.run([sys.executable, "grok-cli.py", *with_threads(args)], cwd=ROOT, input=input,
                           capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
-
-
-def greedy_direct(model, ids, n):
-    s = model.new_session()
-    logits = s.prefill(ids, logits="last")
-    out = []
-    for i in range(n):
-        out.append(int(np.argmax(logits)))
-        if i + 1 < n:
-            logits = s.decode(out[-1])
-    return out
 
 
 def error_lines(stderr):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import grokcpu
+from conftest import greedy_direct
 from grokcpu import demo
 from grokcpu.engine import (Conversation, Notice, Request, Result, Step, StopFilter, generate,
                             generate_batch)
@@ -43,18 +44,6 @@ class Script:
         if self.calls <= len(self.ids):
             return self.ids[self.calls - 1]
         return self.then if self.then is not None else int(np.argmax(logits))
-
-
-def greedy_direct(model, ids, n):
-    """n greedy tokens computed with grokcpu's Session directly (no engine code)."""
-    s = model.new_session()
-    logits = s.prefill(ids, logits="last")
-    out = []
-    for i in range(n):
-        out.append(int(np.argmax(logits)))
-        if i + 1 < n:
-            logits = s.decode(out[-1])
-    return out
 
 
 def run(gen):
