@@ -95,7 +95,7 @@ class _Slot:
 class ExpertCache:
     """A pool of `slots` expert-sized buffers; `acquire(layer, expert)` returns its three matrices."""
 
-    GUESS_WARMUP = 64          # guesses judged before prefetch may pause itself
+    GUESS_WARMUP = 32          # guesses judged before prefetch may pause itself
     READ_AHEAD_SLACK = 8 << 20  # bytes past a read that the kernel may have read ahead
 
     def __init__(self, ckpt, budget_bytes: int, policy: str = "lru", prefetch: bool = True,

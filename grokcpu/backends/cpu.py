@@ -45,10 +45,34 @@ class blas_phase:
             numba.set_num_threads(self.saved)
 
 
+def _set_blas_threads(n: int) -> bool:
+    """Cap OpenBLAS (numpy's BLAS) at n threads, if numpy uses an OpenBLAS we can find."""
+    import ctypes
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
+    except OSError:
+        return False
+    for path in sorted(libs):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn(ctypes.c_int(n))
+                return True
+    return False
+
+
 def set_threads(n: int | None) -> int:
+    """Compute threads for numba's kernels and numpy's BLAS (default: physical cores)."""
     n = physical_cores() if n is None else int(n)
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
+    _set_blas_threads(n)
     return n
 
 
