@@ -149,6 +149,10 @@ class Session:
         From a fresh session this is exactly the reference's prefill (pad keys masked).
         Long inputs run in chunks of `chunk` tokens with the same result.
         """
+        if logits not in ("all", "last"):
+            raise GrokError(f"prefill(logits={logits!r}): expected 'all' or 'last'")
+        if int(chunk) < 1:
+            raise GrokError(f"prefill(chunk={chunk!r}): expected a positive number of tokens")
         toks = self._check(token_ids)
         T = toks.size
         if T == 0:

@@ -139,3 +139,17 @@ def test_truncate_rewinds_the_cache(fixture):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
     with pytest.raises(grokcpu.GrokError):
         s.truncate(s.pos + 1)
+
+
+def test_session_input_errors(fixture):
+    model = grokcpu.load(fixture.path)
+    s = model.new_session()
+    V = model.config.vocab_size
+    for bad in ([], [V], [-1], [1, 2, V + 5]):
+        with pytest.raises(grokcpu.GrokError):
+            s.prefill(bad)
+    with pytest.raises(grokcpu.GrokError, match="do not fit the context"):
+        s.prefill([1] * (model.context + 1))
+    with pytest.raises(grokcpu.GrokError, match="expected 'all' or 'last'"):
+        s.prefill([1, 2], logits="first")
+    assert s.pos == 0                         # nothing was half-done
