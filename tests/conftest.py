@@ -65,3 +65,26 @@ def greedy_direct(model, ids, n):
         if i + 1 < n:
             logits = s.decode(out[-1])
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_path(tmp_path_factory):
+    """The built-in demo model, built once per test session into a private cache folder."""
+    from grokcpu import demo
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GROKCPU_CACHE", str(tmp_path_factory.getbasetemp() / "grokcpu-cache"))
+    path, _ = demo.ensure_demo()
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def model(demo_path):
+    import grokcpu
+    return grokcpu.load(demo_path, threads=1)     # numba threads spin: one is faster on a busy 2-core box
+
+
+@pytest.fixture(scope="session")
+def tok(demo_path):
+    from grokcpu.tokenizer import Tokenizer
+    return Tokenizer(demo_path / "tokenizer.model")

@@ -17,28 +17,8 @@ import grokcpu
 from conftest import greedy_direct, FIXTURES, ROOT, need_shared
 from grokcpu import demo
 from grokcpu.cli import app
-from grokcpu.tokenizer import Tokenizer
 
 BANNER_HINT = "--model /path/to/grok-1 --tokenizer /path/to/tokenizer.model"
-
-
-@pytest.fixture(scope="module")
-def demo_path(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GROKCPU_CACHE", str(tmp_path_factory.getbasetemp() / "grokcpu-cache"))
-    path, _ = demo.ensure_demo()
-    yield path
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def model(demo_path):
-    return grokcpu.load(demo_path, threads=1)
-
-
-@pytest.fixture(scope="module")
-def tok(demo_path):
-    return Tokenizer(demo_path / "tokenizer.model")
 
 
 def with_threads(args):

@@ -14,25 +14,6 @@ from grokcpu.sampling import make_sampler
 from grokcpu.tokenizer import Tokenizer
 
 
-@pytest.fixture(scope="module")
-def demo_path(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GROKCPU_CACHE", str(tmp_path_factory.getbasetemp() / "grokcpu-cache"))
-    path, _ = demo.ensure_demo()
-    yield path
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def model(demo_path):
-    return grokcpu.load(demo_path, threads=1)     # numba threads spin: one is faster on a busy 2-core box
-
-
-@pytest.fixture(scope="module")
-def tok(demo_path):
-    return Tokenizer(demo_path / "tokenizer.model")
-
-
 class Script:
     """A 'sampler' that returns prescribed ids (to drive the engine's rules exactly)."""
 
