@@ -7,6 +7,10 @@ straight into a preallocated slot, then tells the kernel to drop those file page
 the budget means what it says. Reads run on background threads: `prefetch` starts them early,
 `acquire` waits only for what is not there yet.
 
+The down projection is stored transposed, output-major [D, F] (the file holds [F, D]): its
+rows arrive in chunks that are transposed into the slot as they come, so decode reads it with
+contiguous dot products (`qmatvec_t`), 5/3 as fast as the input-major kernel on that shape.
+
 A slot in use by the layer being computed is pinned (reference counted) and never evicted;
 which unpinned slot goes is the policy's choice (LRU by default).
 """
@@ -22,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .errors import GrokError
+from .kernels.matvec import transpose_into
 
 GB = 1e9
 
@@ -97,6 +102,7 @@ class ExpertCache:
 
     GUESS_WARMUP = 32          # guesses judged before prefetch may pause itself
     READ_AHEAD_SLACK = 8 << 20  # bytes past a read that the kernel may have read ahead
+    DOWN_CHUNK = 8 << 20        # bytes per read of the down projection (transposed as it lands)
 
     def __init__(self, ckpt, budget_bytes: int, policy: str = "lru", prefetch: bool = True,
                  io_threads: int = 2, drop_page_cache: bool = True):
@@ -104,7 +110,10 @@ class ExpertCache:
         self.ckpt = ckpt
         self.L, self.E, self.k = c.num_layers, c.num_experts, c.num_selected_experts
         D, F = c.emb_size, c.ffn_size
-        self.shapes = ((D, F), (D, F), (F, D))           # gate (linear), up (linear_v), down (linear_1)
+        # gate (linear) [D, F], up (linear_v) [D, F], down (linear_1) transposed: [D, F], output-major
+        self.shapes = ((D, F), (D, F), (D, F))
+        self.down_rows = max(1, self.DOWN_CHUNK // D)      # rows of [F, D] per read of the down range
+        self._scratch = threading.local()
         self.expert_bytes = 3 * D * F
         total = self.L * self.E
         need = self.k * self.expert_bytes
@@ -135,7 +144,8 @@ class ExpertCache:
 
     # -- public ---------------------------------------------------------------------------------
     def acquire(self, layer: int, expert: int):
-        """The expert's (gate [D,F], up [D,F], down [F,D]) int8 matrices, pinned until release()."""
+        """The expert's int8 matrices, pinned until release(): gate [D, F] and up [D, F] as in the
+        file, and down transposed to [D, F] (output-major; the file's [F, D] is its .T)."""
         key = (layer, expert)
         st = self.stats
         with self.lock:
@@ -310,6 +320,17 @@ class ExpertCache:
             self._fds[path] = fd
         return fd
 
+    def _read_into(self, path: str, offset: int, dst, key) -> None:
+        fd = self._fd(path)
+        n = len(dst)
+        got = 0
+        while got < n:            # preadv may return short counts
+            r = os.preadv(fd, [dst[got:]], offset + got)
+            if r <= 0:
+                raise GrokError(f"{path}: unexpected end of file reading expert {key}",
+                                hint="the checkpoint file is truncated; re-download it")
+            got += r
+
     def _load(self, i: int, key) -> None:
         s = self.slots[i]
         t = time.perf_counter()
@@ -319,17 +340,19 @@ class ExpertCache:
             self.stats.inflight += 1
         try:
             buf = memoryview(self.pool[i]).cast("B")
-            off = 0
-            for path, foff, n in self.ranges[key]:
-                fd = self._fd(path)
-                got = 0
-                while got < n:            # preadv may return short counts
-                    r = os.preadv(fd, [buf[off + got:off + n]], foff + got)
-                    if r <= 0:
-                        raise GrokError(f"{path}: unexpected end of file reading expert {key}",
-                                        hint="the checkpoint file is truncated; re-download it")
-                    got += r
-                off += n
+            (gp, goff, gn), (up, uoff, un), (dp, doff, dn) = self.ranges[key]
+            self._read_into(gp, goff, buf[:gn], key)
+            self._read_into(up, uoff, buf[gn:gn + un], key)
+            down = self.pool[i, gn + un:gn + un + dn].reshape(self.shapes[2])
+            D, F = self.shapes[2]
+            rows = self.down_rows
+            chunk = getattr(self._scratch, "buf", None)
+            if chunk is None:
+                chunk = self._scratch.buf = np.empty(rows * D, np.int8)
+            for r0 in range(0, F, rows):
+                n = min(rows, F - r0)
+                self._read_into(dp, doff + r0 * D, memoryview(chunk).cast("B")[:n * D], key)
+                transpose_into(chunk[:n * D].reshape(n, D), down, r0)
             if self.drop_page_cache:
                 self._drop_later(key)
         except Exception as e:             # surfaced to the thread that waits for this slot

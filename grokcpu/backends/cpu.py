@@ -80,11 +80,12 @@ _parts: dict = {}
 _scratches: dict = {}
 
 
-def _ones(n: int) -> np.ndarray:
-    buf = _scratches.get("ones")
-    if buf is None or buf.size < n:
-        buf = _scratches["ones"] = np.ones(n, np.float32)
-    return buf[:n]
+def _filled(name: str, n: int, value: float) -> np.ndarray:
+    """A reusable float32 array of n copies of value."""
+    buf = _scratches.get(name)
+    if buf is None or buf.size != n or buf[0] != np.float32(value):
+        buf = _scratches[name] = np.full(n, value, np.float32)
+    return buf
 
 
 def _scratch(name: str, n: int) -> np.ndarray:
@@ -136,6 +137,28 @@ def matmul(x: np.ndarray, w: np.ndarray, s: np.ndarray) -> np.ndarray:
     return out
 
 
+def matmul_t(x: np.ndarray, wt: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """x[T, R] @ dequant(wt[C, R], s[nb, C]).T -> [T, C] float32, for weights stored output-major
+    (the expert cache's down projections)."""
+    T = x.shape[0]
+    C, R = wt.shape
+    out = np.empty((T, C), np.float32)
+    if T == 1:
+        M.qmatvec_t(np.ascontiguousarray(x[0]), wt, s, out[0])
+        return out
+    if T < GEMM_MIN_ROWS:
+        M.qmatmul_small_t(np.ascontiguousarray(x), wt, s, out)
+        return out
+    rows = max(64, min(C, TILE_ELEMS // R // 64 * 64))
+    tile = _scratch("tile", R * rows)
+    for c0 in range(0, C, rows):
+        n = min(rows, C - c0)
+        t = tile[: n * R].reshape(n, R)
+        M.dequant_rows_t(wt, s, c0, t)
+        np.matmul(x, t.T, out=out[:, c0:c0 + n])
+    return out
+
+
 def qmatmul(x: np.ndarray, qw: QWeight) -> np.ndarray:
     return matmul(x, qw.w, qw.s)
 
@@ -143,8 +166,9 @@ def qmatmul(x: np.ndarray, qw: QWeight) -> np.ndarray:
 def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray, cache=None, layer: int = 0) -> np.ndarray:
     """sum_j gate[t, j] * expert_{idx[t, j]}(x[t]); each expert runs once over its tokens.
 
-    Expert weights come from `cache` (an ExpertCache: acquired, used, released in file order)
-    or, without one, straight from the memory-mapped checkpoint.
+    Expert weights come from `cache` (an ExpertCache: acquired, used, released in file order;
+    it holds the down projection transposed) or, without one, straight from the memory-mapped
+    checkpoint.
     """
     T, D = x.shape
     out = np.zeros((T, D), np.float32)
@@ -161,7 +185,7 @@ def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray, cache=None, layer:
             u = matmul(xe, wu, lw.w_up.s[e])
             for t in range(g.shape[0]):
                 K.gelu_mul(g[t], u[t])
-            y = matmul(g, wd, lw.w_down.s[e])
+            y = matmul_t(g, wd, lw.w_down.s[e]) if cache is not None else matmul(g, wd, lw.w_down.s[e])
         finally:
             if cache is not None:
                 cache.release(layer, e)
@@ -170,12 +194,12 @@ def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray, cache=None, layer:
 
 
 def unembed(h: np.ndarray, emb: np.ndarray, scale: float) -> np.ndarray:
-    """h[T, D] @ emb[V, D].T * scale -> [T, V] float32."""
+    """h[T, D] @ emb[V, D].T * scale -> [T, V] float32 (the exact, float32 tied output layer)."""
     T = h.shape[0]
     V = emb.shape[0]
     out = np.empty((T, V), np.float32)
     if T == 1:
-        M.unembed(np.ascontiguousarray(h[0]), emb, _ones(V), np.float32(scale), out[0])
+        M.qmatvec_t(np.ascontiguousarray(h[0]), emb, _filled("scale", V, scale).reshape(1, V), out[0])
         return out
     rows = max(256, TILE_ELEMS // emb.shape[1])
     for v0 in range(0, V, rows):
@@ -185,18 +209,17 @@ def unembed(h: np.ndarray, emb: np.ndarray, scale: float) -> np.ndarray:
 
 
 def quantize_embedding(emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int8 [V, D] with per-row float32 scales (absmax / 127)."""
-    q = np.empty(emb.shape, np.int8)
-    rs = np.empty(emb.shape[0], np.float32)
-    M.quantize_rows(emb, q, rs)
-    return q, rs
+    """The int8 unembedding table: per-row absmax int8 of emb [V, D], stored transposed as
+    qt [D, V], with the row scales rs [V] float32 (absmax / 127)."""
+    V, D = emb.shape
+    qt = np.empty((D, V), np.int8)
+    rs = np.empty(V, np.float32)
+    M.quantize_rows_t(emb, qt, rs)
+    return qt, rs
 
 
-def unembed_q8(h: np.ndarray, q: np.ndarray, rs: np.ndarray, scale: float) -> np.ndarray:
-    """h[T, D] @ dequant(q)[V, D].T * scale -> [T, V] float32."""
-    out = np.empty((h.shape[0], q.shape[0]), np.float32)
-    if h.shape[0] == 1:
-        M.unembed(np.ascontiguousarray(h[0]), q, rs, np.float32(scale), out[0])
-    else:
-        M.unembed_q8_rows(np.ascontiguousarray(h), q, rs, np.float32(scale), out)
+def unembed_q8(h: np.ndarray, qt: np.ndarray, rs: np.ndarray, scale: float) -> np.ndarray:
+    """h[T, D] @ dequant(qt)[D, V] * scale -> [T, V] float32."""
+    out = matmul(h, qt, rs.reshape(1, -1))
+    out *= np.float32(scale)
     return out

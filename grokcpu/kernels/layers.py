@@ -116,13 +116,35 @@ def attention(q, kc, vc, pos0, key_ok, mult, cap, n_uniform, out, scores):
                         o[i] += p * vv[i]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, inline="always", error_model="numpy")
+def tanh_f32(x):
+    """tanh in float32 by the rational approximation XLA and Eigen use for float32 on CPU
+    (odd degree-13 over even degree-6, input clamped to +-7.9053), a few ulp from the true value.
+    Unlike a libm call it vectorizes (with error_model="numpy": Python's zero-division check
+    on `/` would stop that), which made the expert activation 10x faster."""
+    c = np.float32(7.90531110763549805)
+    y = min(max(x, -c), c)
+    y2 = y * y
+    p = y2 * np.float32(-2.76076847742355e-16) + np.float32(2.00018790482477e-13)
+    p = y2 * p + np.float32(-8.60467152213735e-11)
+    p = y2 * p + np.float32(5.12229709037114e-08)
+    p = y2 * p + np.float32(1.48572235717979e-05)
+    p = y2 * p + np.float32(6.37261928875436e-04)
+    p = y2 * p + np.float32(4.89352455891786e-03)
+    q = y2 * np.float32(1.19825839466702e-06) + np.float32(1.18534705686654e-04)
+    q = y2 * q + np.float32(2.26843463243900e-03)
+    q = y2 * q + np.float32(4.89352518554385e-03)
+    t = y * p / q
+    return x if abs(x) < np.float32(0.0004) else t
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
 def gelu_mul(g, u):
     """g[:] = gelu_tanh(g) * u  (the gated expert activation, in place)."""
     k = np.float32(math.sqrt(2.0 / math.pi))
     for i in range(g.shape[0]):
         z = g[i]
-        g[i] = np.float32(0.5) * z * (np.float32(1.0) + math.tanh(k * (z + np.float32(0.044715) * z * z * z))) * u[i]
+        g[i] = np.float32(0.5) * z * (np.float32(1.0) + tanh_f32(k * (z + np.float32(0.044715) * z * z * z))) * u[i]
 
 
 @njit(cache=True)

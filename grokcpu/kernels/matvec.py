@@ -1,4 +1,4 @@
-"""int8-weight products: decode matvec, prefill dequantization tiles, the tied unembedding."""
+"""int8-weight products: decode matvecs, prefill dequantization tiles, the int8 unembedding table."""
 
 import numpy as np
 from numba import njit, prange
@@ -191,6 +191,137 @@ def qmatmul_small(x, w, s, out, part):
             out[t, c] = v
 
 
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
+def qmatvec_t(x, wt, s, out):
+    """out[C] = x[R] @ (wt[C, R] * s[r // (R/nb), c]).T: the weights stored output-major.
+
+    Each output is a dot product along a contiguous row, so the sums stay in registers (no
+    accumulator row goes through memory, as in qmatvec). Eight rows per step share the loads
+    of x. The expert cache stores the down projection this way (it is 5/3 as fast there as
+    the input-major kernel on that narrow shape); wt may also be float32 (scales of one).
+    """
+    C, R = wt.shape
+    nb = s.shape[0]
+    rb = R // nb
+    ng = (C + 7) // 8
+    for j in prange(ng):
+        c = j * 8
+        if c + 8 <= C:
+            o0 = o1 = o2 = o3 = o4 = o5 = o6 = o7 = np.float32(0.0)
+            for b in range(nb):
+                # slices and a loop from 0: `range(b * rb, (b + 1) * rb)` is not vectorized
+                r0 = b * rb
+                r1 = r0 + rb
+                xb = x[r0:r1]
+                w0, w1, w2, w3 = wt[c, r0:r1], wt[c + 1, r0:r1], wt[c + 2, r0:r1], wt[c + 3, r0:r1]
+                w4, w5, w6, w7 = wt[c + 4, r0:r1], wt[c + 5, r0:r1], wt[c + 6, r0:r1], wt[c + 7, r0:r1]
+                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+                for r in range(rb):
+                    xr = xb[r]
+                    a0 += xr * np.float32(w0[r])
+                    a1 += xr * np.float32(w1[r])
+                    a2 += xr * np.float32(w2[r])
+                    a3 += xr * np.float32(w3[r])
+                    a4 += xr * np.float32(w4[r])
+                    a5 += xr * np.float32(w5[r])
+                    a6 += xr * np.float32(w6[r])
+                    a7 += xr * np.float32(w7[r])
+                o0 += s[b, c] * a0
+                o1 += s[b, c + 1] * a1
+                o2 += s[b, c + 2] * a2
+                o3 += s[b, c + 3] * a3
+                o4 += s[b, c + 4] * a4
+                o5 += s[b, c + 5] * a5
+                o6 += s[b, c + 6] * a6
+                o7 += s[b, c + 7] * a7
+            out[c], out[c + 1], out[c + 2], out[c + 3] = o0, o1, o2, o3
+            out[c + 4], out[c + 5], out[c + 6], out[c + 7] = o4, o5, o6, o7
+        else:
+            for ci in range(c, C):
+                o0 = np.float32(0.0)
+                for b in range(nb):
+                    xb = x[b * rb:(b + 1) * rb]
+                    w0 = wt[ci, b * rb:(b + 1) * rb]
+                    a0 = np.float32(0.0)
+                    for r in range(rb):
+                        a0 += xb[r] * np.float32(w0[r])
+                    o0 += s[b, ci] * a0
+                out[ci] = o0
+
+
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
+def qmatmul_small_t(x, wt, s, out):
+    """out[T, C] = x[T, R] @ (wt[C, R] * s[block, c]).T for a few rows T, wt output-major.
+
+    Four weight rows of a scale block are widened to float32 once into a small buffer and
+    reused for every one of the T rows.
+    """
+    T, R = x.shape
+    C = wt.shape[0]
+    nb = s.shape[0]
+    rb = R // nb
+    ng = (C + 3) // 4
+    for j in prange(ng):
+        c = j * 4
+        m = min(4, C - c)
+        wf = np.zeros((4, rb), np.float32)
+        acc = np.zeros((T, 4), np.float32)
+        for b in range(nb):
+            r0 = b * rb
+            for i in range(m):
+                wr = wt[c + i, r0:r0 + rb]
+                wfi = wf[i]
+                for r in range(rb):
+                    wfi[r] = np.float32(wr[r])
+            w0, w1, w2, w3 = wf[0], wf[1], wf[2], wf[3]
+            for t in range(T):
+                xt = x[t, r0:r0 + rb]
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for r in range(rb):
+                    xr = xt[r]
+                    a0 += xr * w0[r]
+                    a1 += xr * w1[r]
+                    a2 += xr * w2[r]
+                    a3 += xr * w3[r]
+                acc[t, 0] += s[b, c] * a0
+                if m > 1:
+                    acc[t, 1] += s[b, c + 1] * a1
+                if m > 2:
+                    acc[t, 2] += s[b, c + 2] * a2
+                if m > 3:
+                    acc[t, 3] += s[b, c + 3] * a3
+        for t in range(T):
+            for i in range(m):
+                out[t, c + i] = acc[t, i]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def dequant_rows_t(wt, s, c0, out):
+    """out[n, R] = wt[c0:c0+n, :] * s[block(r), c0:c0+n].T as float32 (a tile for BLAS)."""
+    n, R = out.shape
+    rb = R // s.shape[0]
+    for i in prange(n):
+        wr = wt[c0 + i]
+        o = out[i]
+        for r in range(R):
+            o[r] = np.float32(wr[r]) * s[r // rb, c0 + i]
+
+
+@njit(cache=True, nogil=True)
+def transpose_into(src, dst, c0):
+    """dst[:, c0:c0+n] = src[n, D].T (int8), in 64x64 tiles: how the expert cache stores the
+    down projection output-major as its rows arrive from the file."""
+    n, D = src.shape
+    for i0 in range(0, n, 64):
+        i1 = min(n, i0 + 64)
+        for d0 in range(0, D, 64):
+            d1 = min(D, d0 + 64)
+            for d in range(d0, d1):
+                row = dst[d]
+                for i in range(i0, i1):
+                    row[c0 + i] = src[i, d]
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def dequant_cols(w, s, c0, out):
     """out[R, n] = w[:, c0:c0+n] * s[block(r), c0:c0+n] as float32 (a tile for BLAS)."""
@@ -206,86 +337,28 @@ def dequant_cols(w, s, c0, out):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def quantize_rows(a, q, scale):
-    """q[V, D] int8, scale[V]: per-row absmax int8 (round to nearest) of a[V, D] float32."""
+def quantize_rows_t(a, qt, scale):
+    """Per-row absmax int8 of a[V, D] float32 (round to nearest), stored transposed:
+    qt[D, V] int8 and scale[V]. Transposed, the int8 unembedding is an input-major matrix with
+    per-column scales, which qmatvec streams faster than any output-major kernel on short rows."""
     V, D = a.shape
-    for v in prange(V):
-        row = a[v]
-        m = np.float32(0.0)
-        for i in range(D):
-            x = abs(row[i])
-            if x > m:
-                m = x
-        s = m / np.float32(127.0) if m > 0 else np.float32(1.0)
-        scale[v] = s
-        inv = np.float32(1.0) / s
-        for i in range(D):
-            q[v, i] = np.int8(round(row[i] * inv))
-
-
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def unembed(h, table, rs, scale, out):
-    """out[V] = rs[v] * (table[V, D] @ h[D]) * scale: the tied output layer, one row.
-
-    table is the float32 embedding (rs = ones) or its int8 copy with per-row scales rs.
-    Four table rows per step share the loads of h.
-    """
-    V, D = table.shape
-    nblk = (V + 255) // 256
-    for j in prange(nblk):
-        v0 = j * 256
-        v1 = min(V, v0 + 256)
-        v = v0
-        while v + 4 <= v1:
-            e0 = table[v]
-            e1 = table[v + 1]
-            e2 = table[v + 2]
-            e3 = table[v + 3]
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            a3 = np.float32(0.0)
-            for i in range(D):
-                hi = h[i]
-                a0 += np.float32(e0[i]) * hi
-                a1 += np.float32(e1[i]) * hi
-                a2 += np.float32(e2[i]) * hi
-                a3 += np.float32(e3[i]) * hi
-            out[v] = a0 * rs[v] * scale
-            out[v + 1] = a1 * rs[v + 1] * scale
-            out[v + 2] = a2 * rs[v + 2] * scale
-            out[v + 3] = a3 * rs[v + 3] * scale
-            v += 4
-        while v < v1:
-            e0 = table[v]
-            a0 = np.float32(0.0)
-            for i in range(D):
-                a0 += np.float32(e0[i]) * h[i]
-            out[v] = a0 * rs[v] * scale
-            v += 1
-
-
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def unembed_q8_rows(h, q, rs, scale, out):
-    """out[T, V] = rs[v] * (h[T, D] @ q[V, D].T) * scale, reading the int8 table once for all rows."""
-    T, D = h.shape
-    V = q.shape[0]
-    nblk = (V + 63) // 64
-    for j in prange(nblk):
+    for j in prange((V + 63) // 64):
         v0 = j * 64
         v1 = min(V, v0 + 64)
-        row = np.empty(D, np.float32)
+        inv = np.empty(v1 - v0, np.float32)
         for v in range(v0, v1):
-            qv = q[v]
+            row = a[v]
+            m = np.float32(0.0)
             for i in range(D):
-                row[i] = np.float32(qv[i])
-            f = rs[v] * scale
-            for t in range(T):
-                ht = h[t]
-                a = np.float32(0.0)
-                for i in range(D):
-                    a += row[i] * ht[i]
-                out[t, v] = a * f
+                x = abs(row[i])
+                if x > m:
+                    m = x
+            sv = m / np.float32(127.0) if m > 0 else np.float32(1.0)
+            scale[v] = sv
+            inv[v - v0] = np.float32(1.0) / sv
+        for i in range(D):
+            for v in range(v0, v1):
+                qt[i, v] = np.int8(round(a[v, i] * inv[v - v0]))
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=True)
