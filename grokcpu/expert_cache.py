@@ -112,7 +112,8 @@ class ExpertCache:
         D, F = c.emb_size, c.ffn_size
         # gate (linear) [D, F], up (linear_v) [D, F], down (linear_1) transposed: [D, F], output-major
         self.shapes = ((D, F), (D, F), (D, F))
-        self.down_rows = max(1, self.DOWN_CHUNK // D)      # rows of [F, D] per read of the down range
+        # rows of [F, D] per read of the down range: a multiple of 8 (whole 8x8 transpose blocks)
+        self.down_rows = max(8, self.DOWN_CHUNK // D // 8 * 8)
         self._scratch = threading.local()
         self.expert_bytes = 3 * D * F
         total = self.L * self.E
@@ -129,6 +130,7 @@ class ExpertCache:
         # np.empty does not touch the pages: RAM is committed as slots fill.
         self.pool = np.empty((self.nslots, self.expert_bytes), np.int8)
         self.slots = [_Slot() for _ in range(self.nslots)]
+        self._slot_views: list = [None] * self.nslots     # a slot's matrices (fixed views of the pool)
         self.where: dict = {}            # (layer, expert) -> slot index
         self.pinned: set = set()
         self._pending_drop: list = []
@@ -234,6 +236,12 @@ class ExpertCache:
 
     # -- internals ------------------------------------------------------------------------------
     def _views(self, i: int):
+        views = self._slot_views[i]
+        if views is None:
+            views = self._slot_views[i] = self._make_views(i)
+        return views
+
+    def _make_views(self, i: int):
         buf = self.pool[i]
         out = []
         off = 0

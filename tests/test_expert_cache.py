@@ -54,9 +54,9 @@ def test_budget_too_small_is_a_clear_error(fixture):
 def test_down_projection_is_transposed_across_read_chunks(medium_ckpt, monkeypatch):
     ck = Checkpoint(medium_ckpt)
     D = ck.config.emb_size
-    monkeypatch.setattr(ExpertCache, "DOWN_CHUNK", 3 * D + 100)      # 3 rows a read, a short last one
+    monkeypatch.setattr(ExpertCache, "DOWN_CHUNK", 24 * D + 100)     # 24 rows a read, a short last one
     cache = ExpertCache(ck, 2 * 3 * D * ck.config.ffn_size, prefetch=False)
-    assert cache.down_rows == 3 and ck.config.ffn_size % 3
+    assert cache.down_rows == 24 and ck.config.ffn_size % 24
     for key in [(2, 7), (0, 1), (3, 0)]:
         wg, wu, wd = cache.acquire(*key)
         lw = ck.layers[key[0]]

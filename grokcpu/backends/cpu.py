@@ -69,10 +69,12 @@ def _set_blas_threads(n: int) -> bool:
 
 def set_threads(n: int | None) -> int:
     """Compute threads for numba's kernels and numpy's BLAS (default: physical cores)."""
+    global _threads
     n = physical_cores() if n is None else int(n)
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
     _set_blas_threads(n)
+    _threads = n
     return n
 
 
@@ -96,8 +98,11 @@ def _scratch(name: str, n: int) -> np.ndarray:
     return buf[:n]
 
 
+_threads = 0     # set_threads' count: how many row ranges a matvec splits into (any count is correct)
+
+
 def _part(C: int) -> np.ndarray:
-    P = numba.get_num_threads()
+    P = _threads or numba.get_num_threads()      # (numba.get_num_threads costs 4 us a call)
     buf = _parts.get((P, C))
     if buf is None:
         buf = _parts[(P, C)] = np.empty((P, C), np.float32)
@@ -172,6 +177,28 @@ def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray, cache=None, layer:
     """
     T, D = x.shape
     out = np.zeros((T, D), np.float32)
+    if T == 1:      # decode: the same arithmetic without the grouping (a tenth of the Python time)
+        x0 = x[0]
+        for j in np.argsort(idx[0], kind="stable"):
+            e = int(idx[0, j])
+            if cache is not None:
+                wg, wu, wd = cache.acquire(layer, e)
+            else:
+                wg, wu, wd = lw.w_gate.w[e], lw.w_up.w[e], lw.w_down.w[e]
+            try:
+                g = matvec(x0, wg, lw.w_gate.s[e])
+                u = matvec(x0, wu, lw.w_up.s[e])
+                K.gelu_mul(g, u)
+                if cache is not None:
+                    y = np.empty(D, np.float32)
+                    M.qmatvec_t(g, wd, lw.w_down.s[e], y)
+                else:
+                    y = matvec(g, wd, lw.w_down.s[e])
+            finally:
+                if cache is not None:
+                    cache.release(layer, e)
+            out[0] += gate[0, j] * y
+        return out
     for e in np.unique(idx):
         e = int(e)
         if cache is not None:
