@@ -174,6 +174,11 @@ class ExpertCache:
             raise s.error
         return self._views(i)
 
+    def ready(self, layer: int, expert: int) -> bool:
+        """Whether acquire() would return at once (the expert is resident and loaded)."""
+        i = self.where.get((layer, expert))
+        return i is not None and self.slots[i].ready.is_set()
+
     def release(self, layer: int, expert: int) -> None:
         with self.lock:
             i = self.where.get((layer, expert))
@@ -193,10 +198,15 @@ class ExpertCache:
         """Mark the start of a forward step (guesses may only evict what this step has not used)."""
         self.step += 1
 
-    def prefetch(self, keys) -> None:
+    def prefetch(self, keys, only_if_idle: bool = False) -> None:
         """Guess: start loading these experts if a slot is free or holds one not used since the
-        previous step. Guessing turns itself off while fewer than half the guesses are used."""
+        previous step. Guessing turns itself off while fewer than half the guesses are used.
+        only_if_idle: guess only while no read is in flight, so a guess never takes disk
+        bandwidth from a read the model is waiting for (decode uses it)."""
         if not self.prefetch_enabled:
+            return
+        if only_if_idle and self.stats.inflight:
+            self.stats.guessing_paused += 1
             return
         st = self.stats
         issued, useful = sum(st.prefetch_issued), sum(st.prefetch_hits)
@@ -357,6 +367,8 @@ class ExpertCache:
             chunk = getattr(self._scratch, "buf", None)
             if chunk is None:
                 chunk = self._scratch.buf = np.empty(rows * D, np.int8)
+            if hasattr(os, "posix_fadvise"):    # the disk streams the whole range while we transpose
+                os.posix_fadvise(self._fd(dp), doff, dn, os.POSIX_FADV_WILLNEED)
             for r0 in range(0, F, rows):
                 n = min(rows, F - r0)
                 self._read_into(dp, doff + r0 * D, memoryview(chunk).cast("B")[:n * D], key)

@@ -288,7 +288,7 @@ def _forward_rows(m: Model, sessions: list[Session], toks: np.ndarray, decode: b
                 nxt = m.layers[li + 1]
                 K.rmsnorm(h, nxt.moe_norm, eps, xg)
                 K.route(xg, nxt.router, k_top, idx_g, gate_g, probs_g)
-                cache.prefetch([(li + 1, int(e)) for e in np.unique(idx_g)])
+                cache.prefetch([(li + 1, int(e)) for e in np.unique(idx_g)], only_if_idle=decode)
         moe = cpu.moe(x, lw, idx, gate, cache, li)
         K.add_rmsnorm(h, moe, lw.moe_post_norm, eps)
     if m._trace_file is not None:

@@ -7,9 +7,13 @@
 In one run it measures (1) the disk's cold sequential read bandwidth on the checkpoint's own
 expert bytes (64 MiB preads after dropping them from the page cache), then decodes from a cold
 page cache (2) with the expert cache and prefetch, (3) with the cache and no prefetch, and
-(4) with the cache off: experts read from the memory map, the kernel deciding what stays.
-Reported: tok/s, hit rate, GB read, read GB/s while reading (and as a fraction of (1)), and
-the time compute stalled on reads against the time reads were in flight.
+with the cache off: experts read from the memory map, the kernel deciding what stays, (4) with
+the same memory as the cache run (a ballast holds the rest of RAM: the page cache gets what
+the budget, dense weights and KV cache took) and (5) with all of RAM.
+Reported: tok/s (all of the decode, and its second half, "late", after most experts' first
+use), hit rate, GB read, read GB/s while reading (and as a fraction of (1)), the
+time compute stalled on reads against the time reads were in flight, and what the kernel read
+from disk while decoding (/proc/self/io; for mmap this is the only measure of its misses).
 """
 
 import argparse
@@ -37,6 +41,18 @@ def drop_cache(paths) -> None:
             os.close(fd)
 
 
+def disk_read_bytes() -> int | None:
+    """Bytes this process has caused to be read from storage (Linux /proc/self/io)."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def disk_gbs(ranges, limit: int, block: int = 64 << 20) -> float:
     """Cold sequential read bandwidth over these (path, offset, length) ranges, GB/s."""
     drop_cache({p for p, _, _ in ranges})
@@ -62,32 +78,65 @@ def disk_gbs(ranges, limit: int, block: int = 64 << 20) -> float:
     return done / (time.perf_counter() - t) / 1e9
 
 
-def run(model_path, files, tokens, threads, prompt_tokens=8, **opts) -> dict:
+def run(model_path, files, tokens, threads, prompt_tokens=8, memory_bytes=None, **opts) -> dict:
+    """One cold decode run. memory_bytes: hold RAM aside (a ballast) so that only this much
+    stays available to the run: the cache-off baseline at the cache run's memory."""
+    import psutil
     drop_cache(files)
+    ballast = None
+    if memory_bytes is not None:
+        extra = psutil.virtual_memory().available - int(memory_bytes)
+        if extra > 0:
+            ballast = np.ones(extra, np.uint8)        # written, so resident (no swap assumed)
     m = grokcpu.load(model_path, threads=threads, **opts)
+    c = m.config
+    dense = m.ckpt.nbytes - c.num_layers * c.num_experts * 3 * c.emb_size * c.ffn_size
+    budget = m.experts.budget_bytes if m.experts is not None else None
     s = m.new_session()
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, m.config.vocab_size, prompt_tokens).tolist()
     t0 = time.perf_counter()
     logits = s.prefill(prompt, logits="last")
     t1 = time.perf_counter()
+    pre = m.stats().get("expert_cache", {})
+    io0 = disk_read_bytes()
+    steps = []
     for _ in range(tokens):
+        t = time.perf_counter()
         logits = s.decode(int(logits.argmax()))
+        steps.append(time.perf_counter() - t)
     t2 = time.perf_counter()
+    io1 = disk_read_bytes()
     st = m.stats().get("expert_cache", {})
     m.close()
-    out = {"mode": opts, "prefill_s": t1 - t0, "decode_tok_s": tokens / (t2 - t1)}
+    del ballast
+    out = {"mode": {**opts, **({"memory_gb": memory_bytes / 1e9} if memory_bytes is not None else {})},
+           "prefill_s": t1 - t0, "decode_tok_s": tokens / (t2 - t1),
+           # the second half of the decode: after the first uses of most experts (cold misses)
+           "late_tok_s": len(steps[tokens // 2:]) / sum(steps[tokens // 2:]) if tokens >= 2 else None,
+           # what the run needs besides spare RAM: the budget, dense weights and the KV cache
+           "footprint_bytes": (budget + dense + c.kv_cache_bytes(m.context)) if budget is not None else None,
+           # what the kernel read from disk for this process while decoding (page faults included)
+           "decode_disk_gb": (io1 - io0) / 1e9 if io0 is not None and io1 is not None else None}
     for k in ("hit_rate", "bytes_read", "read_gb_s", "io_busy_seconds", "stall_seconds", "misses",
               "prefetch_hits", "prefetch_issued", "prefetch_wasted", "slots"):
         if k in st:
             out[k] = st[k]
+    for k in ("io_busy_seconds", "stall_seconds", "bytes_read", "misses", "prefetch_hits"):
+        if k in pre:
+            out["prefill_" + k] = pre[k]
+            out["decode_" + k] = st[k] - pre[k]
     return out
+
+
+def _gb(v) -> str:
+    return "?" if v is None else f"{v:.2f}"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--budget-gb", type=float, required=True)
+    ap.add_argument("--budget-gb", required=True, help="GB, or auto")
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--prompt-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
@@ -105,9 +154,14 @@ def main(argv=None) -> int:
                "disk_read_gb_s": disk, "runs": []}
     modes = [dict(expert_cache_gb=a.budget_gb, prefetch=True), dict(expert_cache_gb=a.budget_gb, prefetch=False)]
     if not a.skip_mmap:
-        modes.append(dict(expert_cache_gb="off"))
+        # the kernel's page cache given the memory the cache run had (its footprint), then all RAM
+        modes += [dict(expert_cache_gb="off", same_memory=True), dict(expert_cache_gb="off")]
+    footprint = None
     for opts in modes:
-        r = run(a.model, files, a.tokens, a.threads, a.prompt_tokens, **opts)
+        opts = dict(opts)
+        mem = footprint if opts.pop("same_memory", False) else None
+        r = run(a.model, files, a.tokens, a.threads, a.prompt_tokens, memory_bytes=mem, **opts)
+        footprint = footprint or r["footprint_bytes"]
         if "read_gb_s" in r:
             r["read_fraction_of_disk"] = r["read_gb_s"] / disk
         results["runs"].append(r)
@@ -116,17 +170,26 @@ def main(argv=None) -> int:
     if a.json:
         print(json.dumps(results))
         return 0
+    for r in results["runs"]:
+        if "prefill_stall_seconds" in r:
+            print(f"{'prefetch' if r['mode'].get('prefetch') else 'no prefetch'}: prefill {r['prefill_s']:.1f} s, "
+                  f"stalled {r['prefill_stall_seconds']:.1f} s of {r['prefill_io_busy_seconds']:.1f} s reading; "
+                  f"decode stalled {r['decode_stall_seconds']:.1f} s of {r['decode_io_busy_seconds']:.1f} s reading")
     print(f"experts {results['expert_gb']:.2f} GB, budget {a.budget_gb} GB, disk cold sequential read {disk:.2f} GB/s")
-    print(f"{'mode':<26} {'tok/s':>6} {'hit':>5} {'GB read':>8} {'read GB/s':>9} {'of disk':>7} {'io busy s':>9} {'stall s':>8}")
+    print(f"{'mode':<26} {'tok/s':>6} {'late':>6} {'hit':>5} {'GB read':>8} {'read GB/s':>9} {'of disk':>7} "
+          f"{'io busy s':>9} {'stall s':>8} {'decode disk GB':>14}")
     for r in results["runs"]:
         mode = ("cache+prefetch" if r["mode"].get("prefetch") else "cache, no prefetch") \
-            if r["mode"]["expert_cache_gb"] != "off" else "mmap (cache off)"
+            if r["mode"]["expert_cache_gb"] != "off" else \
+            ("mmap, same memory" if "memory_gb" in r["mode"] else "mmap, all RAM")
+        late = f"{r['late_tok_s']:>6.2f}" if r["late_tok_s"] else f"{'':>6}"
         if "hit_rate" in r:
-            print(f"{mode:<26} {r['decode_tok_s']:>6.2f} {r['hit_rate']:>5.2f} {r['bytes_read'] / 1e9:>8.2f} "
+            print(f"{mode:<26} {r['decode_tok_s']:>6.2f} {late} {r['hit_rate']:>5.2f} {r['bytes_read'] / 1e9:>8.2f} "
                   f"{r['read_gb_s']:>9.2f} {r['read_fraction_of_disk']:>7.0%} {r['io_busy_seconds']:>9.2f} "
-                  f"{r['stall_seconds']:>8.2f}")
+                  f"{r['stall_seconds']:>8.2f} {_gb(r['decode_disk_gb']):>14}")
         else:
-            print(f"{mode:<26} {r['decode_tok_s']:>6.2f}")
+            print(f"{mode:<26} {r['decode_tok_s']:>6.2f} {late} {'':>5} {'':>8} {'':>9} {'':>7} {'':>9} {'':>8} "
+                  f"{_gb(r['decode_disk_gb']):>14}")
     return 0
 
 

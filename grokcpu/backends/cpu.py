@@ -179,7 +179,11 @@ def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray, cache=None, layer:
     out = np.zeros((T, D), np.float32)
     if T == 1:      # decode: the same arithmetic without the grouping (a tenth of the Python time)
         x0 = x[0]
-        for j in np.argsort(idx[0], kind="stable"):
+        order = [int(j) for j in np.argsort(idx[0], kind="stable")]
+        ys = [None] * len(order)
+        if cache is not None:       # experts already in RAM first: their compute overlaps the reads
+            order.sort(key=lambda j: not cache.ready(layer, int(idx[0, j])))
+        for j in order:
             e = int(idx[0, j])
             if cache is not None:
                 wg, wu, wd = cache.acquire(layer, e)
@@ -197,7 +201,9 @@ def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray, cache=None, layer:
             finally:
                 if cache is not None:
                     cache.release(layer, e)
-            out[0] += gate[0, j] * y
+            ys[j] = y
+        for j in np.argsort(idx[0], kind="stable"):   # summed in expert order, whatever came first
+            out[0] += gate[0, j] * ys[j]
         return out
     for e in np.unique(idx):
         e = int(e)
