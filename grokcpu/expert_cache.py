@@ -201,8 +201,9 @@ class ExpertCache:
     def prefetch(self, keys, only_if_idle: bool = False) -> None:
         """Guess: start loading these experts if a slot is free or holds one not used since the
         previous step. Guessing turns itself off while fewer than half the guesses are used.
-        only_if_idle: guess only while no read is in flight, so a guess never takes disk
-        bandwidth from a read the model is waiting for (decode uses it)."""
+        only_if_idle: guess only while no read is in flight and only into a free slot, so a
+        guess never takes disk bandwidth from a read the model waits for, nor evicts an expert
+        (decode uses it: there a wrong guess's eviction cost more than right guesses saved)."""
         if not self.prefetch_enabled:
             return
         if only_if_idle and self.stats.inflight:
@@ -217,7 +218,9 @@ class ExpertCache:
             for key in keys:
                 if key in self.where:
                     continue
-                if self._claim(key, prefetched=True, wait=False, stale_before=self.step - 1) is None:
+                # stale_before=-1: no slot is stale enough, only a free one will do
+                stale = -1 if only_if_idle else self.step - 1
+                if self._claim(key, prefetched=True, wait=False, stale_before=stale) is None:
                     break
                 st.prefetch_issued[key[0]] += 1
 
