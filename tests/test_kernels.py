@@ -33,7 +33,7 @@ def test_matvec_and_matmul_against_float64(R, C, nb):
         ref = x.astype(np.float64) @ ref_w
         scale = np.sqrt((x.astype(np.float64) ** 2) @ (ref_w ** 2)) + 1e-30
         # input-major (as in the file) and output-major (the expert cache's down projections)
-        for got in (cpu.matmul(x, w, s), cpu.matmul_t(x, np.ascontiguousarray(w.T), s)):
+        for got in (cpu.matmul(x, w, s), cpu.matmul(x, np.ascontiguousarray(w.T), s, out_major=True)):
             assert got.dtype == np.float32 and got.shape == (T, C)
             assert (np.abs(got - ref) / scale).max() < 1e-5
 
@@ -173,3 +173,13 @@ def test_int8_unembedding_error_is_bounded():
     # each weight is off by at most half a quantization step: |err| <= 0.5 * rs * sum|h| * scale
     bound = 0.5 * rs[None, :] * np.abs(h).sum(1, keepdims=True) * 0.5773502691896257
     assert (np.abs(got - ref) <= bound * 1.001 + 1e-6).all()
+
+
+@pytest.mark.parametrize("n,D,F,c0", [(16, 24, 40, 8), (13, 24, 40, 8), (16, 20, 40, 3), (5, 7, 9, 2), (1024, 64, 2048, 512)])
+def test_transpose_into_whole_blocks_and_remainders(n, D, F, c0):
+    from grokcpu.kernels.matvec import transpose_into
+    src = RNG.integers(-128, 128, (n, D), dtype=np.int8)
+    dst = np.zeros((D, F), np.int8)
+    transpose_into(src, dst, c0)
+    assert np.array_equal(dst[:, c0:c0 + n], src.T)
+    assert not dst[:, :c0].any() and not dst[:, c0 + n:].any()

@@ -119,48 +119,42 @@ def matvec(x: np.ndarray, w: np.ndarray, s: np.ndarray, out: np.ndarray | None =
     return out
 
 
-def matmul(x: np.ndarray, w: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """x[T, R] @ dequant(w[R, C], s[nb, C]) -> [T, C] float32."""
+def matmul(x: np.ndarray, w: np.ndarray, s: np.ndarray, out_major: bool = False) -> np.ndarray:
+    """x[T, R] @ dequant(w[R, C], s[nb, C]) -> [T, C] float32.
+
+    out_major: w is stored output-major, [C, R] (the expert cache's down projections).
+    One row is a matvec; a few rows go through a kernel that reads the weights once for all
+    of them; from GEMM_MIN_ROWS rows on, dequantized tiles go through numpy's BLAS.
+    """
     T = x.shape[0]
-    R, C = w.shape
+    C, R = w.shape if out_major else w.shape[::-1]
     out = np.empty((T, C), np.float32)
     if T == 1:
-        matvec(np.ascontiguousarray(x[0]), w, s, out[0])
+        if out_major:
+            M.qmatvec_t(np.ascontiguousarray(x[0]), w, s, out[0])
+        else:
+            matvec(np.ascontiguousarray(x[0]), w, s, out[0])
         return out
     if T < GEMM_MIN_ROWS:
-        P = numba.get_num_threads()
-        part = _scratch("part", P * T * C).reshape(P, T, C)
-        M.qmatmul_small(np.ascontiguousarray(x), w, s, out, part)
+        if out_major:
+            M.qmatmul_small_t(np.ascontiguousarray(x), w, s, out)
+        else:
+            P = numba.get_num_threads()
+            part = _scratch("part", P * T * C).reshape(P, T, C)
+            M.qmatmul_small(np.ascontiguousarray(x), w, s, out, part)
         return out
     width = max(64, min(C, TILE_ELEMS // R // 64 * 64))
     tile = _scratch("tile", R * width)
     for c0 in range(0, C, width):
         n = min(width, C - c0)
-        t = tile[: R * n].reshape(R, n)
-        M.dequant_cols(w, s, c0, t)
+        if out_major:
+            t = tile[: n * R].reshape(n, R)
+            M.dequant_rows_t(w, s, c0, t)
+            t = t.T
+        else:
+            t = tile[: R * n].reshape(R, n)
+            M.dequant_cols(w, s, c0, t)
         np.matmul(x, t, out=out[:, c0:c0 + n])
-    return out
-
-
-def matmul_t(x: np.ndarray, wt: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """x[T, R] @ dequant(wt[C, R], s[nb, C]).T -> [T, C] float32, for weights stored output-major
-    (the expert cache's down projections)."""
-    T = x.shape[0]
-    C, R = wt.shape
-    out = np.empty((T, C), np.float32)
-    if T == 1:
-        M.qmatvec_t(np.ascontiguousarray(x[0]), wt, s, out[0])
-        return out
-    if T < GEMM_MIN_ROWS:
-        M.qmatmul_small_t(np.ascontiguousarray(x), wt, s, out)
-        return out
-    rows = max(64, min(C, TILE_ELEMS // R // 64 * 64))
-    tile = _scratch("tile", R * rows)
-    for c0 in range(0, C, rows):
-        n = min(rows, C - c0)
-        t = tile[: n * R].reshape(n, R)
-        M.dequant_rows_t(wt, s, c0, t)
-        np.matmul(x, t.T, out=out[:, c0:c0 + n])
     return out
 
 
@@ -193,11 +187,7 @@ def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray, cache=None, layer:
                 g = matvec(x0, wg, lw.w_gate.s[e])
                 u = matvec(x0, wu, lw.w_up.s[e])
                 K.gelu_mul(g, u)
-                if cache is not None:
-                    y = np.empty(D, np.float32)
-                    M.qmatvec_t(g, wd, lw.w_down.s[e], y)
-                else:
-                    y = matvec(g, wd, lw.w_down.s[e])
+                y = matmul(g[None], wd, lw.w_down.s[e], out_major=cache is not None)[0]
             finally:
                 if cache is not None:
                     cache.release(layer, e)
@@ -218,7 +208,7 @@ def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray, cache=None, layer:
             u = matmul(xe, wu, lw.w_up.s[e])
             for t in range(g.shape[0]):
                 K.gelu_mul(g[t], u[t])
-            y = matmul_t(g, wd, lw.w_down.s[e]) if cache is not None else matmul(g, wd, lw.w_down.s[e])
+            y = matmul(g, wd, lw.w_down.s[e], out_major=cache is not None)
         finally:
             if cache is not None:
                 cache.release(layer, e)

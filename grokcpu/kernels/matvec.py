@@ -308,26 +308,31 @@ def dequant_rows_t(wt, s, c0, out):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _swap_bits(a, b, s, m):
+    """Exchange the bits of a >> s and b selected by m (one step of a transpose in words)."""
+    t = ((a >> s) ^ b) & m
+    return a ^ (t << s), b ^ t
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _transpose8x8(x0, x1, x2, x3, x4, x5, x6, x7):
-    """Transpose the 8x8 bytes held in eight uint64 words (word k = row k, byte j = column j)."""
-    m = np.uint64(0x00000000FFFFFFFF)
-    s = np.uint64(32)
-    t = ((x0 >> s) ^ x4) & m; x4 ^= t; x0 ^= t << s   # noqa: E702
-    t = ((x1 >> s) ^ x5) & m; x5 ^= t; x1 ^= t << s   # noqa: E702
-    t = ((x2 >> s) ^ x6) & m; x6 ^= t; x2 ^= t << s   # noqa: E702
-    t = ((x3 >> s) ^ x7) & m; x7 ^= t; x3 ^= t << s   # noqa: E702
-    m = np.uint64(0x0000FFFF0000FFFF)
-    s = np.uint64(16)
-    t = ((x0 >> s) ^ x2) & m; x2 ^= t; x0 ^= t << s   # noqa: E702
-    t = ((x1 >> s) ^ x3) & m; x3 ^= t; x1 ^= t << s   # noqa: E702
-    t = ((x4 >> s) ^ x6) & m; x6 ^= t; x4 ^= t << s   # noqa: E702
-    t = ((x5 >> s) ^ x7) & m; x7 ^= t; x5 ^= t << s   # noqa: E702
-    m = np.uint64(0x00FF00FF00FF00FF)
-    s = np.uint64(8)
-    t = ((x0 >> s) ^ x1) & m; x1 ^= t; x0 ^= t << s   # noqa: E702
-    t = ((x2 >> s) ^ x3) & m; x3 ^= t; x2 ^= t << s   # noqa: E702
-    t = ((x4 >> s) ^ x5) & m; x5 ^= t; x4 ^= t << s   # noqa: E702
-    t = ((x6 >> s) ^ x7) & m; x7 ^= t; x6 ^= t << s   # noqa: E702
+    """Transpose the 8x8 bytes held in eight uint64 words (word k = row k, byte j = column j):
+    swap 4x4 blocks of bytes, then 2x2 blocks, then single bytes."""
+    s, m = np.uint64(32), np.uint64(0x00000000FFFFFFFF)
+    x0, x4 = _swap_bits(x0, x4, s, m)
+    x1, x5 = _swap_bits(x1, x5, s, m)
+    x2, x6 = _swap_bits(x2, x6, s, m)
+    x3, x7 = _swap_bits(x3, x7, s, m)
+    s, m = np.uint64(16), np.uint64(0x0000FFFF0000FFFF)
+    x0, x2 = _swap_bits(x0, x2, s, m)
+    x1, x3 = _swap_bits(x1, x3, s, m)
+    x4, x6 = _swap_bits(x4, x6, s, m)
+    x5, x7 = _swap_bits(x5, x7, s, m)
+    s, m = np.uint64(8), np.uint64(0x00FF00FF00FF00FF)
+    x0, x1 = _swap_bits(x0, x1, s, m)
+    x2, x3 = _swap_bits(x2, x3, s, m)
+    x4, x5 = _swap_bits(x4, x5, s, m)
+    x6, x7 = _swap_bits(x6, x7, s, m)
     return x0, x1, x2, x3, x4, x5, x6, x7
 
 
