@@ -41,7 +41,7 @@ ContextOpt = Annotated[Optional[int], typer.Option("--context", "-c", help="KV c
                                                    show_default=False)]
 CacheGbOpt = Annotated[str, typer.Option("--expert-cache-gb", help="RAM for cached experts, in GB, or 'auto'")]
 PolicyOpt = Annotated[str, typer.Option("--expert-cache-policy", help="expert eviction policy (lru, lfu)")]
-PrefetchOpt = Annotated[bool, typer.Option("--prefetch/--no-prefetch", help="read the next layer's likely experts ahead")]
+PrefetchOpt = Annotated[bool, typer.Option("--prefetch/--no-prefetch", help="read the next layer's likely experts ahead (off by default: it lost on the models measured)")]
 StatsOpt = Annotated[bool, typer.Option("--stats", help="timings and model statistics on stderr")]
 PinOpt = Annotated[Optional[str], typer.Option("--pin-experts", help="keep experts resident: LAYER:EXPERT,... or TRACE.jsonl:N (the N most used)")]
 TraceOpt = Annotated[Optional[str], typer.Option("--routing-trace", help="append the routing (pos, layer, experts) to this JSONL file; replay it with tools/cache_replay.py")]
@@ -228,7 +228,7 @@ def chat(
     repeat_penalty: RepeatOpt = 1.0, repeat_last_n: RepeatNOpt = 64, seed: SeedOpt = None,
     max_tokens: MaxTokOpt = 256, stop: StopOpt = None, ignore_eos: IgnoreEosOpt = False,
     model: ModelOpt = None, tokenizer: TokenizerOpt = None, threads: ThreadsOpt = None, context: ContextOpt = None,
-    expert_cache_gb: CacheGbOpt = "auto", expert_cache_policy: PolicyOpt = "lru", prefetch: PrefetchOpt = True,
+    expert_cache_gb: CacheGbOpt = "auto", expert_cache_policy: PolicyOpt = "lru", prefetch: PrefetchOpt = False,
     pin_experts: PinOpt = None, routing_trace: TraceOpt = None, unembed: UnembedOpt = "f32",
     offload: OffloadOpt = "none", stats: StatsOpt = False, debug: DebugOpt = False,
 ):
@@ -374,7 +374,7 @@ def generate(
     repeat_penalty: RepeatOpt = 1.0, repeat_last_n: RepeatNOpt = 64, seed: SeedOpt = None,
     max_tokens: MaxTokOpt = 256, stop: StopOpt = None, ignore_eos: IgnoreEosOpt = False,
     model: ModelOpt = None, tokenizer: TokenizerOpt = None, threads: ThreadsOpt = None, context: ContextOpt = None,
-    expert_cache_gb: CacheGbOpt = "auto", expert_cache_policy: PolicyOpt = "lru", prefetch: PrefetchOpt = True,
+    expert_cache_gb: CacheGbOpt = "auto", expert_cache_policy: PolicyOpt = "lru", prefetch: PrefetchOpt = False,
     pin_experts: PinOpt = None, routing_trace: TraceOpt = None, unembed: UnembedOpt = "f32",
     offload: OffloadOpt = "none", stats: StatsOpt = False, debug: DebugOpt = False,
 ):
@@ -480,7 +480,7 @@ def batch(
     repeat_penalty: RepeatOpt = 1.0, repeat_last_n: RepeatNOpt = 64, seed: SeedOpt = None,
     max_tokens: MaxTokOpt = 256, stop: StopOpt = None, ignore_eos: IgnoreEosOpt = False,
     model: ModelOpt = None, tokenizer: TokenizerOpt = None, threads: ThreadsOpt = None, context: ContextOpt = None,
-    expert_cache_gb: CacheGbOpt = "auto", expert_cache_policy: PolicyOpt = "lru", prefetch: PrefetchOpt = True,
+    expert_cache_gb: CacheGbOpt = "auto", expert_cache_policy: PolicyOpt = "lru", prefetch: PrefetchOpt = False,
     pin_experts: PinOpt = None, routing_trace: TraceOpt = None, unembed: UnembedOpt = "f32",
     offload: OffloadOpt = "none", stats: StatsOpt = False, debug: DebugOpt = False,
 ):
@@ -698,7 +698,7 @@ def info(
     verify: Annotated[bool, typer.Option("--verify", help="hash every file and compare with config.json's sha256")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of text")] = False,
     model: ModelOpt = None, tokenizer: TokenizerOpt = None, threads: ThreadsOpt = None, context: ContextOpt = None,
-    expert_cache_gb: CacheGbOpt = "auto", expert_cache_policy: PolicyOpt = "lru", prefetch: PrefetchOpt = True,
+    expert_cache_gb: CacheGbOpt = "auto", expert_cache_policy: PolicyOpt = "lru", prefetch: PrefetchOpt = False,
     pin_experts: PinOpt = None, routing_trace: TraceOpt = None, unembed: UnembedOpt = "f32",
     offload: OffloadOpt = "none", stats: StatsOpt = False, debug: DebugOpt = False,
 ):
@@ -846,7 +846,7 @@ def bench(
     reps: Annotated[int, typer.Option("--reps", "-r", help="repetitions (after one warm-up)")] = 3,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of a table")] = False,
     model: ModelOpt = None, tokenizer: TokenizerOpt = None, threads: ThreadsOpt = None, context: ContextOpt = None,
-    expert_cache_gb: CacheGbOpt = "auto", expert_cache_policy: PolicyOpt = "lru", prefetch: PrefetchOpt = True,
+    expert_cache_gb: CacheGbOpt = "auto", expert_cache_policy: PolicyOpt = "lru", prefetch: PrefetchOpt = False,
     pin_experts: PinOpt = None, routing_trace: TraceOpt = None, unembed: UnembedOpt = "f32",
     offload: OffloadOpt = "none", stats: StatsOpt = False, debug: DebugOpt = False,
 ):

@@ -24,7 +24,7 @@ class Model:
 
     def __init__(self, ckpt: Checkpoint, threads: int | None = None, context: int | None = None,
                  expert_cache_gb: float | str | None = None, expert_cache_policy: str = "lru",
-                 prefetch: bool = True, pin_experts=(), routing_trace: str | None = None,
+                 prefetch: bool = False, pin_experts=(), routing_trace: str | None = None,
                  unembed: str = "f32", offload: str = "none"):
         self.ckpt = ckpt
         self.config: GrokConfig = ckpt.config
