@@ -230,3 +230,20 @@ def test_parse_pins(tmp_path):
     t = tmp_path / "t.jsonl"
     t.write_text('{"pos": 0, "layer": 1, "experts": [2, 3]}\n{"pos": 1, "layer": 1, "experts": [3, 4]}\n')
     assert parse_pins(f"{t}:1", 4, 8) == [(1, 3)]
+
+
+def test_a_file_cut_short_after_loading_is_a_clear_error_and_the_cache_goes_on(medium_ckpt, tmp_path):
+    import shutil
+    copy = tmp_path / "ck"
+    shutil.copytree(medium_ckpt, copy)
+    ck = Checkpoint(copy)
+    cache = ExpertCache(ck, 2 * 3 * 512 * 2048)
+    path, off, n = ck.expert_ranges(0, 7)[2]              # the down projection of expert (0, 7)
+    os.truncate(path, off + n // 2)
+    with pytest.raises(GrokError, match=r"unexpected end of file reading expert \(0, 7\)"):
+        cache.acquire(0, 7)
+    assert (0, 7) not in cache.where
+    wg, wu, wd = cache.acquire(0, 1)                       # other experts still load
+    assert np.array_equal(wd, ck.layers[0].w_down.w[1].T)
+    cache.release(0, 1)
+    cache.close()
