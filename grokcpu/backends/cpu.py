@@ -171,7 +171,7 @@ def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray, cache=None, layer:
     """
     T, D = x.shape
     out = np.zeros((T, D), np.float32)
-    if T == 1:      # decode: the same arithmetic without the grouping (a tenth of the Python time)
+    if T == 1:      # decode: the same arithmetic without the grouping by expert (less Python per layer)
         x0 = x[0]
         order = [int(j) for j in np.argsort(idx[0], kind="stable")]
         ys = [None] * len(order)
