@@ -299,12 +299,15 @@ def qmatmul_small_t(x, wt, s, out):
 def dequant_rows_t(wt, s, c0, out):
     """out[n, R] = wt[c0:c0+n, :] * s[block(r), c0:c0+n].T as float32 (a tile for BLAS)."""
     n, R = out.shape
-    rb = R // s.shape[0]
+    nb = s.shape[0]
+    rb = R // nb
     for i in prange(n):
-        wr = wt[c0 + i]
-        o = out[i]
-        for r in range(R):
-            o[r] = np.float32(wr[r]) * s[r // rb, c0 + i]
+        for b in range(nb):          # one scale per block: the inner loop vectorizes
+            sc = s[b, c0 + i]
+            wr = wt[c0 + i, b * rb:(b + 1) * rb]
+            o = out[i, b * rb:(b + 1) * rb]
+            for r in range(rb):
+                o[r] = np.float32(wr[r]) * sc
 
 
 @njit(cache=True, nogil=True, inline="always")
