@@ -112,6 +112,27 @@ def test_attention_with_softcap_mask_and_uniform_rows():
     np.testing.assert_allclose(out[0, 0], vc[0, :1].sum(0) / S, rtol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [0.05, 1.0, 6.0])
+def test_attention_long_context_against_float64(scale):
+    """Hundreds of keys whose logits span the whole soft-capped range (softmax exponents from
+    0 down past -60), a third of them masked: the vectorized tanh and exp against float64."""
+    H, G, d, S = 8, 2, 64, 700
+    q = RNG.standard_normal((1, H, d)).astype(np.float32) * scale
+    kc = RNG.standard_normal((G, S, d)).astype(np.float32)
+    vc = RNG.standard_normal((G, S, d)).astype(np.float32)
+    key_ok = (RNG.random(S) > 0.33).astype(np.uint8)
+    out = np.empty((1, H, d), np.float32)
+    K.attention(q, kc, vc, S - 1, key_ok, np.float32(0.5), np.float32(30.0), np.float32(S), out,
+                np.empty((H, S), np.float32))
+    for h in range(H):
+        g = h // (H // G)
+        a = 30 * np.tanh((kc[g].astype(np.float64) @ q[0, h].astype(np.float64)) * 0.5 / 30)
+        a = np.where(key_ok > 0, a, -1e30)
+        p = np.exp(a - a.max())
+        p /= p.sum()
+        np.testing.assert_allclose(out[0, h], p @ vc[g], rtol=1e-4, atol=2e-6)
+
+
 def test_route_top2_unnormalised_ties_to_lower_index():
     D, E = 4, 8
     x = np.zeros((2, D), np.float32)
