@@ -114,8 +114,7 @@ def matvec(x: np.ndarray, w: np.ndarray, s: np.ndarray, out: np.ndarray | None =
     C = w.shape[1]
     if out is None:
         out = np.empty(C, np.float32)
-    kernel = M.qmatvec if C >= M.WIDE_COLS else M.qmatvec4
-    kernel(x, w, s, out, _part(C))
+    M.qmatvec(x, w, s, out, _part(C))
     return out
 
 

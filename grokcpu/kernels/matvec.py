@@ -6,7 +6,8 @@ from numba import njit, prange
 # Columns per work item of the decode matvec. Wide items keep each thread's reads in long
 # contiguous runs (rows are input-major, so a column range is a strided slice).
 COL_CHUNK = 4096
-# Matrices at least this wide use qmatvec (eight rows per step); narrower ones qmatvec4.
+# Matrices at least this wide take eight rows per step in COL_CHUNK columns; narrower ones four
+# rows per step in NARROW_CHUNK columns (measured faster there).
 WIDE_COLS = 4096
 NARROW_CHUNK = 2048
 
@@ -16,20 +17,24 @@ def qmatvec(x, w, s, out, part):
     """out[C] = x[R] @ (w[R, C] * s[r // (R/nb), C]).
 
     part [P, C] float32 scratch: the rows are split into P contiguous ranges (one stream per
-    thread), each summed into its own row of `part`, then added up. Eight rows per step share
-    the loads and stores of the accumulator (summed as a tree, so the additions do not form
-    one long dependency chain); the scale of a row block is applied once per block.
+    thread), each summed into its own row of `part`, then added up. Several rows per step
+    (eight on wide matrices, four on narrow ones) share the loads and stores of the
+    accumulator, summed as a tree so the additions do not form one long dependency chain; the
+    scale of a row block is applied once per block.
     """
     R, C = w.shape
     nb = s.shape[0]
     rb = R // nb
     P = part.shape[0]
-    nch = (C + COL_CHUNK - 1) // COL_CHUNK
-    rows_per = ((R + P - 1) // P + 7) // 8 * 8
+    wide = C >= WIDE_COLS
+    chunk = COL_CHUNK if wide else NARROW_CHUNK
+    step = 8 if wide else 4
+    nch = (C + chunk - 1) // chunk
+    rows_per = ((R + P - 1) // P + step - 1) // step * step
     for j in prange(P * nch):
         p = j // nch
-        c0 = (j % nch) * COL_CHUNK
-        c1 = min(C, c0 + COL_CHUNK)
+        c0 = (j % nch) * chunk
+        c1 = min(C, c0 + chunk)
         n = c1 - c0
         o = part[p, c0:c1]
         o[:] = 0.0
@@ -40,7 +45,7 @@ def qmatvec(x, w, s, out, part):
             b = r // rb
             bend = min(r1, (b + 1) * rb)
             acc[:] = 0.0
-            while r + 8 <= bend:
+            while wide and r + 8 <= bend:
                 x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
                 x4, x5, x6, x7 = x[r + 4], x[r + 5], x[r + 6], x[r + 7]
                 w0, w1, w2, w3 = w[r, c0:c1], w[r + 1, c0:c1], w[r + 2, c0:c1], w[r + 3, c0:c1]
@@ -51,61 +56,9 @@ def qmatvec(x, w, s, out, part):
                                + ((x4 * np.float32(w4[c]) + x5 * np.float32(w5[c]))
                                   + (x6 * np.float32(w6[c]) + x7 * np.float32(w7[c]))))
                 r += 8
-            while r < bend:
-                x0 = x[r]
-                w0 = w[r, c0:c1]
-                for c in range(n):
-                    acc[c] += x0 * np.float32(w0[c])
-                r += 1
-            sb = s[b, c0:c1]
-            for c in range(n):
-                o[c] += sb[c] * acc[c]
-    for c in range(C):
-        t = part[0, c]
-        for p in range(1, P):
-            t += part[p, c]
-        out[c] = t
-
-
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def qmatvec4(x, w, s, out, part):
-    """qmatvec for narrow matrices (C < WIDE_COLS): four rows per step measured faster there.
-
-    out[C] = x[R] @ (w[R, C] * s[r // (R/nb), C]).
-
-    part [P, C] float32 scratch: the rows are split into P contiguous ranges (one stream per
-    thread), each summed into its own row of `part`, then added up. Four rows per step share
-    the loads of the accumulator; the scale of a row block is applied once per block.
-    """
-    R, C = w.shape
-    nb = s.shape[0]
-    rb = R // nb
-    P = part.shape[0]
-    nch = (C + NARROW_CHUNK - 1) // NARROW_CHUNK
-    rows_per = ((R + P - 1) // P + 3) // 4 * 4
-    for j in prange(P * nch):
-        p = j // nch
-        c0 = (j % nch) * NARROW_CHUNK
-        c1 = min(C, c0 + NARROW_CHUNK)
-        n = c1 - c0
-        o = part[p, c0:c1]
-        o[:] = 0.0
-        acc = np.empty(n, np.float32)
-        r = p * rows_per
-        r1 = min(R, r + rows_per)
-        while r < r1:
-            b = r // rb
-            bend = min(r1, (b + 1) * rb)
-            acc[:] = 0.0
             while r + 4 <= bend:
-                x0 = x[r]
-                x1 = x[r + 1]
-                x2 = x[r + 2]
-                x3 = x[r + 3]
-                w0 = w[r, c0:c1]
-                w1 = w[r + 1, c0:c1]
-                w2 = w[r + 2, c0:c1]
-                w3 = w[r + 3, c0:c1]
+                x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+                w0, w1, w2, w3 = w[r, c0:c1], w[r + 1, c0:c1], w[r + 2, c0:c1], w[r + 3, c0:c1]
                 for c in range(n):
                     acc[c] += (x0 * np.float32(w0[c]) + x1 * np.float32(w1[c])
                                + x2 * np.float32(w2[c]) + x3 * np.float32(w3[c]))
