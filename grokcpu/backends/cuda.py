@@ -248,6 +248,22 @@ def _norm_kernels(nt: int):
     c = _import_cuda()
     block_sum, _ = _reductions(nt)
 
+    @c.jit(device=True)
+    def inv_rms(ss, sh, tid, D, eps):
+        """1 / sqrt(mean of squares + eps) of a row, from this thread's share ss of its squares."""
+        sh[tid] = ss
+        return np.float32(1.0 / math.sqrt(block_sum(sh, tid) / D + eps))
+
+    @c.jit(device=True)
+    def row_inv_rms(x, t, tid, sh, eps):
+        """inv_rms of row t of x, squares summed in float64 (each thread a stride of nt)."""
+        D = x.shape[1]
+        ss = 0.0
+        for i in range(tid, D, nt):
+            v = np.float64(x[t, i])
+            ss += v * v
+        return inv_rms(ss, sh, tid, D, eps)
+
     @c.jit
     def rmsnorm(x, scale, eps, out):
         """out[T, D] = scale * x / sqrt(mean(x^2) + eps); one block per row (out may be x)."""
@@ -255,12 +271,7 @@ def _norm_kernels(nt: int):
         tid = cuda.threadIdx.x
         D = x.shape[1]
         sh = cuda.shared.array(nt, np.float64)
-        ss = 0.0
-        for i in range(tid, D, nt):
-            v = np.float64(x[t, i])
-            ss += v * v
-        sh[tid] = ss
-        inv = np.float32(1.0 / math.sqrt(block_sum(sh, tid) / D + eps))
+        inv = row_inv_rms(x, t, tid, sh, eps)
         for i in range(tid, D, nt):
             out[t, i] = scale[i] * (x[t, i] * inv)
 
@@ -272,20 +283,14 @@ def _norm_kernels(nt: int):
         tid = cuda.threadIdx.x
         D = h.shape[1]
         sh = cuda.shared.array(nt, np.float64)
-        ss = 0.0
-        for i in range(tid, D, nt):
-            v = np.float64(br[t, i])
-            ss += v * v
-        sh[tid] = ss
-        inv = np.float32(1.0 / math.sqrt(block_sum(sh, tid) / D + eps))
+        inv = row_inv_rms(br, t, tid, sh, eps)
         ss = 0.0
         for i in range(tid, D, nt):
             hv = h[t, i] + post[i] * (br[t, i] * inv)
             h[t, i] = hv
             v = np.float64(hv)
             ss += v * v
-        sh[tid] = ss
-        inv2 = np.float32(1.0 / math.sqrt(block_sum(sh, tid) / D + eps))
+        inv2 = inv_rms(ss, sh, tid, D, eps)
         for i in range(tid, D, nt):
             x[t, i] = nxt[i] * (h[t, i] * inv2)
 
@@ -303,8 +308,7 @@ def _norm_kernels(nt: int):
             h[t, i] = hv
             v = np.float64(hv)
             ss += v * v
-        sh[tid] = ss
-        inv = np.float32(1.0 / math.sqrt(block_sum(sh, tid) / D + eps))
+        inv = inv_rms(ss, sh, tid, D, eps)
         for i in range(tid, D, nt):
             x[t, i] = scale[i] * (h[t, i] * inv)
 
