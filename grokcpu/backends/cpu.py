@@ -101,8 +101,13 @@ def _scratch(name: str, n: int) -> np.ndarray:
 _threads = 0     # set_threads' count: how many row ranges a matvec splits into (any count is correct)
 
 
+def _nparts() -> int:
+    """Row ranges a matvec splits into: set_threads' count (numba.get_num_threads costs 4 us)."""
+    return _threads or numba.get_num_threads()
+
+
 def _part(C: int) -> np.ndarray:
-    P = _threads or numba.get_num_threads()      # (numba.get_num_threads costs 4 us a call)
+    P = _nparts()
     buf = _parts.get((P, C))
     if buf is None:
         buf = _parts[(P, C)] = np.empty((P, C), np.float32)
@@ -138,7 +143,7 @@ def matmul(x: np.ndarray, w: np.ndarray, s: np.ndarray, out_major: bool = False)
         if out_major:
             M.qmatmul_small_t(np.ascontiguousarray(x), w, s, out)
         else:
-            P = numba.get_num_threads()
+            P = _nparts()
             part = _scratch("part", P * T * C).reshape(P, T, C)
             M.qmatmul_small(np.ascontiguousarray(x), w, s, out, part)
         return out
@@ -170,32 +175,12 @@ def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray, cache=None, layer:
     """
     T, D = x.shape
     out = np.zeros((T, D), np.float32)
-    if T == 1:      # decode: the same arithmetic without the grouping by expert (less Python per layer)
-        x0 = x[0]
-        order = [int(j) for j in np.argsort(idx[0], kind="stable")]
-        ys = [None] * len(order)
-        if cache is not None:       # experts already in RAM first: their compute overlaps the reads
-            order.sort(key=lambda j: not cache.ready(layer, int(idx[0, j])))
-        for j in order:
-            e = int(idx[0, j])
-            if cache is not None:
-                wg, wu, wd = cache.acquire(layer, e)
-            else:
-                wg, wu, wd = lw.w_gate.w[e], lw.w_up.w[e], lw.w_down.w[e]
-            try:
-                g = matvec(x0, wg, lw.w_gate.s[e])
-                u = matvec(x0, wu, lw.w_up.s[e])
-                K.gelu_mul(g, u)
-                y = matmul(g[None], wd, lw.w_down.s[e], out_major=cache is not None)[0]
-            finally:
-                if cache is not None:
-                    cache.release(layer, e)
-            ys[j] = y
-        for j in np.argsort(idx[0], kind="stable"):   # summed in expert order, whatever came first
-            out[0] += gate[0, j] * ys[j]
-        return out
-    for e in np.unique(idx):
-        e = int(e)
+    experts = [int(e) for e in np.unique(idx)]
+    order = experts
+    if cache is not None:       # experts already in RAM first: their compute overlaps the reads
+        order = sorted(experts, key=lambda e: not cache.ready(layer, e))
+    done = {}
+    for e in order:
         if cache is not None:
             wg, wu, wd = cache.acquire(layer, e)
         else:
@@ -207,10 +192,12 @@ def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray, cache=None, layer:
             u = matmul(xe, wu, lw.w_up.s[e])
             for t in range(g.shape[0]):
                 K.gelu_mul(g[t], u[t])
-            y = matmul(g, wd, lw.w_down.s[e], out_major=cache is not None)
+            done[e] = rows, slot, matmul(g, wd, lw.w_down.s[e], out_major=cache is not None)
         finally:
             if cache is not None:
                 cache.release(layer, e)
+    for e in experts:           # summed in expert order, whichever ran first
+        rows, slot, y = done[e]
         out[rows] += gate[rows, slot][:, None] * y
     return out
 
