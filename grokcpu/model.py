@@ -16,6 +16,7 @@ from .checkpoint import Checkpoint, LayerWeights
 from .config import GrokConfig
 from .errors import ContextFullError, GrokError
 from .expert_cache import ExpertCache, parse_budget
+from .kernels import decode as KD
 from .kernels import layers as K
 
 
@@ -35,6 +36,7 @@ class Model:
             raise GrokError(f"context {self.context} is outside 1..{c.sequence_len}",
                             hint=f"pass a context length up to the model's sequence_len {c.sequence_len}")
         self.experts: ExpertCache | None = None
+        self._decode_norms: list[np.ndarray] | None = None
         if not (isinstance(expert_cache_gb, str) and expert_cache_gb.strip().lower() == "off"):
             budget = parse_budget(expert_cache_gb, ckpt, self.context)
             all_experts = c.num_layers * c.num_experts * 3 * c.emb_size * c.ffn_size
@@ -67,6 +69,12 @@ class Model:
     @property
     def layers(self) -> list[LayerWeights]:
         return self.ckpt.layers
+
+    def decode_norms(self) -> list[np.ndarray]:
+        """Per layer [3, D]: attn_norm, attn_post_norm, moe_norm (one argument for decode's kernel)."""
+        if self._decode_norms is None:
+            self._decode_norms = [np.stack([lw.attn_norm, lw.attn_post_norm, lw.moe_norm]) for lw in self.layers]
+        return self._decode_norms
 
     def new_session(self) -> "Session":
         return Session(self)
@@ -106,6 +114,7 @@ class Session:
         self.trace: list | None = None   # set to [] to record (layer, expert ids [T,k], probs [T,E])
         self._all = np.ones(S, np.uint8)
         self._none = np.zeros(S, np.uint8)
+        self._ws: KD.DecodeWorkspace | None = None    # decode's buffers, made on first use
 
     def reset(self) -> None:
         """Forget the sequence (keeps the buffers)."""
@@ -169,7 +178,10 @@ class Session:
     def decode(self, token_id: int) -> np.ndarray:
         """Feed one token at the next position; return the next-token logits float32 [V]."""
         toks = self._check([token_id])
-        h = _forward(self.model, [self], toks, decode=True)
+        if self.model.dense is None:
+            h = _decode_one(self.model, self, int(toks[0]))
+        else:
+            h = _forward(self.model, [self], toks, decode=True)
         return self._logits(h)[0]
 
     def _forward(self, toks: np.ndarray) -> np.ndarray:
@@ -296,5 +308,69 @@ def _forward_rows(m: Model, sessions: list[Session], toks: np.ndarray, decode: b
     for s, r0, n in rows:
         s.pos += n
         s.tokens.extend(int(t) for t in toks[r0:r0 + n])
+    K.rmsnorm(h, m.ckpt.final_norm, eps, h)
+    return h
+
+
+def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
+    """One decode token of one session on the CPU: the same arithmetic as `_forward_rows`
+    with T = 1 (bitwise), in three compiled calls per layer on the session's workspace."""
+    c = m.config
+    ws = s._ws
+    if ws is None:
+        ws = s._ws = KD.DecodeWorkspace(c, m.context, cpu._nparts())
+    norms = m.decode_norms()
+    eps = c.rms_norm_eps
+    pos = s.pos
+    s.key_ok[pos] = tok > c.pad_token
+    key_ok = s._all if tok > c.pad_token else s._none    # reference quirk, as in _forward_rows
+    ws.pos[0] = pos
+    K.rope_tables(m.inv_freq, ws.pos, ws.cos, ws.sin)
+    cache = m.experts
+    if cache is not None:
+        cache.next_step()
+    h = np.asarray(m.ckpt.embeddings[[tok]], dtype=np.float32) * np.float32(c.embedding_multiplier_scale)
+    idx, gate = ws.idx, ws.gate
+    k_top = idx.shape[1]
+    n_layers = len(m.layers)
+    for li, lw in enumerate(m.layers):
+        KD.attn_router(h, ws.x, norms[li], lw.wq.w, lw.wq.s, lw.wk.w, lw.wk.s, lw.wv.w, lw.wv.s,
+                       lw.wo.w, lw.wo.s, lw.router, ws.cos, ws.sin, s.k[li], s.v[li], pos, key_ok, eps,
+                       ws.consts, ws.q, ws.k, ws.v, ws.attn, ws.a, ws.scores, ws.part_q, ws.part_kv,
+                       ws.part_o, idx, gate, ws.probs)
+        if s.trace is not None:
+            s.trace.append((li, idx.copy(), ws.probs.copy()))
+        if m._trace_file is not None:
+            m._trace_file.write(f'{{"pos": {pos}, "layer": {li}, "experts": {idx[0].tolist()}}}\n')
+        experts = sorted(int(e) for e in idx[0])
+        for j, e in enumerate(experts):
+            ws.gates[j] = gate[0, list(idx[0]).index(e)]
+        order = experts
+        if cache is not None:
+            cache.request([(li, e) for e in experts])
+            if li + 1 < n_layers and cache.prefetch_enabled:
+                nxt = m.layers[li + 1]
+                K.rmsnorm(h, nxt.moe_norm, eps, ws.xg)
+                K.route(ws.xg, nxt.router, k_top, ws.idx_g, ws.gate_g, ws.probs_g)
+                cache.prefetch([(li + 1, int(e)) for e in np.unique(ws.idx_g)], only_if_idle=True)
+            order = sorted(experts, key=lambda e: not cache.ready(li, e))
+        x = ws.x[0]
+        for e in order:
+            j = experts.index(e)
+            if cache is not None:
+                wg, wu, wd = cache.acquire(li, e)
+            else:
+                wg, wu, wd = lw.w_gate.w[e], lw.w_up.w[e], lw.w_down.w[e]
+            try:
+                KD.expert(x, wg, lw.w_gate.s[e], wu, lw.w_up.s[e], wd, lw.w_down.s[e], cache is not None,
+                          ws.g, ws.u, ws.ys[j], ws.part_f, ws.part_d)
+            finally:
+                if cache is not None:
+                    cache.release(li, e)
+        KD.moe_finish(h, ws.ys, ws.gates, lw.moe_post_norm, eps, ws.moe)
+    if m._trace_file is not None:
+        m._trace_file.flush()
+    s.pos += 1
+    s.tokens.append(tok)
     K.rmsnorm(h, m.ckpt.final_norm, eps, h)
     return h

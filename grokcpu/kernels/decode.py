@@ -1,0 +1,100 @@
+"""One decode token's layer in a few compiled calls, on a preallocated workspace.
+
+A decode step is memory-bound, and on a small model each product is short (tens of µs), so
+Python's share (argument checks, slicing, small numpy allocations: about 40 calls per layer)
+cost 5-8 % of a token. Here one call runs the attention block and the router, one call runs
+each routed expert, and one finishes the MoE block; every buffer comes from `DecodeWorkspace`.
+The arithmetic is the same kernels in the same order as the general path (`model._forward_rows`).
+"""
+
+import numpy as np
+from numba import njit
+
+from .layers import add_rmsnorm, attention, gelu_mul, rmsnorm, rope, route
+from .matvec import qmatvec, qmatvec_t
+
+
+@njit(cache=True, nogil=True)
+def attn_router(h, x, norms, wq, sq, wk, sk, wv, sv, wo, so, router, cos, sin, kc, vc, pos,
+                key_ok, eps, consts, q, k, v, attn, a, scores, part_q, part_kv, part_o, idx, gate, probs):
+    """h[1, D] += RMSNorm_1(Attention(RMSNorm_0(h))) for the token at `pos`, its key and value
+    written into kc/vc [G, S, d]; then x = RMSNorm_2(h) and the router's top-k into idx/gate.
+
+    norms [3, D]: the layer's attn_norm, attn_post_norm and moe_norm. consts float32: the
+    attention multiplier, the logit cap, the uniform-softmax row count.
+    """
+    mult, cap, n_uniform = consts[0], consts[1], consts[2]
+    H, d = q.shape[1], q.shape[2]
+    G = k.shape[1]
+    rmsnorm(h, norms[0], eps, x)
+    qmatvec(x[0], wq, sq, q.reshape(H * d), part_q)
+    qmatvec(x[0], wk, sk, k.reshape(G * d), part_kv)
+    qmatvec(x[0], wv, sv, v.reshape(G * d), part_kv)
+    rope(q, cos, sin)
+    rope(k, cos, sin)
+    kc[:, pos, :] = k[0]
+    vc[:, pos, :] = v[0]
+    attention(q, kc, vc, pos, key_ok, mult, cap, n_uniform, attn, scores)
+    qmatvec(attn.reshape(H * d), wo, so, a[0], part_o)
+    add_rmsnorm(h, a, norms[1], eps)
+    rmsnorm(h, norms[2], eps, x)
+    route(x, router, idx.shape[1], idx, gate, probs)
+
+
+@njit(cache=True, nogil=True)
+def expert(x, wg, sg, wu, su, wd, sd, down_t, g, u, y, part_f, part_d):
+    """y[D] = down(gelu(x @ gate) * (x @ up)) for one token: gate/up [D, F] input-major; down
+    output-major [D, F] (the expert cache's layout) when down_t, else [F, D] as in the file."""
+    qmatvec(x, wg, sg, g, part_f)
+    qmatvec(x, wu, su, u, part_f)
+    gelu_mul(g, u)
+    if down_t:
+        qmatvec_t(g, wd, sd, y)
+    else:
+        qmatvec(g, wd, sd, y, part_d)
+
+
+@njit(cache=True, nogil=True)
+def moe_finish(h, ys, gate, norm, eps, out):
+    """h[1, D] += RMSNorm_3(sum_j gate[j] * ys[j]); ys in expert order (as the general path sums)."""
+    out[:] = 0.0
+    for j in range(ys.shape[0]):
+        gj = gate[j]
+        for i in range(ys.shape[1]):
+            out[0, i] += gj * ys[j, i]
+    add_rmsnorm(h, out, norm, eps)
+
+
+class DecodeWorkspace:
+    """The buffers of one decode token, made once per session."""
+
+    def __init__(self, c, context: int, parts: int):
+        D, H, G, d, F = c.emb_size, c.num_q_heads, c.num_kv_heads, c.key_size, c.ffn_size
+        k = c.num_selected_experts
+        f32 = np.float32
+        self.x, self.a, self.moe = (np.empty((1, D), f32) for _ in range(3))
+        self.q = np.empty((1, H, d), f32)
+        self.k = np.empty((1, G, d), f32)
+        self.v = np.empty((1, G, d), f32)
+        self.attn = np.empty((1, H, d), f32)
+        self.scores = np.empty((H, context), f32)
+        self.cos = np.empty((1, d // 2), f32)
+        self.sin = np.empty((1, d // 2), f32)
+        self.pos = np.empty(1, np.int64)
+        self.idx = np.empty((1, k), np.int64)
+        self.gate = np.empty((1, k), f32)
+        self.probs = np.empty((1, c.num_experts), f32)
+        self.g = np.empty(F, f32)
+        self.u = np.empty(F, f32)
+        self.ys = np.empty((k, D), f32)
+        self.gates = np.empty(k, f32)
+        self.part_q = np.empty((parts, H * d), f32)
+        self.part_kv = np.empty((parts, G * d), f32)
+        self.part_o = np.empty((parts, D), f32)
+        self.part_f = np.empty((parts, F), f32)
+        self.part_d = np.empty((parts, D), f32)
+        self.consts = np.array([c.attn_output_multiplier, c.attn_logit_cap, c.sequence_len], f32)
+        self.xg = np.empty((1, D), f32)          # the next layer's routing guess (prefetch)
+        self.idx_g = np.empty_like(self.idx)
+        self.gate_g = np.empty_like(self.gate)
+        self.probs_g = np.empty_like(self.probs)
