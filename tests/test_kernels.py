@@ -22,7 +22,7 @@ def dequant64(w, s):
 
 # float32 accumulation over R terms of size ~1: relative error ~ sqrt(R) * 6e-8 of the row norm
 @pytest.mark.parametrize("R,C,nb", [(8, 8, 1), (37, 5, 1), (64, 2049, 8), (203, 300, 7), (1, 3, 1), (4104, 33, 8),
-                                    (48, 8200, 8)])
+                                    (48, 8200, 8), (29, 65600, 1), (16, 2048, 2)])
 def test_matvec_and_matmul_against_float64(R, C, nb):
     if R % nb:
         R = R // nb * nb
