@@ -1,5 +1,6 @@
 """Kernels against float64 numpy on random shapes, including sizes that are not multiples of
-the kernels' blocks (4 rows, 2048-column chunks, 256-row vocab blocks)."""
+the kernels' blocks (1/4/8-row steps, the 2048-column narrow limit, 32768-column chunks split
+evenly, 256-row vocab blocks)."""
 
 import numpy as np
 import pytest
@@ -204,3 +205,28 @@ def test_transpose_into_whole_blocks_and_remainders(n, D, F, c0):
     transpose_into(src, dst, c0)
     assert np.array_equal(dst[:, c0:c0 + n], src.T)
     assert not dst[:, :c0].any() and not dst[:, c0 + n:].any()
+
+
+def test_compiled_kernels_are_dropped_when_any_kernel_source_changes(tmp_path):
+    """numba's cache checks only a kernel's own file: a change to matvec.py must also drop
+    decode.py's compiled kernels, which embed matvec's code."""
+    import shutil
+    from pathlib import Path
+
+    from grokcpu import kernels
+
+    src = Path(kernels.__file__).parent
+    for f in src.glob("*.py"):
+        shutil.copy(f, tmp_path / f.name)
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    kernels._drop_stale_compiled(tmp_path)                    # first run: records the sources
+    stale = cache / "decode.attn_router-17.py311.1.nbc"
+    stale.write_bytes(b"x")
+    kernels._drop_stale_compiled(tmp_path)                    # unchanged sources: cache kept
+    assert stale.exists()
+    with open(tmp_path / "matvec.py", "a") as f:
+        f.write("\n# changed\n")
+    kernels._drop_stale_compiled(tmp_path)
+    assert not stale.exists()
+    assert (cache / "grokcpu-kernels.sources").is_file()

@@ -189,12 +189,17 @@ def route(x, router, k, idx, gate, probs):
     T, D = x.shape
     E = router.shape[1]
     logits = np.zeros(E, np.float64)
+    acc = np.empty(E, np.float32)
     for t in range(T):
+        # each logit summed over i in order, as a scalar loop per expert would, but a row of the
+        # router at a time: its E entries are contiguous, so the loop over experts vectorizes
+        acc[:] = 0.0
+        for i in range(D):
+            xi = x[t, i]
+            for e in range(E):
+                acc[e] += xi * router[i, e]
         for e in range(E):
-            acc = np.float32(0.0)
-            for i in range(D):
-                acc += x[t, i] * router[i, e]
-            logits[e] = acc
+            logits[e] = acc[e]
         m = logits.max()
         tot = 0.0
         for e in range(E):

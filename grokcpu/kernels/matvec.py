@@ -3,36 +3,39 @@
 import numpy as np
 from numba import njit, prange
 
-# Columns per work item of the decode matvec. Wide items keep each thread's reads in long
-# contiguous runs (rows are input-major, so a column range is a strided slice).
-COL_CHUNK = 4096
-# Matrices at least this wide take eight rows per step in COL_CHUNK columns; narrower ones four
-# rows per step in NARROW_CHUNK columns (measured faster there).
-WIDE_COLS = 4096
-NARROW_CHUNK = 2048
+# The decode matvec reads each thread's rows as few long streams: the hardware prefetcher
+# keeps DRAM busy only along streams it has learned, and short interleaved ones (a few rows of
+# a narrow matrix, 1-6 KB each) ran at half the speed of one sequential stream here.
+# Matrices at most NARROW_COLS wide go one whole row at a time (one stream; the accumulator,
+# <= 8 KB, stays in L1): 1536 x 1536 and 6144 x 1024 went from 12-16 to 26 GB/s on 2 threads.
+NARROW_COLS = 2048
+# Wider ones take eight rows per step over up to COL_CHUNK columns (eight streams, each up to
+# 32 KB long; the accumulator, up to 128 KB, stays in L2). Chunks of 4096 columns were 5-30 %
+# slower on every measured shape (Grok-1's 6144 x 6144: 22 -> 29 GB/s).
+COL_CHUNK = 32768
+# Columns per work item of qmatmul_small, whose accumulator holds T rows of them.
+SMALL_CHUNK = 4096
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def qmatvec(x, w, s, out, part):
     """out[C] = x[R] @ (w[R, C] * s[r // (R/nb), C]).
 
-    part [P, C] float32 scratch: the rows are split into P contiguous ranges (one stream per
-    thread), each summed into its own row of `part`, then added up. Several rows per step
-    (eight on wide matrices, four on narrow ones) share the loads and stores of the
-    accumulator. Eight rows are added to it one after another: a chain of fused multiply-adds
-    is fewer instructions than a tree of products and sums (4-6 % faster on wide matrices; the
-    loop is unrolled across columns, so the chain's latency is hidden). Four rows stay a tree:
-    a narrow row is too short for the unrolling to hide the chain (20 % slower measured on
-    1536 x 256). The scale of a row block is applied once per block.
+    part [P, C] float32 scratch: the rows are split into P contiguous ranges (one per thread),
+    each summed into its own row of `part`, then added up. On wide matrices eight rows per
+    step share the loads and stores of the accumulator and are added to it one after another:
+    a chain of fused multiply-adds is fewer instructions than a tree of products and sums (4-6 %
+    faster; the loop runs across columns, so the chain's latency is hidden). Narrow matrices go
+    row by row (see NARROW_COLS). The scale of a row block is applied once per block.
     """
     R, C = w.shape
     nb = s.shape[0]
     rb = R // nb
     P = part.shape[0]
-    wide = C >= WIDE_COLS
-    chunk = COL_CHUNK if wide else NARROW_CHUNK
-    step = 8 if wide else 4
-    nch = (C + chunk - 1) // chunk
+    wide = C > NARROW_COLS
+    step = 8 if wide else 1
+    nch = (C + COL_CHUNK - 1) // COL_CHUNK
+    chunk = ((C + nch - 1) // nch + 63) // 64 * 64
     rows_per = ((R + P - 1) // P + step - 1) // step * step
     for j in prange(P * nch):
         p = j // nch
@@ -63,13 +66,6 @@ def qmatvec(x, w, s, out, part):
                     a += x6 * np.float32(w6[c])
                     acc[c] = a + x7 * np.float32(w7[c])
                 r += 8
-            while r + 4 <= bend:
-                x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
-                w0, w1, w2, w3 = w[r, c0:c1], w[r + 1, c0:c1], w[r + 2, c0:c1], w[r + 3, c0:c1]
-                for c in range(n):
-                    acc[c] += (x0 * np.float32(w0[c]) + x1 * np.float32(w1[c])
-                               + x2 * np.float32(w2[c]) + x3 * np.float32(w3[c]))
-                r += 4
             while r < bend:
                 x0 = x[r]
                 w0 = w[r, c0:c1]
@@ -98,12 +94,12 @@ def qmatmul_small(x, w, s, out, part):
     nb = s.shape[0]
     rb = R // nb
     P = part.shape[0]
-    nch = (C + COL_CHUNK - 1) // COL_CHUNK
+    nch = (C + SMALL_CHUNK - 1) // SMALL_CHUNK
     rows_per = ((R + P - 1) // P + 3) // 4 * 4
     for j in prange(P * nch):
         p = j // nch
-        c0 = (j % nch) * COL_CHUNK
-        c1 = min(C, c0 + COL_CHUNK)
+        c0 = (j % nch) * SMALL_CHUNK
+        c1 = min(C, c0 + SMALL_CHUNK)
         n = c1 - c0
         for t in range(T):
             part[p, t, c0:c1] = 0.0
