@@ -122,18 +122,24 @@ def run_bench(model_path, prompt_tokens: int = 128, gen_tokens: int = 32, thread
     t0 = perf_counter()
     once(prompt_tokens, min(gen_tokens, 8))   # warm-up: compile both paths, page in the experts
     warmup_s = perf_counter() - t0
-    pp_runs, tg_runs = [], []
+    per_token = decode_bytes_per_token(model)
+    # The read ceiling is measured before and after every repetition: on a shared machine it
+    # moves by 1.5x within minutes, so each run's fraction is taken against its own neighbours.
+    probe = ReadProbe(getattr(model, "threads", threads))
+    ceilings = [probe.measure()]
+    pp_runs, tg_runs, fractions = [], [], []
     for _ in range(reps):
         pp, tg = once(prompt_tokens, gen_tokens)
+        ceilings.append(probe.measure())
         pp_runs.append(prompt_tokens / pp)
         tg_runs.append(gen_tokens / tg)
+        fractions.append(per_token * tg_runs[-1] / 1e9 / ((ceilings[-2] + ceilings[-1]) / 2))
+    probe.close()
     experts = getattr(model, "experts", None)
     plan = memory_plan(model.ckpt, model.context, experts.budget_bytes / 1e9 if experts is not None else None)
     tg = _summary(tg_runs)
     pp = _summary(pp_runs)
     stats = model.stats()
-    per_token = decode_bytes_per_token(model)
-    ceiling = read_bandwidth(getattr(model, "threads", threads))
     return {
         # the llama-bench-like headline figures
         "prefill_tok_s": pp["median"],
@@ -141,8 +147,11 @@ def run_bench(model_path, prompt_tokens: int = 128, gen_tokens: int = 32, thread
         "ttft_s": prompt_tokens / pp["median"],
         "decode_bytes_per_token": per_token,
         "decode_gb_s": per_token * tg["median"] / 1e9,
-        "read_gb_s": ceiling,
-        "decode_fraction_of_read": per_token * tg["median"] / 1e9 / ceiling,
+        "read_gb_s": statistics.median(ceilings),
+        "read_gb_s_runs": ceilings,
+        # median over repetitions of (that run's GB/s) / (the ceiling measured just before and after it)
+        "decode_fraction_of_read": statistics.median(fractions),
+        "decode_fraction_runs": fractions,
         "unembed": getattr(model, "unembed", "f32"),
         "model": str(model_path),
         "threads": getattr(model, "threads", threads),
@@ -159,25 +168,33 @@ def run_bench(model_path, prompt_tokens: int = 128, gen_tokens: int = 32, thread
     }
 
 
-def read_bandwidth(threads: int | None = None, nbytes: int = 1 << 30, reps: int = 5) -> float:
-    """Memory read bandwidth in GB/s (median): a float32 sum over `nbytes`, on `threads` threads."""
-    import numba
+class ReadProbe:
+    """Memory read bandwidth in GB/s: a float32 sum over a buffer made once (256 MB, 8x a large
+    L3), on the decode's thread count; `measure()` gives the median of `reps` passes."""
 
-    from .kernels.matvec import read_sum
-    saved = numba.get_num_threads()
-    if threads:
-        numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
-    try:
-        a = np.ones(nbytes // 4, np.float32)
-        read_sum(a)
-        ts = []
-        for _ in range(reps):
-            t = perf_counter()
-            read_sum(a)
-            ts.append(perf_counter() - t)
-    finally:
-        numba.set_num_threads(saved)
-    return nbytes / statistics.median(ts) / 1e9
+    def __init__(self, threads: int | None = None, nbytes: int = 256 << 20, reps: int = 5):
+        from .kernels.matvec import read_sum
+        self.threads, self.reps, self.read_sum = threads, reps, read_sum
+        self.a = np.ones(nbytes // 4, np.float32)
+
+    def measure(self) -> float:
+        import numba
+        saved = numba.get_num_threads()
+        if self.threads:
+            numba.set_num_threads(min(int(self.threads), numba.config.NUMBA_NUM_THREADS))
+        try:
+            self.read_sum(self.a)
+            ts = []
+            for _ in range(self.reps):
+                t = perf_counter()
+                self.read_sum(self.a)
+                ts.append(perf_counter() - t)
+        finally:
+            numba.set_num_threads(saved)
+        return self.a.nbytes / statistics.median(ts) / 1e9
+
+    def close(self) -> None:
+        self.a = None
 
 
 def decode_bytes_per_token(model) -> int:
