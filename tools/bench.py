@@ -5,8 +5,10 @@
     python tools/bench.py --model /data/scaled16 --unembed int8 --json
 
 Warm-up first (compiles the kernels, fills the expert cache), then the median of --reps runs.
-decode GB/s = weight bytes one decode step streams x tok/s; read GB/s = a float32 sum over 1 GB
-on the same threads, measured in this run: the ceiling a memory-bound decode is held to.
+decode GB/s = weight bytes one decode step streams x tok/s; read GB/s = a float32 sum over
+256 MB on the same threads, measured before and after every run: the ceiling a memory-bound
+decode is held to. Each run's fraction is taken against the ceilings around it; the median
+of those is `decode_fraction_of_read`.
 """
 
 import argparse
