@@ -48,7 +48,7 @@ def test_matvec_on_read_only_strided_expert_slice():
     np.testing.assert_allclose(got, x.astype(np.float64) @ dequant64(w3[2], s3[2]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("V,D,T", [(1000, 33, 1), (257, 64, 2), (300, 16, 6)])
+@pytest.mark.parametrize("V,D,T", [(1000, 33, 1), (257, 64, 1), (257, 64, 2), (300, 16, 6)])
 def test_unembed(V, D, T):
     emb = RNG.standard_normal((V, D)).astype(np.float32)
     h = RNG.standard_normal((T, D)).astype(np.float32)

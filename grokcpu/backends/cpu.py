@@ -82,14 +82,6 @@ _parts: dict = {}
 _scratches: dict = {}
 
 
-def _filled(name: str, n: int, value: float) -> np.ndarray:
-    """A reusable float32 array of n copies of value."""
-    buf = _scratches.get(name)
-    if buf is None or buf.size != n or buf[0] != np.float32(value):
-        buf = _scratches[name] = np.full(n, value, np.float32)
-    return buf
-
-
 def _scratch(name: str, n: int) -> np.ndarray:
     """A reusable float32 buffer of at least n elements (fresh pages cost a fault each)."""
     buf = _scratches.get(name)
@@ -208,7 +200,7 @@ def unembed(h: np.ndarray, emb: np.ndarray, scale: float) -> np.ndarray:
     V = emb.shape[0]
     out = np.empty((T, V), np.float32)
     if T == 1:
-        M.qmatvec_t(np.ascontiguousarray(h[0]), emb, _filled("scale", V, scale).reshape(1, V), out[0])
+        M.dot_rows(np.ascontiguousarray(h[0]), emb, np.float32(scale), out[0], _nparts())
         return out
     rows = max(256, TILE_ELEMS // emb.shape[1])
     for v0 in range(0, V, rows):

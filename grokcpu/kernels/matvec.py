@@ -206,6 +206,25 @@ def qmatvec_t(x, wt, s, out):
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
+def dot_rows(x, a, scale, out, parts):
+    """out[C] = scale * (a[C, R] @ x[R]) for a float32 table a (the exact unembedding).
+
+    Row by row, each of `parts` contiguous row ranges one sequential stream: with no int8 to
+    widen, the extra loads of x cost less than the streams of an eight-row step (33 vs 29 GB/s
+    on 2 threads here, for the 131072 x 1536 table of scaled-16).
+    """
+    C, R = a.shape
+    per = (C + parts - 1) // parts
+    for p in prange(parts):
+        for c in range(p * per, min(C, (p + 1) * per)):
+            row = a[c]
+            acc = np.float32(0.0)
+            for r in range(R):
+                acc += x[r] * row[r]
+            out[c] = scale * acc
+
+
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def qmatmul_small_t(x, wt, s, out):
     """out[T, C] = x[T, R] @ (wt[C, R] * s[block, c]).T for a few rows T, wt output-major.
 
