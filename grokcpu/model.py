@@ -36,7 +36,7 @@ class Model:
             raise GrokError(f"context {self.context} is outside 1..{c.sequence_len}",
                             hint=f"pass a context length up to the model's sequence_len {c.sequence_len}")
         self.experts: ExpertCache | None = None
-        self._decode_norms: list[np.ndarray] | None = None
+        self._decode_args: tuple | None = None
         if not (isinstance(expert_cache_gb, str) and expert_cache_gb.strip().lower() == "off"):
             budget = parse_budget(expert_cache_gb, ckpt, self.context)
             all_experts = c.num_layers * c.num_experts * 3 * c.emb_size * c.ffn_size
@@ -70,11 +70,17 @@ class Model:
     def layers(self) -> list[LayerWeights]:
         return self.ckpt.layers
 
-    def decode_norms(self) -> list[np.ndarray]:
-        """Per layer [3, D]: attn_norm, attn_post_norm, moe_norm (one argument for decode's kernel)."""
-        if self._decode_norms is None:
-            self._decode_norms = [np.stack([lw.attn_norm, lw.attn_post_norm, lw.moe_norm]) for lw in self.layers]
-        return self._decode_norms
+    def decode_args(self) -> tuple[list[tuple], list[list[tuple]]]:
+        """Decode's per-layer arguments, made once: the dense ones of `kernels.decode.attn_router`
+        (norms [3, D]: attn_norm, attn_post_norm, moe_norm; q, k, v, o weights and scales; the
+        router), and each expert's gate, up and down scales."""
+        if self._decode_args is None:
+            dense = [(np.stack([lw.attn_norm, lw.attn_post_norm, lw.moe_norm]), lw.wq.w, lw.wq.s,
+                      lw.wk.w, lw.wk.s, lw.wv.w, lw.wv.s, lw.wo.w, lw.wo.s, lw.router) for lw in self.layers]
+            scales = [[(lw.w_gate.s[e], lw.w_up.s[e], lw.w_down.s[e]) for e in range(self.config.num_experts)]
+                      for lw in self.layers]
+            self._decode_args = dense, scales
+        return self._decode_args
 
     def new_session(self) -> "Session":
         return Session(self)
@@ -319,7 +325,8 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
     ws = s._ws
     if ws is None:
         ws = s._ws = KD.DecodeWorkspace(c, m.context, cpu._nparts())
-    norms = m.decode_norms()
+        ws.kv = [(s.k[li], s.v[li]) for li in range(c.num_layers)]
+    dense, scales = m.decode_args()
     eps = c.rms_norm_eps
     pos = s.pos
     s.key_ok[pos] = tok > c.pad_token
@@ -329,48 +336,49 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
     cache = m.experts
     if cache is not None:
         cache.next_step()
-    h = np.asarray(m.ckpt.embeddings[[tok]], dtype=np.float32) * np.float32(c.embedding_multiplier_scale)
-    idx, gate = ws.idx, ws.gate
-    k_top = idx.shape[1]
+    h = ws.h
+    np.multiply(m.ckpt.embeddings[tok], np.float32(c.embedding_multiplier_scale), out=h[0])
+    tail = (ws.q, ws.k, ws.v, ws.attn, ws.a, ws.scores, ws.part_q, ws.part_kv, ws.part_o,
+            ws.idx, ws.gate, ws.probs)
+    x, g, u, ys, part_f, part_d = ws.x[0], ws.g, ws.u, ws.ys, ws.part_f, ws.part_d
+    down_t = cache is not None
     n_layers = len(m.layers)
     for li, lw in enumerate(m.layers):
-        KD.attn_router(h, ws.x, norms[li], lw.wq.w, lw.wq.s, lw.wk.w, lw.wk.s, lw.wv.w, lw.wv.s,
-                       lw.wo.w, lw.wo.s, lw.router, ws.cos, ws.sin, s.k[li], s.v[li], pos, key_ok, eps,
-                       ws.consts, ws.q, ws.k, ws.v, ws.attn, ws.a, ws.scores, ws.part_q, ws.part_kv,
-                       ws.part_o, idx, gate, ws.probs)
+        KD.attn_router(h, ws.x, *dense[li], ws.cos, ws.sin, *ws.kv[li], pos, key_ok, eps, ws.consts, *tail)
         if s.trace is not None:
-            s.trace.append((li, idx.copy(), ws.probs.copy()))
+            s.trace.append((li, ws.idx.copy(), ws.probs.copy()))
+        ids = ws.idx[0].tolist()
         if m._trace_file is not None:
-            m._trace_file.write(f'{{"pos": {pos}, "layer": {li}, "experts": {idx[0].tolist()}}}\n')
-        experts = sorted(int(e) for e in idx[0])
-        for j, e in enumerate(experts):
-            ws.gates[j] = gate[0, list(idx[0]).index(e)]
-        order = experts
+            m._trace_file.write(f'{{"pos": {pos}, "layer": {li}, "experts": {ids}}}\n')
+        chosen = sorted(zip(ids, ws.gate[0].tolist()))         # summed in expert order
+        experts = [e for e, _ in chosen]
+        ws.gates[:] = [gt for _, gt in chosen]
+        order = range(len(experts))
         if cache is not None:
             cache.request([(li, e) for e in experts])
             if li + 1 < n_layers and cache.prefetch_enabled:
                 nxt = m.layers[li + 1]
                 K.rmsnorm(h, nxt.moe_norm, eps, ws.xg)
-                K.route(ws.xg, nxt.router, k_top, ws.idx_g, ws.gate_g, ws.probs_g)
+                K.route(ws.xg, nxt.router, ws.idx_g.shape[1], ws.idx_g, ws.gate_g, ws.probs_g)
                 cache.prefetch([(li + 1, int(e)) for e in np.unique(ws.idx_g)], only_if_idle=True)
-            order = sorted(experts, key=lambda e: not cache.ready(li, e))
-        x = ws.x[0]
-        for e in order:
-            j = experts.index(e)
-            if cache is not None:
-                wg, wu, wd = cache.acquire(li, e)
-            else:
-                wg, wu, wd = lw.w_gate.w[e], lw.w_up.w[e], lw.w_down.w[e]
+            order = sorted(order, key=lambda j: not cache.ready(li, experts[j]))   # in RAM first
+        for j in order:
+            e = experts[j]
+            sg, su, sd = scales[li][e]
+            if cache is None:
+                KD.expert(x, lw.w_gate.w[e], sg, lw.w_up.w[e], su, lw.w_down.w[e], sd, False,
+                          g, u, ys[j], part_f, part_d)
+                continue
+            wg, wu, wd = cache.acquire(li, e)
             try:
-                KD.expert(x, wg, lw.w_gate.s[e], wu, lw.w_up.s[e], wd, lw.w_down.s[e], cache is not None,
-                          ws.g, ws.u, ws.ys[j], ws.part_f, ws.part_d)
+                KD.expert(x, wg, sg, wu, su, wd, sd, True, g, u, ys[j], part_f, part_d)
             finally:
-                if cache is not None:
-                    cache.release(li, e)
-        KD.moe_finish(h, ws.ys, ws.gates, lw.moe_post_norm, eps, ws.moe)
+                cache.release(li, e)
+        KD.moe_finish(h, ys, ws.gates, lw.moe_post_norm, eps, ws.moe)
     if m._trace_file is not None:
         m._trace_file.flush()
     s.pos += 1
     s.tokens.append(tok)
-    K.rmsnorm(h, m.ckpt.final_norm, eps, h)
-    return h
+    out = h.copy()
+    K.rmsnorm(out, m.ckpt.final_norm, eps, out)
+    return out

@@ -72,7 +72,7 @@ class DecodeWorkspace:
         D, H, G, d, F = c.emb_size, c.num_q_heads, c.num_kv_heads, c.key_size, c.ffn_size
         k = c.num_selected_experts
         f32 = np.float32
-        self.x, self.a, self.moe = (np.empty((1, D), f32) for _ in range(3))
+        self.h, self.x, self.a, self.moe = (np.empty((1, D), f32) for _ in range(4))
         self.q = np.empty((1, H, d), f32)
         self.k = np.empty((1, G, d), f32)
         self.v = np.empty((1, G, d), f32)
@@ -98,3 +98,4 @@ class DecodeWorkspace:
         self.idx_g = np.empty_like(self.idx)
         self.gate_g = np.empty_like(self.gate)
         self.probs_g = np.empty_like(self.probs)
+        self.kv: list = []                       # the session's per-layer KV cache views
