@@ -324,7 +324,7 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
     c = m.config
     ws = s._ws
     if ws is None:
-        ws = s._ws = KD.DecodeWorkspace(c, m.context, cpu._nparts())
+        ws = s._ws = KD.DecodeWorkspace(c, m.context, cpu._nparts(), cpu.pair_parts())
         ws.kv = [(s.k[li], s.v[li]) for li in range(c.num_layers)]
     dense, scales = m.decode_args()
     eps = c.rms_norm_eps

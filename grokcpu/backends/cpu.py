@@ -154,6 +154,24 @@ def matmul(x: np.ndarray, w: np.ndarray, s: np.ndarray, out_major: bool = False)
     return out
 
 
+def pair_parts() -> int:
+    """Row ranges per matrix of qmatvec_pair: one matrix per thread when there are two."""
+    return max(1, _nparts() // 2)
+
+
+def gate_up(x: np.ndarray, wg: np.ndarray, sg: np.ndarray, wu: np.ndarray, su: np.ndarray):
+    """(x @ gate, x @ up) for an expert's rows x [T, D]; one token through qmatvec_pair."""
+    if x.shape[0] != 1:
+        return matmul(x, wg, sg), matmul(x, wu, su)
+    C = wg.shape[1]
+    g = np.empty((1, C), np.float32)
+    u = np.empty((1, C), np.float32)
+    Q = pair_parts()
+    M.qmatvec_pair(np.ascontiguousarray(x[0]), wg, sg, g[0], wu, su, u[0],
+                   _scratch("pair", 2 * Q * C).reshape(2, Q, C))
+    return g, u
+
+
 def qmatmul(x: np.ndarray, qw: QWeight) -> np.ndarray:
     return matmul(x, qw.w, qw.s)
 
@@ -180,8 +198,7 @@ def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray, cache=None, layer:
         try:
             rows, slot = np.nonzero(idx == e)
             xe = np.ascontiguousarray(x[rows])
-            g = matmul(xe, wg, lw.w_gate.s[e])
-            u = matmul(xe, wu, lw.w_up.s[e])
+            g, u = gate_up(xe, wg, lw.w_gate.s[e], wu, lw.w_up.s[e])
             for t in range(g.shape[0]):
                 K.gelu_mul(g[t], u[t])
             done[e] = rows, slot, matmul(g, wd, lw.w_down.s[e], out_major=cache is not None)

@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit
 
 from .layers import add_rmsnorm, attention, gelu_mul, rmsnorm, rope, route
-from .matvec import qmatvec, qmatvec_t
+from .matvec import qmatvec, qmatvec_pair, qmatvec_t
 
 
 @njit(cache=True, nogil=True)
@@ -43,10 +43,10 @@ def attn_router(h, x, norms, wq, sq, wk, sk, wv, sv, wo, so, router, cos, sin, k
 
 @njit(cache=True, nogil=True)
 def expert(x, wg, sg, wu, su, wd, sd, down_t, g, u, y, part_f, part_d):
-    """y[D] = down(gelu(x @ gate) * (x @ up)) for one token: gate/up [D, F] input-major; down
+    """y[D] = down(gelu(x @ gate) * (x @ up)) for one token: gate/up [D, F] input-major (one
+    qmatvec_pair, part_f [2, Q, F]); down
     output-major [D, F] (the expert cache's layout) when down_t, else [F, D] as in the file."""
-    qmatvec(x, wg, sg, g, part_f)
-    qmatvec(x, wu, su, u, part_f)
+    qmatvec_pair(x, wg, sg, g, wu, su, u, part_f)
     gelu_mul(g, u)
     if down_t:
         qmatvec_t(g, wd, sd, y)
@@ -68,7 +68,7 @@ def moe_finish(h, ys, gate, norm, eps, out):
 class DecodeWorkspace:
     """The buffers of one decode token, made once per session."""
 
-    def __init__(self, c, context: int, parts: int):
+    def __init__(self, c, context: int, parts: int, pair_parts: int):
         D, H, G, d, F = c.emb_size, c.num_q_heads, c.num_kv_heads, c.key_size, c.ffn_size
         k = c.num_selected_experts
         f32 = np.float32
@@ -91,7 +91,7 @@ class DecodeWorkspace:
         self.part_q = np.empty((parts, H * d), f32)
         self.part_kv = np.empty((parts, G * d), f32)
         self.part_o = np.empty((parts, D), f32)
-        self.part_f = np.empty((parts, F), f32)
+        self.part_f = np.empty((2, pair_parts, F), f32)
         self.part_d = np.empty((parts, D), f32)
         self.consts = np.array([c.attn_output_multiplier, c.attn_logit_cap, c.sequence_len], f32)
         self.xg = np.empty((1, D), f32)          # the next layer's routing guess (prefetch)

@@ -17,6 +17,53 @@ COL_CHUNK = 32768
 SMALL_CHUNK = 4096
 
 
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _rows_into(x, w, s, acc, o, r, r1, c0, c1, wide):
+    """o[:c1-c0] += x[r:r1] @ (w[r:r1, c0:c1] * scales), one scale block at a time; acc is
+    scratch of at least c1-c0. Wide: eight rows per step (see qmatvec), else one."""
+    rb = w.shape[0] // s.shape[0]
+    n = c1 - c0
+    while r < r1:
+        b = r // rb
+        bend = min(r1, (b + 1) * rb)
+        acc[:n] = 0.0
+        while wide and r + 8 <= bend:
+            x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+            x4, x5, x6, x7 = x[r + 4], x[r + 5], x[r + 6], x[r + 7]
+            w0, w1, w2, w3 = w[r, c0:c1], w[r + 1, c0:c1], w[r + 2, c0:c1], w[r + 3, c0:c1]
+            w4, w5, w6, w7 = w[r + 4, c0:c1], w[r + 5, c0:c1], w[r + 6, c0:c1], w[r + 7, c0:c1]
+            for c in range(n):
+                a = acc[c] + x0 * np.float32(w0[c])
+                a += x1 * np.float32(w1[c])
+                a += x2 * np.float32(w2[c])
+                a += x3 * np.float32(w3[c])
+                a += x4 * np.float32(w4[c])
+                a += x5 * np.float32(w5[c])
+                a += x6 * np.float32(w6[c])
+                acc[c] = a + x7 * np.float32(w7[c])
+            r += 8
+        while r < bend:
+            x0 = x[r]
+            w0 = w[r, c0:c1]
+            for c in range(n):
+                acc[c] += x0 * np.float32(w0[c])
+            r += 1
+        sb = s[b, c0:c1]
+        for c in range(n):
+            o[c] += sb[c] * acc[c]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _split(R, C, parts):
+    """(wide, column chunk, rows per part) of the decode matvec's partition."""
+    wide = C > NARROW_COLS
+    step = 8 if wide else 1
+    nch = (C + COL_CHUNK - 1) // COL_CHUNK
+    chunk = ((C + nch - 1) // nch + 63) // 64 * 64
+    rows_per = ((R + parts - 1) // parts + step - 1) // step * step
+    return wide, chunk, rows_per
+
+
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def qmatvec(x, w, s, out, part):
     """out[C] = x[R] @ (w[R, C] * s[r // (R/nb), C]).
@@ -29,57 +76,56 @@ def qmatvec(x, w, s, out, part):
     row by row (see NARROW_COLS). The scale of a row block is applied once per block.
     """
     R, C = w.shape
-    nb = s.shape[0]
-    rb = R // nb
     P = part.shape[0]
-    wide = C > NARROW_COLS
-    step = 8 if wide else 1
-    nch = (C + COL_CHUNK - 1) // COL_CHUNK
-    chunk = ((C + nch - 1) // nch + 63) // 64 * 64
-    rows_per = ((R + P - 1) // P + step - 1) // step * step
+    wide, chunk, rows_per = _split(R, C, P)
+    nch = (C + chunk - 1) // chunk
     for j in prange(P * nch):
         p = j // nch
         c0 = (j % nch) * chunk
         c1 = min(C, c0 + chunk)
-        n = c1 - c0
         o = part[p, c0:c1]
         o[:] = 0.0
-        acc = np.empty(n, np.float32)
-        r = p * rows_per
-        r1 = min(R, r + rows_per)
-        while r < r1:
-            b = r // rb
-            bend = min(r1, (b + 1) * rb)
-            acc[:] = 0.0
-            while wide and r + 8 <= bend:
-                x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
-                x4, x5, x6, x7 = x[r + 4], x[r + 5], x[r + 6], x[r + 7]
-                w0, w1, w2, w3 = w[r, c0:c1], w[r + 1, c0:c1], w[r + 2, c0:c1], w[r + 3, c0:c1]
-                w4, w5, w6, w7 = w[r + 4, c0:c1], w[r + 5, c0:c1], w[r + 6, c0:c1], w[r + 7, c0:c1]
-                for c in range(n):
-                    a = acc[c] + x0 * np.float32(w0[c])
-                    a += x1 * np.float32(w1[c])
-                    a += x2 * np.float32(w2[c])
-                    a += x3 * np.float32(w3[c])
-                    a += x4 * np.float32(w4[c])
-                    a += x5 * np.float32(w5[c])
-                    a += x6 * np.float32(w6[c])
-                    acc[c] = a + x7 * np.float32(w7[c])
-                r += 8
-            while r < bend:
-                x0 = x[r]
-                w0 = w[r, c0:c1]
-                for c in range(n):
-                    acc[c] += x0 * np.float32(w0[c])
-                r += 1
-            sb = s[b, c0:c1]
-            for c in range(n):
-                o[c] += sb[c] * acc[c]
+        acc = np.empty(c1 - c0, np.float32)
+        _rows_into(x, w, s, acc, o, p * rows_per, min(R, (p + 1) * rows_per), c0, c1, wide)
     for c in range(C):
         t = part[0, c]
         for p in range(1, P):
             t += part[p, c]
         out[c] = t
+
+
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
+def qmatvec_pair(x, w1, s1, out1, w2, s2, out2, part):
+    """out1 = x @ W1 and out2 = x @ W2 for two matrices of one shape (an expert's gate and up).
+
+    part [2, Q, C] scratch: each matrix's rows go in Q ranges, so with two threads each thread
+    reads one whole matrix as one stream, with no barrier between the two products and no
+    partial sums to add (10 % faster than two qmatvec calls on scaled-16's 1536 x 8192).
+    """
+    R, C = w1.shape
+    Q = part.shape[1]
+    wide, chunk, rows_per = _split(R, C, Q)
+    for j in prange(2 * Q):
+        q = j % Q
+        r0 = q * rows_per
+        r1 = min(R, r0 + rows_per)
+        o = part[j // Q, q]
+        o[:] = 0.0
+        acc = np.empty(min(C, chunk), np.float32)
+        for c0 in range(0, C, chunk):
+            c1 = min(C, c0 + chunk)
+            if j < Q:
+                _rows_into(x, w1, s1, acc, o[c0:c1], r0, r1, c0, c1, wide)
+            else:
+                _rows_into(x, w2, s2, acc, o[c0:c1], r0, r1, c0, c1, wide)
+    for c in range(C):
+        t1 = part[0, 0, c]
+        t2 = part[1, 0, c]
+        for q in range(1, Q):
+            t1 += part[0, q, c]
+            t2 += part[1, q, c]
+        out1[c] = t1
+        out2[c] = t2
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
