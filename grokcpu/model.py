@@ -340,7 +340,7 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
     np.multiply(m.ckpt.embeddings[tok], np.float32(c.embedding_multiplier_scale), out=h[0])
     tail = (ws.q, ws.k, ws.v, ws.attn, ws.a, ws.scores, ws.part_q, ws.part_kv, ws.part_o,
             ws.idx, ws.gate, ws.probs)
-    x, g, u, ys, part_f, part_d = ws.x[0], ws.g, ws.u, ws.ys, ws.part_f, ws.part_d
+    x, gu, ys, part_f, part_d = ws.x[0], ws.gu, ws.ys, ws.part_f, ws.part_d
     down_t = cache is not None
     n_layers = len(m.layers)
     for li, lw in enumerate(m.layers):
@@ -367,11 +367,11 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
             sg, su, sd = scales[li][e]
             if cache is None:
                 KD.expert(x, lw.w_gate.w[e], sg, lw.w_up.w[e], su, lw.w_down.w[e], sd, False,
-                          g, u, ys[j], part_f, part_d)
+                          gu, ys[j], part_f, part_d)
                 continue
             wg, wu, wd = cache.acquire(li, e)
             try:
-                KD.expert(x, wg, sg, wu, su, wd, sd, True, g, u, ys[j], part_f, part_d)
+                KD.expert(x, wg, sg, wu, su, wd, sd, True, gu, ys[j], part_f, part_d)
             finally:
                 cache.release(li, e)
         KD.moe_finish(h, ys, ws.gates, lw.moe_post_norm, eps, ws.moe)

@@ -41,20 +41,24 @@ def test_matvec_and_matmul_against_float64(R, C, nb):
 
 @pytest.mark.parametrize("R,C,nb", [(64, 8200, 8), (40, 300, 1), (29, 65600, 1), (203, 2049, 7)])
 @pytest.mark.parametrize("Q", [1, 2, 3])
-def test_matvec_pair_against_float64(R, C, nb, Q):
-    """An expert's gate and up in one pass (each matrix's rows in Q ranges)."""
+def test_matvec_multi_against_float64(R, C, nb, Q):
+    """Several matrices sharing x in one pass (an expert's gate and up, or two experts'),
+    each matrix's rows in Q ranges; a matrix's result does not depend on its company."""
     from grokcpu.kernels import matvec as M
 
     R = R // nb * nb
-    (w1, s1), (w2, s2) = qweight(R, C, nb), qweight(R, C, nb)
+    mats = [qweight(R, C, nb) for _ in range(4)]
     x = RNG.standard_normal(R).astype(np.float32)
-    o1, o2 = np.empty(C, np.float32), np.empty(C, np.float32)
-    M.qmatvec_pair(x, w1, s1, o1, w2, s2, o2, np.empty((2, Q, C), np.float32))
-    for got, w, s in ((o1, w1, s1), (o2, w2, s2)):
+    outs = np.empty((4, C), np.float32)
+    M.qmatvec_multi(x, tuple(w for w, _ in mats), tuple(s for _, s in mats), outs, np.empty((4, Q, C), np.float32))
+    for got, (w, s) in zip(outs, mats):
         ref_w = dequant64(w, s)
         ref = x.astype(np.float64) @ ref_w
         scale = np.sqrt((x.astype(np.float64) ** 2) @ (ref_w ** 2)) + 1e-30
         assert (np.abs(got - ref) / scale).max() < 1e-5
+    two = np.empty((2, C), np.float32)
+    M.qmatvec_multi(x, (mats[2][0], mats[3][0]), (mats[2][1], mats[3][1]), two, np.empty((2, Q, C), np.float32))
+    np.testing.assert_array_equal(two, outs[2:])
 
 
 def test_matvec_on_read_only_strided_expert_slice():

@@ -155,21 +155,20 @@ def matmul(x: np.ndarray, w: np.ndarray, s: np.ndarray, out_major: bool = False)
 
 
 def pair_parts() -> int:
-    """Row ranges per matrix of qmatvec_pair: one matrix per thread when there are two."""
+    """Row ranges per matrix of qmatvec_multi: one matrix per thread when there are two."""
     return max(1, _nparts() // 2)
 
 
 def gate_up(x: np.ndarray, wg: np.ndarray, sg: np.ndarray, wu: np.ndarray, su: np.ndarray):
-    """(x @ gate, x @ up) for an expert's rows x [T, D]; one token through qmatvec_pair."""
+    """(x @ gate, x @ up) for an expert's rows x [T, D]; one token through qmatvec_multi."""
     if x.shape[0] != 1:
         return matmul(x, wg, sg), matmul(x, wu, su)
     C = wg.shape[1]
-    g = np.empty((1, C), np.float32)
-    u = np.empty((1, C), np.float32)
+    gu = np.empty((2, C), np.float32)
     Q = pair_parts()
-    M.qmatvec_pair(np.ascontiguousarray(x[0]), wg, sg, g[0], wu, su, u[0],
-                   _scratch("pair", 2 * Q * C).reshape(2, Q, C))
-    return g, u
+    M.qmatvec_multi(np.ascontiguousarray(x[0]), (wg, wu), (sg, su), gu,
+                    _scratch("pair", 2 * Q * C).reshape(2, Q, C))
+    return gu[:1], gu[1:]
 
 
 def qmatmul(x: np.ndarray, qw: QWeight) -> np.ndarray:

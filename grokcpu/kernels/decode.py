@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit
 
 from .layers import add_rmsnorm, attention, gelu_mul, rmsnorm, rope, route
-from .matvec import qmatvec, qmatvec_pair, qmatvec_t
+from .matvec import qmatvec, qmatvec_multi, qmatvec_t
 
 
 @njit(cache=True, nogil=True)
@@ -42,16 +42,16 @@ def attn_router(h, x, norms, wq, sq, wk, sk, wv, sv, wo, so, router, cos, sin, k
 
 
 @njit(cache=True, nogil=True)
-def expert(x, wg, sg, wu, su, wd, sd, down_t, g, u, y, part_f, part_d):
+def expert(x, wg, sg, wu, su, wd, sd, down_t, gu, y, part_f, part_d):
     """y[D] = down(gelu(x @ gate) * (x @ up)) for one token: gate/up [D, F] input-major (one
-    qmatvec_pair, part_f [2, Q, F]); down
-    output-major [D, F] (the expert cache's layout) when down_t, else [F, D] as in the file."""
-    qmatvec_pair(x, wg, sg, g, wu, su, u, part_f)
-    gelu_mul(g, u)
+    qmatvec_multi into gu [2, F], part_f [2, Q, F]); down output-major [D, F] (the expert
+    cache's layout) when down_t, else [F, D] as in the file."""
+    qmatvec_multi(x, (wg, wu), (sg, su), gu, part_f)
+    gelu_mul(gu[0], gu[1])
     if down_t:
-        qmatvec_t(g, wd, sd, y)
+        qmatvec_t(gu[0], wd, sd, y)
     else:
-        qmatvec(g, wd, sd, y, part_d)
+        qmatvec(gu[0], wd, sd, y, part_d)
 
 
 @njit(cache=True, nogil=True)
@@ -84,8 +84,7 @@ class DecodeWorkspace:
         self.idx = np.empty((1, k), np.int64)
         self.gate = np.empty((1, k), f32)
         self.probs = np.empty((1, c.num_experts), f32)
-        self.g = np.empty(F, f32)
-        self.u = np.empty(F, f32)
+        self.gu = np.empty((2, F), f32)
         self.ys = np.empty((k, D), f32)
         self.gates = np.empty(k, f32)
         self.part_q = np.empty((parts, H * d), f32)

@@ -95,37 +95,37 @@ def qmatvec(x, w, s, out, part):
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def qmatvec_pair(x, w1, s1, out1, w2, s2, out2, part):
-    """out1 = x @ W1 and out2 = x @ W2 for two matrices of one shape (an expert's gate and up).
+def qmatvec_multi(x, ws, ss, outs, part):
+    """outs[k] = x @ (ws[k] * ss[k]) for a tuple of K matrices of one shape sharing x (an
+    expert's gate and up).
 
-    part [2, Q, C] scratch: each matrix's rows go in Q ranges, so with two threads each thread
-    reads one whole matrix as one stream, with no barrier between the two products and no
-    partial sums to add (10 % faster than two qmatvec calls on scaled-16's 1536 x 8192).
+    part [K, Q, C] scratch: each matrix's rows go in Q ranges (Q = threads / 2), so with two
+    threads each reads whole matrices as one stream each, with no barrier between products
+    and no partial sums to add (1.1x over two qmatvec calls on scaled-16's 1536 x 8192). A
+    matrix's result does not depend on K: the same rows, ranges and order either way.
     """
-    R, C = w1.shape
-    Q = part.shape[1]
+    R, C = ws[0].shape
+    K, Q = part.shape[0], part.shape[1]
     wide, chunk, rows_per = _split(R, C, Q)
-    for j in prange(2 * Q):
+    for j in prange(K * Q):
+        k = j // Q
         q = j % Q
         r0 = q * rows_per
         r1 = min(R, r0 + rows_per)
-        o = part[j // Q, q]
+        o = part[k, q]
         o[:] = 0.0
         acc = np.empty(min(C, chunk), np.float32)
+        w = ws[k]
+        s = ss[k]
         for c0 in range(0, C, chunk):
             c1 = min(C, c0 + chunk)
-            if j < Q:
-                _rows_into(x, w1, s1, acc, o[c0:c1], r0, r1, c0, c1, wide)
-            else:
-                _rows_into(x, w2, s2, acc, o[c0:c1], r0, r1, c0, c1, wide)
-    for c in range(C):
-        t1 = part[0, 0, c]
-        t2 = part[1, 0, c]
-        for q in range(1, Q):
-            t1 += part[0, q, c]
-            t2 += part[1, q, c]
-        out1[c] = t1
-        out2[c] = t2
+            _rows_into(x, w, s, acc, o[c0:c1], r0, r1, c0, c1, wide)
+    for k in range(K):
+        for c in range(C):
+            t = part[k, 0, c]
+            for q in range(1, Q):
+                t += part[k, q, c]
+            outs[k, c] = t
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
