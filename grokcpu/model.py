@@ -325,7 +325,9 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
     ws = s._ws
     if ws is None:
         ws = s._ws = KD.DecodeWorkspace(c, m.context, cpu._nparts(), cpu.pair_parts())
+    if ws.kv_of is not s.k:                               # per-layer views of the KV cache
         ws.kv = [(s.k[li], s.v[li]) for li in range(c.num_layers)]
+        ws.kv_of = s.k
     dense, scales = m.decode_args()
     eps = c.rms_norm_eps
     pos = s.pos

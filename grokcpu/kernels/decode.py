@@ -97,4 +97,5 @@ class DecodeWorkspace:
         self.idx_g = np.empty_like(self.idx)
         self.gate_g = np.empty_like(self.gate)
         self.probs_g = np.empty_like(self.probs)
-        self.kv: list = []                       # the session's per-layer KV cache views
+        self.kv: list = []                       # the session's per-layer KV cache views,
+        self.kv_of = None                        # made from this array
