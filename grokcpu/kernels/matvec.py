@@ -65,44 +65,20 @@ def _split(R, C, parts):
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def qmatvec(x, w, s, out, part):
-    """out[C] = x[R] @ (w[R, C] * s[r // (R/nb), C]).
-
-    part [P, C] float32 scratch: the rows are split into P contiguous ranges (one per thread),
-    each summed into its own row of `part`, then added up. On wide matrices eight rows per
-    step share the loads and stores of the accumulator and are added to it one after another:
-    a chain of fused multiply-adds is fewer instructions than a tree of products and sums (4-6 %
-    faster; the loop runs across columns, so the chain's latency is hidden). Narrow matrices go
-    row by row (see NARROW_COLS). The scale of a row block is applied once per block.
-    """
-    R, C = w.shape
-    P = part.shape[0]
-    wide, chunk, rows_per = _split(R, C, P)
-    nch = (C + chunk - 1) // chunk
-    for j in prange(P * nch):
-        p = j // nch
-        c0 = (j % nch) * chunk
-        c1 = min(C, c0 + chunk)
-        o = part[p, c0:c1]
-        o[:] = 0.0
-        acc = np.empty(c1 - c0, np.float32)
-        _rows_into(x, w, s, acc, o, p * rows_per, min(R, (p + 1) * rows_per), c0, c1, wide)
-    for c in range(C):
-        t = part[0, c]
-        for p in range(1, P):
-            t += part[p, c]
-        out[c] = t
-
-
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def qmatvec_multi(x, ws, ss, outs, part):
-    """outs[k] = x @ (ws[k] * ss[k]) for a tuple of K matrices of one shape sharing x (an
-    expert's gate and up).
+    """outs[k] = x @ (ws[k] * scales ss[k]) for a tuple of K matrices of one shape sharing x.
 
-    part [K, Q, C] scratch: each matrix's rows go in Q ranges (Q = threads / 2), so with two
-    threads each reads whole matrices as one stream each, with no barrier between products
-    and no partial sums to add (1.1x over two qmatvec calls on scaled-16's 1536 x 8192). A
-    matrix's result does not depend on K: the same rows, ranges and order either way.
+    part [K, Q, C] float32 scratch: each matrix's rows are split into Q contiguous ranges, each
+    summed into its own row of `part`, then added up. A matrix's result does not depend on K:
+    the same rows, ranges and order either way. With an expert's gate and up (K = 2) and Q =
+    threads / 2, two threads each read one whole matrix as one stream, with no barrier between
+    the products and no partial sums (1.1x over two qmatvec calls on scaled-16's 1536 x 8192).
+
+    On wide matrices eight rows per step share the loads and stores of the accumulator and are
+    added to it one after another: a chain of fused multiply-adds is fewer instructions than a
+    tree of products and sums (4-6 % faster; the loop runs across columns, so the chain's
+    latency is hidden). Narrow matrices go row by row (see NARROW_COLS). The scale of a row
+    block is applied once per block.
     """
     R, C = ws[0].shape
     K, Q = part.shape[0], part.shape[1]
@@ -126,6 +102,14 @@ def qmatvec_multi(x, ws, ss, outs, part):
             for q in range(1, Q):
                 t += part[k, q, c]
             outs[k, c] = t
+
+
+@njit(cache=True, nogil=True)
+def qmatvec(x, w, s, out, part):
+    """out[C] = x[R] @ (w[R, C] * s[r // (R/nb), C]): qmatvec_multi with one matrix, its rows
+    in P = part.shape[0] ranges (one per thread); part [P, C] float32 scratch."""
+    P, C = part.shape
+    qmatvec_multi(x, (w,), (s,), out.reshape(1, C), part.reshape(1, P, C))
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
