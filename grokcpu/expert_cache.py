@@ -180,6 +180,11 @@ class ExpertCache:
         i = self.where.get((layer, expert))
         return i is not None and self.slots[i].ready.is_set()
 
+    def ready_first(self, layer: int, experts: list) -> list:
+        """The layer's experts with those already in RAM first (stable): computing them first
+        overlaps their compute with the others' reads."""
+        return sorted(experts, key=lambda e: not self.ready(layer, e))
+
     def release(self, layer: int, expert: int) -> None:
         with self.lock:
             i = self.where.get((layer, expert))

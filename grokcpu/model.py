@@ -301,12 +301,7 @@ def _forward_rows(m: Model, sessions: list[Session], toks: np.ndarray, decode: b
                 m._trace_file.write(f'{{"pos": {int(pos[t])}, "layer": {li}, "experts": {idx[t].tolist()}}}\n')
         if cache is not None:
             cache.request([(li, int(e)) for e in np.unique(idx)])       # all misses in flight at once
-            if li + 1 < len(m.layers) and cache.prefetch_enabled:
-                # guess the next layer's experts from this layer's residual, and start reading them
-                nxt = m.layers[li + 1]
-                K.rmsnorm(h, nxt.moe_norm, eps, xg)
-                K.route(xg, nxt.router, k_top, idx_g, gate_g, probs_g)
-                cache.prefetch([(li + 1, int(e)) for e in np.unique(idx_g)], only_if_idle=decode)
+            _guess_next_layer(m, li, h, xg, idx_g, gate_g, probs_g, only_if_idle=decode)
         moe = cpu.moe(x, lw, idx, gate, cache, li)
         K.add_rmsnorm(h, moe, lw.moe_post_norm, eps)
     if m._trace_file is not None:
@@ -316,6 +311,17 @@ def _forward_rows(m: Model, sessions: list[Session], toks: np.ndarray, decode: b
         s.tokens.extend(int(t) for t in toks[r0:r0 + n])
     K.rmsnorm(h, m.ckpt.final_norm, eps, h)
     return h
+
+
+def _guess_next_layer(m: Model, li: int, h, xg, idx_g, gate_g, probs_g, only_if_idle: bool) -> None:
+    """With prefetch on: guess layer li+1's experts from the residual h after layer li's
+    attention (its MoE norm and router, into the given buffers), and start reading them."""
+    cache = m.experts
+    if li + 1 < len(m.layers) and cache.prefetch_enabled:
+        nxt = m.layers[li + 1]
+        K.rmsnorm(h, nxt.moe_norm, m.config.rms_norm_eps, xg)
+        K.route(xg, nxt.router, idx_g.shape[1], idx_g, gate_g, probs_g)
+        cache.prefetch([(li + 1, int(e)) for e in np.unique(idx_g)], only_if_idle=only_if_idle)
 
 
 def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
@@ -343,8 +349,6 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
     tail = (ws.q, ws.k, ws.v, ws.attn, ws.a, ws.scores, ws.part_q, ws.part_kv, ws.part_o,
             ws.idx, ws.gate, ws.probs)
     x, gu, ys, part_f, part_d = ws.x[0], ws.gu, ws.ys, ws.part_f, ws.part_d
-    down_t = cache is not None
-    n_layers = len(m.layers)
     for li, lw in enumerate(m.layers):
         KD.attn_router(h, ws.x, *dense[li], ws.cos, ws.sin, *ws.kv[li], pos, key_ok, eps, ws.consts, *tail)
         if s.trace is not None:
@@ -355,17 +359,13 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
         chosen = sorted(zip(ids, ws.gate[0].tolist()))         # summed in expert order
         experts = [e for e, _ in chosen]
         ws.gates[:] = [gt for _, gt in chosen]
-        order = range(len(experts))
+        order = experts
         if cache is not None:
             cache.request([(li, e) for e in experts])
-            if li + 1 < n_layers and cache.prefetch_enabled:
-                nxt = m.layers[li + 1]
-                K.rmsnorm(h, nxt.moe_norm, eps, ws.xg)
-                K.route(ws.xg, nxt.router, ws.idx_g.shape[1], ws.idx_g, ws.gate_g, ws.probs_g)
-                cache.prefetch([(li + 1, int(e)) for e in np.unique(ws.idx_g)], only_if_idle=True)
-            order = sorted(order, key=lambda j: not cache.ready(li, experts[j]))   # in RAM first
-        for j in order:
-            e = experts[j]
+            _guess_next_layer(m, li, h, ws.xg, ws.idx_g, ws.gate_g, ws.probs_g, only_if_idle=True)
+            order = cache.ready_first(li, experts)
+        for e in order:
+            j = experts.index(e)
             sg, su, sd = scales[li][e]
             if cache is None:
                 KD.expert(x, lw.w_gate.w[e], sg, lw.w_up.w[e], su, lw.w_down.w[e], sd, False,

@@ -185,9 +185,7 @@ def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray, cache=None, layer:
     T, D = x.shape
     out = np.zeros((T, D), np.float32)
     experts = [int(e) for e in np.unique(idx)]
-    order = experts
-    if cache is not None:       # experts already in RAM first: their compute overlaps the reads
-        order = sorted(experts, key=lambda e: not cache.ready(layer, e))
+    order = experts if cache is None else cache.ready_first(layer, experts)
     done = {}
     for e in order:
         if cache is not None:
