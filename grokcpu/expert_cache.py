@@ -4,8 +4,8 @@ Dense weights stay memory-mapped. An expert (its slices of moe/linear, linear_v 
 is three contiguous byte ranges in three files; a miss reads gate and up with one large
 `preadv` each straight into a preallocated slot, and the down range in 8 MB chunks (below),
 then tells the kernel to drop those file pages (`POSIX_FADV_DONTNEED`, one read later), so the
-page cache does not hold a second copy and the budget means what it says. Reads run on background threads: `prefetch` starts them early,
-`acquire` waits only for what is not there yet.
+page cache does not hold a second copy and the budget means what it says. Reads run on
+background threads: `prefetch` starts them early, `acquire` waits only for what is not there yet.
 
 The down projection is stored transposed, output-major [D, F] (the file holds [F, D]): its
 rows arrive in chunks that are transposed into the slot as they come (the kernel streams the
@@ -457,9 +457,10 @@ def auto_budget(ckpt, context: int, margin_fraction: float = 0.03, min_margin: f
     expert = 3 * c.emb_size * c.ffn_size
     total_experts = c.num_layers * c.num_experts * expert
     dense = ckpt.nbytes - total_experts
-    avail = psutil.virtual_memory().available
+    mem = psutil.virtual_memory()
+    avail = mem.available
     kv = c.kv_cache_bytes(context)
-    margin = max(min_margin, margin_fraction * psutil.virtual_memory().total)
+    margin = max(min_margin, margin_fraction * mem.total)
     budget = avail - dense - kv - margin
     return int(max(c.num_selected_experts * expert, min(total_experts, budget)))
 
