@@ -54,7 +54,7 @@ def memory_plan(ckpt, context: int | None = None, expert_cache_gb=None) -> dict:
     embedding = ckpt.refs[0].nbytes
     vm = psutil.virtual_memory()
     budget = parse_budget(expert_cache_gb, ckpt, context)
-    slot = 3 * c.emb_size * c.ffn_size          # what a cache slot holds: the int8 weights
+    slot = c.expert_bytes                        # what a cache slot holds: the int8 weights
     held = min(budget // slot, c.num_layers * c.num_experts)
     # per token: all dense weights but the embedding (attention, norms, routers), one embedding
     # row in, the whole table out (the logits), and k experts in every layer

@@ -77,6 +77,14 @@ class GrokConfig:
     def group_size(self) -> int:      # query heads per KV head
         return self.num_q_heads // self.num_kv_heads
 
+    @property
+    def expert_bytes(self) -> int:    # one expert's int8 weights (gate, up, down: 3 x D x F)
+        return 3 * self.emb_size * self.ffn_size
+
+    @property
+    def all_expert_bytes(self) -> int:
+        return self.num_layers * self.num_experts * self.expert_bytes
+
     def kv_cache_bytes(self, context: int | None = None, itemsize: int = 4) -> int:
         n = self.sequence_len if context is None else context
         return 2 * self.num_layers * n * self.kv_size * itemsize

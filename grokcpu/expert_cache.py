@@ -116,7 +116,7 @@ class ExpertCache:
         # rows of [F, D] per read of the down range: a multiple of 8 (whole 8x8 transpose blocks)
         self.down_rows = max(8, self.DOWN_CHUNK // D // 8 * 8)
         self._scratch = threading.local()
-        self.expert_bytes = 3 * D * F
+        self.expert_bytes = c.expert_bytes
         total = self.L * self.E
         need = self.k * self.expert_bytes
         if budget_bytes < need:
@@ -454,8 +454,7 @@ def auto_budget(ckpt, context: int, margin_fraction: float = 0.03, min_margin: f
     missed less), and would keep 25 GB idle on a 256 GB workstation."""
     import psutil
     c = ckpt.config
-    expert = 3 * c.emb_size * c.ffn_size
-    total_experts = c.num_layers * c.num_experts * expert
+    expert, total_experts = c.expert_bytes, c.all_expert_bytes
     dense = ckpt.nbytes - total_experts
     mem = psutil.virtual_memory()
     avail = mem.available

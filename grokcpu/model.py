@@ -39,11 +39,10 @@ class Model:
         self._decode_args: tuple | None = None
         if not (isinstance(expert_cache_gb, str) and expert_cache_gb.strip().lower() == "off"):
             budget = parse_budget(expert_cache_gb, ckpt, self.context)
-            all_experts = c.num_layers * c.num_experts * 3 * c.emb_size * c.ffn_size
             # Under a budget smaller than the experts, file pages are dropped after each read so
             # RAM holds one copy; when everything fits, the page cache keeps them for the next run.
             self.experts = ExpertCache(ckpt, budget, policy=expert_cache_policy, prefetch=prefetch,
-                                       drop_page_cache=budget < all_experts)
+                                       drop_page_cache=budget < c.all_expert_bytes)
             if pin_experts:
                 self.experts.pin(pin_experts)
         # "off": experts are read straight from the memory map and the kernel's page cache decides

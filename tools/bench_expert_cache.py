@@ -90,7 +90,7 @@ def run(model_path, files, tokens, threads, prompt_tokens=8, memory_bytes=None, 
             ballast = np.ones(extra, np.uint8)        # written, so resident (no swap assumed)
     m = grokcpu.load(model_path, threads=threads, **opts)
     c = m.config
-    dense = m.ckpt.nbytes - c.num_layers * c.num_experts * 3 * c.emb_size * c.ffn_size
+    dense = m.ckpt.nbytes - c.all_expert_bytes
     budget = m.experts.budget_bytes if m.experts is not None else None
     s = m.new_session()
     rng = np.random.default_rng(0)
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     ck = Checkpoint(a.model)
     c = ck.config
     files = [str(p) for p in ck.files]
-    expert_total = c.num_layers * c.num_experts * 3 * c.emb_size * c.ffn_size
+    expert_total = c.all_expert_bytes
     ranges = [r for layer in range(c.num_layers) for e in range(c.num_experts) for r in ck.expert_ranges(layer, e)]
     ck.close()
     disk = disk_gbs(ranges, limit=min(2 << 30, expert_total))

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
         if a.model:
             from grokcpu.checkpoint import Checkpoint
             c = Checkpoint(a.model).config
-            eb = 3 * c.emb_size * c.ffn_size / 1e9
+            eb = c.expert_bytes / 1e9
         else:
             eb = a.expert_gb
         if a.slots:
