@@ -287,7 +287,7 @@ def _forward_rows(m: Model, sessions: list[Session], toks: np.ndarray, decode: b
             else:
                 key_ok = s.key_ok
             K.attention(q[r0:r0 + n], s.k[li], s.v[li], p0, key_ok, mult, cap, n_uniform,
-                        attn[r0:r0 + n], scores)
+                        attn[r0:r0 + n], scores, cpu._nparts())
         a = cpu.qmatmul(attn.reshape(T, H * d), lw.wo)
         K.add_rmsnorm(h, a, lw.attn_post_norm, eps)
         # -- MoE block: h += RMSNorm_3(MoE(RMSNorm_2(h)))
@@ -331,7 +331,7 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
     if ws is None:
         ws = s._ws = KD.DecodeWorkspace(c, m.context, cpu._nparts(), cpu.pair_parts())
     if ws.kv_of is not s.k:                               # per-layer views of the KV cache
-        ws.kv = [(s.k[li], s.v[li]) for li in range(c.num_layers)]
+        ws.layer_kv = [(s.k[li], s.v[li]) for li in range(c.num_layers)]
         ws.kv_of = s.k
     dense, scales = m.decode_args()
     eps = c.rms_norm_eps
@@ -345,11 +345,11 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
         cache.next_step()
     h = ws.h
     np.multiply(m.ckpt.embeddings[tok], np.float32(c.embedding_multiplier_scale), out=h[0])
-    tail = (ws.q, ws.k, ws.v, ws.attn, ws.a, ws.scores, ws.part_q, ws.part_kv, ws.part_o,
+    tail = (ws.q, ws.kv, ws.attn, ws.a, ws.scores, ws.part_q, ws.part_kv, ws.part_o,
             ws.idx, ws.gate, ws.probs)
     x, gu, ys, part_f, part_d = ws.x[0], ws.gu, ws.ys, ws.part_f, ws.part_d
     for li, lw in enumerate(m.layers):
-        KD.attn_router(h, ws.x, *dense[li], ws.cos, ws.sin, *ws.kv[li], pos, key_ok, eps, ws.consts, *tail)
+        KD.attn_router(h, ws.x, *dense[li], ws.cos, ws.sin, *ws.layer_kv[li], pos, key_ok, eps, ws.consts, *tail)
         if s.trace is not None:
             s.trace.append((li, ws.idx.copy(), ws.probs.copy()))
         ids = ws.idx[0].tolist()

@@ -177,7 +177,7 @@ def test_attention_against_float64(blocks, H, G, d, T, p0, mask):
     assert np.abs(out.reshape(T, H, d) - ref).max() < 2e-5
     # and the CPU kernel agrees (same semantics, same inputs)
     cpu_out = np.empty((T, H, d), np.float32)
-    K.attention(q, kc, vc, p0, key_ok, mult, cap, np.float32(64.0), cpu_out, np.empty((H, S), np.float32))
+    K.attention(q, kc, vc, p0, key_ok, mult, cap, np.float32(64.0), cpu_out, np.empty((H, S), np.float32), 2)
     assert np.abs(out.reshape(T, H, d) - cpu_out).max() < 2e-5
 
 

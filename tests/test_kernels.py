@@ -107,7 +107,10 @@ def test_rope_half_split():
     np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_with_softcap_mask_and_uniform_rows():
+@pytest.mark.parametrize("threads", [1, 4, 7])
+def test_attention_with_softcap_mask_and_uniform_rows(threads):
+    """threads 4 and 7: fewer KV groups than threads, so each group's 3 heads are split across
+    threads (2 + 1, then 1 + 1 + 1) instead of one thread reading the group for all three."""
     H, G, d, S, p0, T = 6, 2, 8, 16, 3, 4
     q = RNG.standard_normal((T, H, d)).astype(np.float32) * 20       # big: into the soft cap
     kc = np.zeros((G, S, d), np.float32)
@@ -118,7 +121,7 @@ def test_attention_with_softcap_mask_and_uniform_rows():
     key_ok[1] = 0
     out = np.empty((T, H, d), np.float32)
     K.attention(q, kc, vc, p0, key_ok, np.float32(0.35), np.float32(30.0), np.float32(S), out,
-                np.empty((H, S), np.float32))
+                np.empty((H, S), np.float32), threads)
     for t in range(T):
         for h in range(H):
             g = h // (H // G)
@@ -129,10 +132,15 @@ def test_attention_with_softcap_mask_and_uniform_rows():
             p = np.exp(a - a.max())
             p /= p.sum()
             np.testing.assert_allclose(out[t, h], p @ vc[g, :n], rtol=1e-4, atol=1e-5)
+    one = np.empty_like(out)                  # a head's result does not depend on the split
+    K.attention(q, kc, vc, p0, key_ok, np.float32(0.35), np.float32(30.0), np.float32(S), one,
+                np.empty((H, S), np.float32), 1)
+    assert np.array_equal(out, one)
     # no visible key: uniform over all S rows (zeros past the filled ones), as the reference
     K.attention(q[:1], kc, vc, 0, np.zeros(S, np.uint8), np.float32(0.35), np.float32(30.0),
-                np.float32(S), out[:1], np.empty((H, S), np.float32))
-    np.testing.assert_allclose(out[0, 0], vc[0, :1].sum(0) / S, rtol=1e-6)
+                np.float32(S), out[:1], np.empty((H, S), np.float32), threads)
+    for h in range(H):
+        np.testing.assert_allclose(out[0, h], vc[h // (H // G), :1].sum(0) / S, rtol=1e-6)
 
 
 @pytest.mark.parametrize("scale", [0.05, 1.0, 6.0])
@@ -146,7 +154,7 @@ def test_attention_long_context_against_float64(scale):
     key_ok = (RNG.random(S) > 0.33).astype(np.uint8)
     out = np.empty((1, H, d), np.float32)
     K.attention(q, kc, vc, S - 1, key_ok, np.float32(0.5), np.float32(30.0), np.float32(S), out,
-                np.empty((H, S), np.float32))
+                np.empty((H, S), np.float32), 2)
     for h in range(H):
         g = h // (H // G)
         a = 30 * np.tanh((kc[g].astype(np.float64) @ q[0, h].astype(np.float64)) * 0.5 / 30)

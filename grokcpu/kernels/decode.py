@@ -16,25 +16,27 @@ from .matvec import qmatvec, qmatvec_multi, qmatvec_t
 
 @njit(cache=True, nogil=True)
 def attn_router(h, x, norms, wq, sq, wk, sk, wv, sv, wo, so, router, cos, sin, kc, vc, pos,
-                key_ok, eps, consts, q, k, v, attn, a, scores, part_q, part_kv, part_o, idx, gate, probs):
+                key_ok, eps, consts, q, kv, attn, a, scores, part_q, part_kv, part_o, idx, gate, probs):
     """h[1, D] += RMSNorm_1(Attention(RMSNorm_0(h))) for the token at `pos`, its key and value
     written into kc/vc [G, S, d]; then x = RMSNorm_2(h) and the router's top-k into idx/gate.
 
     norms [3, D]: the layer's attn_norm, attn_post_norm and moe_norm. consts float32: the
-    attention multiplier, the logit cap, the uniform-softmax row count.
+    attention multiplier, the logit cap, the uniform-softmax row count. kv [2, G*d]: the new
+    key and value, one qmatvec_multi (part_kv [2, P, G*d]: the same row ranges as qmatvec's,
+    so bitwise its result); part_q [P, H*d]: P is the thread count.
     """
     mult, cap, n_uniform = consts[0], consts[1], consts[2]
     H, d = q.shape[1], q.shape[2]
-    G = k.shape[1]
+    G = kc.shape[0]
     rmsnorm(h, norms[0], eps, x)
     qmatvec(x[0], wq, sq, q.reshape(H * d), part_q)
-    qmatvec(x[0], wk, sk, k.reshape(G * d), part_kv)
-    qmatvec(x[0], wv, sv, v.reshape(G * d), part_kv)
+    qmatvec_multi(x[0], (wk, wv), (sk, sv), kv, part_kv)
+    k = kv[0].reshape(1, G, d)
     rope(q, cos, sin)
     rope(k, cos, sin)
     kc[:, pos, :] = k[0]
-    vc[:, pos, :] = v[0]
-    attention(q, kc, vc, pos, key_ok, mult, cap, n_uniform, attn, scores)
+    vc[:, pos, :] = kv[1].reshape(G, d)
+    attention(q, kc, vc, pos, key_ok, mult, cap, n_uniform, attn, scores, part_q.shape[0])
     qmatvec(attn.reshape(H * d), wo, so, a[0], part_o)
     add_rmsnorm(h, a, norms[1], eps)
     rmsnorm(h, norms[2], eps, x)
@@ -74,8 +76,7 @@ class DecodeWorkspace:
         f32 = np.float32
         self.h, self.x, self.a, self.moe = (np.empty((1, D), f32) for _ in range(4))
         self.q = np.empty((1, H, d), f32)
-        self.k = np.empty((1, G, d), f32)
-        self.v = np.empty((1, G, d), f32)
+        self.kv = np.empty((2, G * d), f32)
         self.attn = np.empty((1, H, d), f32)
         self.scores = np.empty((H, context), f32)
         self.cos = np.empty((1, d // 2), f32)
@@ -88,7 +89,7 @@ class DecodeWorkspace:
         self.ys = np.empty((k, D), f32)
         self.gates = np.empty(k, f32)
         self.part_q = np.empty((parts, H * d), f32)
-        self.part_kv = np.empty((parts, G * d), f32)
+        self.part_kv = np.empty((2, parts, G * d), f32)
         self.part_o = np.empty((parts, D), f32)
         self.part_f = np.empty((2, pair_parts, F), f32)
         self.part_d = np.empty((parts, D), f32)
@@ -97,5 +98,5 @@ class DecodeWorkspace:
         self.idx_g = np.empty_like(self.idx)
         self.gate_g = np.empty_like(self.gate)
         self.probs_g = np.empty_like(self.probs)
-        self.kv: list = []                       # the session's per-layer KV cache views,
+        self.layer_kv: list = []                 # the session's per-layer KV cache views,
         self.kv_of = None                        # made from this array
