@@ -112,10 +112,11 @@ def attention(q, kc, vc, pos0, key_ok, mult, cap, n_uniform, out, scores, thread
     libm calls, 48 heads over 8192 keys took 4.7x the time of reading the KV cache.
 
     The heads sharing a KV group are taken together (Grok-1: 6 query heads per group): each
-    key and value row is read once for all of them rather than once per head, two heads per
-    pass over it (two dot products, or two output rows, in one loop: 1.15-1.25x over one head
-    at a time; three at a time was slower). A group's heads are split across threads only when
-    there are fewer groups than `threads`. A head's arithmetic does not depend on the grouping.
+    key and value row is read once for all of them rather than once per head. The scores go two
+    keys x two heads per loop, the weighted values four keys per pass over an output row (a
+    chain in key order, as one key at a time): with rows of 128, a loop's setup and runtime
+    alias checks cost as much as its work. A group's heads are split across threads only when
+    there are fewer groups than `threads`; a head's result does not depend on the split.
     """
     T, H, d = q.shape
     G = kc.shape[0]
@@ -134,21 +135,41 @@ def attention(q, kc, vc, pos0, key_ok, mult, cap, n_uniform, out, scores, thread
         inv = np.empty(h1 - h0, np.float32)
         for t in range(T):
             n = pos0 + t + 1
-            for s in range(n):
-                kv = kc[g, s]
+            s = 0
+            while s + 2 <= n:                     # two keys x two heads per pass
+                ka = kc[g, s]
+                kb = kc[g, s + 1]
                 h = h0
                 while h + 1 < h1:
                     qa = q[t, h]
                     qb = q[t, h + 1]
+                    aa = np.float32(0.0)
+                    ab = np.float32(0.0)
+                    ba = np.float32(0.0)
+                    bb = np.float32(0.0)
+                    for i in range(d):
+                        aa += qa[i] * ka[i]
+                        ab += qa[i] * kb[i]
+                        ba += qb[i] * ka[i]
+                        bb += qb[i] * kb[i]
+                    scores[h, s] = aa
+                    scores[h, s + 1] = ab
+                    scores[h + 1, s] = ba
+                    scores[h + 1, s + 1] = bb
+                    h += 2
+                if h < h1:
+                    qv = q[t, h]
                     a = np.float32(0.0)
                     b = np.float32(0.0)
                     for i in range(d):
-                        a += qa[i] * kv[i]
-                        b += qb[i] * kv[i]
+                        a += qv[i] * ka[i]
+                        b += qv[i] * kb[i]
                     scores[h, s] = a
-                    scores[h + 1, s] = b
-                    h += 2
-                if h < h1:
+                    scores[h, s + 1] = b
+                s += 2
+            if s < n:
+                kv = kc[g, s]
+                for h in range(h0, h1):
                     qv = q[t, h]
                     a = np.float32(0.0)
                     for i in range(d):
@@ -174,12 +195,12 @@ def attention(q, kc, vc, pos0, key_ok, mult, cap, n_uniform, out, scores, thread
             for h in range(h0, h1):
                 sc = scores[h]
                 bits = sc.view(np.int32)
+                for s in range(n):                # the max in a loop of its own: with it,
+                    a = cap * tanh_f32(sc[s] * mult / cap)   # this loop was not vectorized
+                    sc[s] = a if key_ok[s] != 0 else lowest
                 m = lowest
                 for s in range(n):
-                    a = cap * tanh_f32(sc[s] * mult / cap)
-                    a = a if key_ok[s] != 0 else lowest
-                    sc[s] = a
-                    m = max(m, a)
+                    m = max(m, sc[s])
                 for s in range(n):
                     # masked keys (and any below e^-87, 1e-38 of the largest) count as zero
                     x = max(sc[s] - m, np.float32(-87.0))
@@ -193,23 +214,28 @@ def attention(q, kc, vc, pos0, key_ok, mult, cap, n_uniform, out, scores, thread
                 for s in range(n):
                     tot += sc[s]
                 inv[h - h0] = np.float32(1.0) / tot
-            for s in range(n):
+            s = 0
+            while s + 4 <= n:                     # four values per pass over an output row
+                v0, v1, v2, v3 = vc[g, s], vc[g, s + 1], vc[g, s + 2], vc[g, s + 3]
+                for h in range(h0, h1):
+                    ih = inv[h - h0]
+                    p0, p1 = scores[h, s] * ih, scores[h, s + 1] * ih
+                    p2, p3 = scores[h, s + 2] * ih, scores[h, s + 3] * ih
+                    o = out[t, h]
+                    for i in range(d):            # a chain in key order, as one key at a time
+                        a = o[i] + p0 * v0[i]
+                        a += p1 * v1[i]
+                        a += p2 * v2[i]
+                        o[i] = a + p3 * v3[i]
+                s += 4
+            while s < n:
                 vv = vc[g, s]
-                h = h0
-                while h + 1 < h1:
-                    pa = scores[h, s] * inv[h - h0]
-                    pb = scores[h + 1, s] * inv[h + 1 - h0]
-                    oa = out[t, h]
-                    ob = out[t, h + 1]
-                    for i in range(d):
-                        oa[i] += pa * vv[i]
-                        ob[i] += pb * vv[i]
-                    h += 2
-                if h < h1:
+                for h in range(h0, h1):
                     p = scores[h, s] * inv[h - h0]
                     o = out[t, h]
                     for i in range(d):
                         o[i] += p * vv[i]
+                s += 1
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
