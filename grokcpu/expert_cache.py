@@ -7,14 +7,10 @@ then tells the kernel to drop those file pages (`POSIX_FADV_DONTNEED`, one read 
 page cache does not hold a second copy and the budget means what it says. Reads run on
 background threads: `prefetch` starts them early, `acquire` waits only for what is not there yet.
 
-The down projection's layout follows its width D. Wider than the matvec's narrow limit
-(`NARROW_COLS`, 2048; Grok-1's 6144), it is stored transposed, output-major [D, F] (the file
-holds [F, D]): its rows arrive in chunks that are transposed into the slot as they come (the
-kernel streams the rest of the range meanwhile: `POSIX_FADV_WILLNEED`), and decode reads it
-with contiguous dot products (`qmatvec_t`): 86 % of the read ceiling on Grok-1's shapes against
-79 % for the file's layout. At most that wide (scaled-16's 1536), it stays as in the file and is
-read in one `preadv`: the matvec takes such rows one at a time as one stream per thread, 88 %
-(99 % at a 31 GB/s ceiling) against 77 % (88 %) transposed.
+The down projection is stored transposed, output-major [D, F] (the file holds [F, D]): its
+rows arrive in chunks that are transposed into the slot as they come (the kernel streams the
+rest of the range meanwhile: `POSIX_FADV_WILLNEED`), so decode reads it with contiguous dot
+products (`qmatvec_t`), 1.5-1.7x as fast as the input-major kernel on that shape.
 
 A slot in use by the layer being computed is pinned (reference counted) and never evicted;
 which unpinned slot goes is the policy's choice (LRU by default).
@@ -31,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .errors import GrokError
-from .kernels.matvec import NARROW_COLS, transpose_into
+from .kernels.matvec import transpose_into
 
 GB = 1e9
 
@@ -108,7 +104,6 @@ class ExpertCache:
     GUESS_WARMUP = 32          # guesses judged before prefetch may pause itself
     READ_AHEAD_SLACK = 8 << 20  # bytes past a read that the kernel may have read ahead
     DOWN_CHUNK = 8 << 20        # bytes per read of the down projection (transposed as it lands)
-    TRANSPOSE_DOWN_ABOVE = NARROW_COLS   # down is stored output-major when D exceeds this
 
     def __init__(self, ckpt, budget_bytes: int, policy: str = "lru", prefetch: bool = False,
                  io_threads: int = 2, drop_page_cache: bool = True):
@@ -116,10 +111,8 @@ class ExpertCache:
         self.ckpt = ckpt
         self.L, self.E, self.k = c.num_layers, c.num_experts, c.num_selected_experts
         D, F = c.emb_size, c.ffn_size
-        self.down_out_major = D > self.TRANSPOSE_DOWN_ABOVE
-        # gate (linear) [D, F], up (linear_v) [D, F], down (linear_1) [F, D] as in the file or
-        # transposed to [D, F], output-major
-        self.shapes = ((D, F), (D, F), (D, F) if self.down_out_major else (F, D))
+        # gate (linear) [D, F], up (linear_v) [D, F], down (linear_1) transposed: [D, F], output-major
+        self.shapes = ((D, F), (D, F), (D, F))
         # rows of [F, D] per read of the down range: a multiple of 8 (whole 8x8 transpose blocks)
         self.down_rows = max(8, self.DOWN_CHUNK // D // 8 * 8)
         self._scratch = threading.local()
@@ -155,7 +148,7 @@ class ExpertCache:
     # -- public ---------------------------------------------------------------------------------
     def acquire(self, layer: int, expert: int):
         """The expert's int8 matrices, pinned until release(): gate [D, F] and up [D, F] as in the
-        file, and down [F, D] as in the file or, with `down_out_major`, transposed to [D, F]."""
+        file, and down transposed to [D, F] (output-major; the file's [F, D] is its .T)."""
         key = (layer, expert)
         st = self.stats
         with self.lock:
@@ -365,21 +358,6 @@ class ExpertCache:
                                 hint="the checkpoint file is truncated; re-download it")
             got += r
 
-    def _read_transposed(self, i: int, key, at: int, path: str, offset: int, nbytes: int) -> None:
-        """The down range [F, D] into slot i from byte `at` as [D, F], a chunk of rows at a time."""
-        down = self.pool[i, at:at + nbytes].reshape(self.shapes[2])
-        D, F = self.shapes[2]
-        rows = self.down_rows
-        chunk = getattr(self._scratch, "buf", None)
-        if chunk is None:
-            chunk = self._scratch.buf = np.empty(rows * D, np.int8)
-        if hasattr(os, "posix_fadvise"):    # the disk streams the whole range while we transpose
-            os.posix_fadvise(self._fd(path), offset, nbytes, os.POSIX_FADV_WILLNEED)
-        for r0 in range(0, F, rows):
-            n = min(rows, F - r0)
-            self._read_into(path, offset + r0 * D, memoryview(chunk).cast("B")[:n * D], key)
-            transpose_into(chunk[:n * D].reshape(n, D), down, r0)
-
     def _load(self, i: int, key) -> None:
         s = self.slots[i]
         t = time.perf_counter()
@@ -392,10 +370,18 @@ class ExpertCache:
             (gp, goff, gn), (up, uoff, un), (dp, doff, dn) = self.ranges[key]
             self._read_into(gp, goff, buf[:gn], key)
             self._read_into(up, uoff, buf[gn:gn + un], key)
-            if self.down_out_major:
-                self._read_transposed(i, key, gn + un, dp, doff, dn)
-            else:
-                self._read_into(dp, doff, buf[gn + un:gn + un + dn], key)
+            down = self.pool[i, gn + un:gn + un + dn].reshape(self.shapes[2])
+            D, F = self.shapes[2]
+            rows = self.down_rows
+            chunk = getattr(self._scratch, "buf", None)
+            if chunk is None:
+                chunk = self._scratch.buf = np.empty(rows * D, np.int8)
+            if hasattr(os, "posix_fadvise"):    # the disk streams the whole range while we transpose
+                os.posix_fadvise(self._fd(dp), doff, dn, os.POSIX_FADV_WILLNEED)
+            for r0 in range(0, F, rows):
+                n = min(rows, F - r0)
+                self._read_into(dp, doff + r0 * D, memoryview(chunk).cast("B")[:n * D], key)
+                transpose_into(chunk[:n * D].reshape(n, D), down, r0)
             if self.drop_page_cache:
                 self._drop_later(key)
         except Exception as e:             # surfaced to the thread that waits for this slot

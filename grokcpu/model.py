@@ -372,7 +372,7 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
                 continue
             wg, wu, wd = cache.acquire(li, e)
             try:
-                KD.expert(x, wg, sg, wu, su, wd, sd, cache.down_out_major, gu, ys[j], part_f, part_d)
+                KD.expert(x, wg, sg, wu, su, wd, sd, True, gu, ys[j], part_f, part_d)
             finally:
                 cache.release(li, e)
         KD.moe_finish(h, ys, ws.gates, lw.moe_post_norm, eps, ws.moe)

@@ -118,8 +118,7 @@ def matvec(x: np.ndarray, w: np.ndarray, s: np.ndarray, out: np.ndarray | None =
 def matmul(x: np.ndarray, w: np.ndarray, s: np.ndarray, out_major: bool = False) -> np.ndarray:
     """x[T, R] @ dequant(w[R, C], s[nb, C]) -> [T, C] float32.
 
-    out_major: w is stored output-major, [C, R] (the expert cache's down projections on wide
-    models).
+    out_major: w is stored output-major, [C, R] (the expert cache's down projections).
     One row is a matvec; a few rows go through a kernel that reads the weights once for all
     of them; from GEMM_MIN_ROWS rows on, dequantized tiles go through numpy's BLAS.
     """
@@ -180,8 +179,8 @@ def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray, cache=None, layer:
     """sum_j gate[t, j] * expert_{idx[t, j]}(x[t]); each expert runs once over its tokens.
 
     Expert weights come from `cache` (an ExpertCache: acquired, used, released in file order;
-    on wide models it holds the down projection transposed) or, without one, straight from the
-    memory-mapped checkpoint.
+    it holds the down projection transposed) or, without one, straight from the memory-mapped
+    checkpoint.
     """
     T, D = x.shape
     out = np.zeros((T, D), np.float32)
@@ -199,7 +198,7 @@ def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray, cache=None, layer:
             g, u = gate_up(xe, wg, lw.w_gate.s[e], wu, lw.w_up.s[e])
             for t in range(g.shape[0]):
                 K.gelu_mul(g[t], u[t])
-            done[e] = rows, slot, matmul(g, wd, lw.w_down.s[e], out_major=cache is not None and cache.down_out_major)
+            done[e] = rows, slot, matmul(g, wd, lw.w_down.s[e], out_major=cache is not None)
         finally:
             if cache is not None:
                 cache.release(layer, e)
