@@ -235,3 +235,21 @@ def test_batch_stops_per_request(model, tok):
     assert (got[1].finish_reason, got[1].text) == ("stop", "stop here")
     assert (got[2].finish_reason, got[2].tokens) == ("eos", [7, 2])
     assert (got[3].finish_reason, got[3].tokens) == ("length", [7, 2, 7])
+
+
+@pytest.mark.parametrize("preset", [None, "10"])
+def test_openblas_threads_sleep_after_a_call_unless_the_user_says(preset):
+    """Imported before numpy, grokcpu tells OpenBLAS to park its threads right after a call
+    (their 0.1 s spin slowed the first decode step after a prefill); a value already set wins."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if preset:
+        env["OPENBLAS_THREAD_TIMEOUT"] = preset
+    code = ("import grokcpu, os, numpy as np; np.ones((64, 64)) @ np.ones((64, 64)); "
+            "print(os.environ['OPENBLAS_THREAD_TIMEOUT'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (preset or "4")
