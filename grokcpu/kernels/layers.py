@@ -195,8 +195,10 @@ def attention(q, kc, vc, pos0, key_ok, mult, cap, n_uniform, out, scores, thread
             for h in range(h0, h1):
                 sc = scores[h]
                 bits = sc.view(np.int32)
-                for s in range(n):                # the max in a loop of its own: with it,
-                    a = cap * tanh_f32(sc[s] * mult / cap)   # this loop was not vectorized
+                # the soft cap and mask; the max gets a loop of its own (with the max in it,
+                # this loop was not vectorized: 3.5-5 ns an element instead of 1.4)
+                for s in range(n):
+                    a = cap * tanh_f32(sc[s] * mult / cap)
                     sc[s] = a if key_ok[s] != 0 else lowest
                 m = lowest
                 for s in range(n):
