@@ -297,7 +297,7 @@ def _forward_rows(m: Model, sessions: list[Session], toks: np.ndarray, decode: b
             s0.trace.append((li, idx.copy(), probs.copy()))
         if m._trace_file is not None:
             for t in range(T):
-                m._trace_file.write(f'{{"pos": {int(pos[t])}, "layer": {li}, "experts": {idx[t].tolist()}}}\n')
+                _trace_write(m, int(pos[t]), li, idx[t].tolist())
         if cache is not None:
             cache.request([(li, int(e)) for e in np.unique(idx)])       # all misses in flight at once
             _guess_next_layer(m, li, h, xg, idx_g, gate_g, probs_g, only_if_idle=decode)
@@ -310,6 +310,11 @@ def _forward_rows(m: Model, sessions: list[Session], toks: np.ndarray, decode: b
         s.tokens.extend(int(t) for t in toks[r0:r0 + n])
     K.rmsnorm(h, m.ckpt.final_norm, eps, h)
     return h
+
+
+def _trace_write(m: Model, pos: int, layer: int, experts: list) -> None:
+    """One line of the routing trace (--routing-trace; read back by `replay.read_trace`)."""
+    m._trace_file.write(f'{{"pos": {pos}, "layer": {layer}, "experts": {experts}}}\n')
 
 
 def _guess_next_layer(m: Model, li: int, h, xg, idx_g, gate_g, probs_g, only_if_idle: bool) -> None:
@@ -354,7 +359,7 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
             s.trace.append((li, ws.idx.copy(), ws.probs.copy()))
         ids = ws.idx[0].tolist()
         if m._trace_file is not None:
-            m._trace_file.write(f'{{"pos": {pos}, "layer": {li}, "experts": {ids}}}\n')
+            _trace_write(m, pos, li, ids)
         chosen = sorted(zip(ids, ws.gate[0].tolist()))         # summed in expert order
         experts = [e for e, _ in chosen]
         ws.gates[:] = [gt for _, gt in chosen]
