@@ -130,6 +130,13 @@ class ExpertCache:
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
         # np.empty does not touch the pages: RAM is committed as slots fill.
         self.pool = np.empty((self.nslots, self.expert_bytes), np.int8)
+        self.pool_view = self.pool.view()             # what kernels read: the mapped weights' type
+        self.pool_view.flags.writeable = False
+        # slot_of[layer, expert]: its slot once loaded, -1 otherwise; for kernels that run several
+        # layers in one call (kernels.decode.resident_layers). Set by the reader when a load is
+        # done, cleared here when the slot is claimed for another expert: the caller's thread
+        # claims, so nothing it has seen as resident goes away during its call.
+        self.slot_of = np.full((self.L, self.E), -1, np.int32)
         self.slots = [_Slot() for _ in range(self.nslots)]
         self._slot_views: list = [None] * self.nslots     # a slot's matrices (fixed views of the pool)
         self.where: dict = {}            # (layer, expert) -> slot index
@@ -150,30 +157,42 @@ class ExpertCache:
         """The expert's int8 matrices, pinned until release(): gate [D, F] and up [D, F] as in the
         file, and down transposed to [D, F] (output-major; the file's [F, D] is its .T)."""
         key = (layer, expert)
-        st = self.stats
         with self.lock:
             i = self.where.get(key)
             if i is None:
                 i = self._claim(key, prefetched=False)
-            s = self.slots[i]
-            if s.used:
-                st.hits[layer] += 1
-            elif s.prefetched:
-                st.prefetch_hits[layer] += 1
-            else:                         # loaded on demand (by request() or just now)
-                st.misses[layer] += 1
+            s = self._account(key, i)
             s.refs += 1
-            s.used = True
-            s.last_step = self.step
-            self.policy.touch(key)
         if not s.ready.is_set():
             t = time.perf_counter()
             s.ready.wait()
-            st.stall_seconds += time.perf_counter() - t
+            self.stats.stall_seconds += time.perf_counter() - t
         if s.error is not None:
             self.release(layer, expert)
             raise s.error
         return self._views(i)
+
+    def note_used(self, keys) -> None:
+        """Count uses of resident experts that a kernel read without acquire() (see slot_of), in
+        the order it used them: the same statistics and recency as acquire() and release()."""
+        with self.lock:
+            for key in keys:
+                self._account(key, self.where[key])
+
+    def _account(self, key, i: int) -> "_Slot":
+        """A use of `key` in slot i: hit or miss statistics and recency. Caller holds the lock."""
+        s = self.slots[i]
+        st, layer = self.stats, key[0]
+        if s.used:
+            st.hits[layer] += 1
+        elif s.prefetched:
+            st.prefetch_hits[layer] += 1
+        else:                             # loaded on demand (by request() or by acquire just now)
+            st.misses[layer] += 1
+        s.used = True
+        s.last_step = self.step
+        self.policy.touch(key)
+        return s
 
     def ready(self, layer: int, expert: int) -> bool:
         """Whether acquire() would return at once (the expert is resident and loaded)."""
@@ -282,6 +301,7 @@ class ExpertCache:
         if s.key is not None:
             old = s.key
             del self.where[old]
+            self.slot_of[old] = -1
             self.policy.remove(old)
             self.stats.evictions[old[0]] += 1
             if s.prefetched and not s.used:
@@ -394,6 +414,8 @@ class ExpertCache:
                 self.stats.inflight -= 1
                 if self.stats.inflight == 0:
                     self.stats.io_busy_seconds += now - self.stats.busy_since
+            if s.error is None:
+                self.slot_of[key] = i
             s.ready.set()
             if s.error is not None:
                 with self.lock:

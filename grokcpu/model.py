@@ -69,16 +69,23 @@ class Model:
     def layers(self) -> list[LayerWeights]:
         return self.ckpt.layers
 
-    def decode_args(self) -> tuple[list[tuple], list[list[tuple]]]:
+    def decode_args(self) -> tuple[list[tuple], list[list[tuple]], tuple]:
         """Decode's per-layer arguments, made once: the dense ones of `kernels.decode.attn_router`
         (norms [3, D]: attn_norm, attn_post_norm, moe_norm; q, k, v, o weights and scales; the
-        router), and each expert's gate, up and down scales."""
+        router), each expert's gate, up and down scales, and the same as typed lists for
+        `kernels.decode.resident_layers` (norms [L, 3, D], the weights and scales by layer, the
+        expert scales [E, nb, F] by layer, the MoE post norms [L, D])."""
         if self._decode_args is None:
+            from numba.typed import List
             dense = [(np.stack([lw.attn_norm, lw.attn_post_norm, lw.moe_norm]), lw.wq.w, lw.wq.s,
                       lw.wk.w, lw.wk.s, lw.wv.w, lw.wv.s, lw.wo.w, lw.wo.s, lw.router) for lw in self.layers]
             scales = [[(lw.w_gate.s[e], lw.w_up.s[e], lw.w_down.s[e]) for e in range(self.config.num_experts)]
                       for lw in self.layers]
-            self._decode_args = dense, scales
+            by_layer = (np.stack([d[0] for d in dense]),) + tuple(List([d[i] for d in dense]) for i in range(1, 10))
+            by_layer += (List([lw.w_gate.s for lw in self.layers]), List([lw.w_up.s for lw in self.layers]),
+                         List([lw.w_down.s for lw in self.layers]),
+                         np.stack([lw.moe_post_norm for lw in self.layers]))
+            self._decode_args = dense, scales, by_layer
         return self._decode_args
 
     def new_session(self) -> "Session":
@@ -330,7 +337,9 @@ def _guess_next_layer(m: Model, li: int, h, xg, idx_g, gate_g, probs_g, only_if_
 
 def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
     """One decode token of one session on the CPU: the same arithmetic as `_forward_rows`
-    with T = 1 (bitwise), in three compiled calls per layer on the session's workspace."""
+    with T = 1 (bitwise), in three compiled calls per layer on the session's workspace, or
+    (with the expert cache, prefetch off) in one call for every run of layers whose experts
+    are all resident (`kernels.decode.resident_layers`)."""
     c = m.config
     ws = s._ws
     if ws is None:
@@ -338,7 +347,7 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
     if ws.kv_of is not s.k:                               # per-layer views of the KV cache
         ws.layer_kv = [(s.k[li], s.v[li]) for li in range(c.num_layers)]
         ws.kv_of = s.k
-    dense, scales = m.decode_args()
+    dense, scales, by_layer = m.decode_args()
     eps = c.rms_norm_eps
     pos = s.pos
     s.key_ok[pos] = tok > c.pad_token
@@ -350,37 +359,28 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
         cache.next_step()
     h = ws.h
     np.multiply(m.ckpt.embeddings[tok], np.float32(c.embedding_multiplier_scale), out=h[0])
-    tail = (ws.q, ws.kv, ws.attn, ws.a, ws.scores, ws.part_q, ws.part_kv, ws.part_o,
-            ws.idx, ws.gate, ws.probs)
-    x, gu, ys, part_f, part_d = ws.x[0], ws.gu, ws.ys, ws.part_f, ws.part_d
-    for li, lw in enumerate(m.layers):
-        KD.attn_router(h, ws.x, *dense[li], ws.cos, ws.sin, *ws.layer_kv[li], pos, key_ok, eps, ws.consts, *tail)
-        if s.trace is not None:
-            s.trace.append((li, ws.idx.copy(), ws.probs.copy()))
-        ids = ws.idx[0].tolist()
-        if m._trace_file is not None:
-            _trace_write(m, pos, li, ids)
-        chosen = sorted(zip(ids, ws.gate[0].tolist()))         # summed in expert order
-        experts = [e for e, _ in chosen]
-        ws.gates[:] = [gt for _, gt in chosen]
-        order = experts
-        if cache is not None:
-            cache.request([(li, e) for e in experts])
-            _guess_next_layer(m, li, h, ws.xg, ws.idx_g, ws.gate_g, ws.probs_g, only_if_idle=True)
-            order = cache.ready_first(li, experts)
-        for e in order:
-            j = experts.index(e)
-            sg, su, sd = scales[li][e]
-            if cache is None:
-                KD.expert(x, lw.w_gate.w[e], sg, lw.w_up.w[e], su, lw.w_down.w[e], sd, False,
-                          gu, ys[j], part_f, part_d)
-                continue
-            wg, wu, wd = cache.acquire(li, e)
-            try:
-                KD.expert(x, wg, sg, wu, su, wd, sd, True, gu, ys[j], part_f, part_d)
-            finally:
-                cache.release(li, e)
-        KD.moe_finish(h, ys, ws.gates, lw.moe_post_norm, eps, ws.moe)
+    attn_bufs = (ws.q, ws.kv, ws.attn, ws.a, ws.scores, ws.part_q, ws.part_kv, ws.part_o)
+    moe_bufs = (ws.gu, ws.ys, ws.gates, ws.part_f, ws.part_d, ws.moe)
+    resident_runs = cache is not None and not cache.prefetch_enabled
+    L = c.num_layers
+    li = 0
+    while li < L:
+        if resident_runs:
+            stop = KD.resident_layers(li, h, ws.x, *by_layer[:10], ws.cos, ws.sin, s.k, s.v, pos, key_ok, eps,
+                                      ws.consts, *attn_bufs, ws.idx_all, ws.gate_all, ws.probs_all,
+                                      cache.pool_view, cache.slot_of, *by_layer[10:], *moe_bufs)
+            for lj in range(li, stop):
+                _note_routing(m, s, pos, lj, ws)
+            cache.note_used([(lj, e) for lj in range(li, stop) for e in sorted(ws.idx_all[lj].tolist())])
+            if stop == L:
+                break
+            li = stop                        # its attention and routing are done; its MoE is ours
+        else:
+            KD.attn_router(h, ws.x, *dense[li], ws.cos, ws.sin, *ws.layer_kv[li], pos, key_ok, eps, ws.consts,
+                           *attn_bufs, ws.idx_all[li:li + 1], ws.gate_all[li:li + 1], ws.probs_all[li:li + 1])
+        _note_routing(m, s, pos, li, ws)
+        _decode_moe(m, li, ws, scales)
+        li += 1
     if m._trace_file is not None:
         m._trace_file.flush()
     s.pos += 1
@@ -388,3 +388,40 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
     out = h.copy()
     K.rmsnorm(out, m.ckpt.final_norm, eps, out)
     return out
+
+
+def _note_routing(m: Model, s: Session, pos: int, li: int, ws) -> None:
+    """Record layer li's routing in the session's trace and the --routing-trace file."""
+    if s.trace is not None:
+        s.trace.append((li, ws.idx_all[li:li + 1].copy(), ws.probs_all[li:li + 1].copy()))
+    if m._trace_file is not None:
+        _trace_write(m, pos, li, ws.idx_all[li].tolist())
+
+
+def _decode_moe(m: Model, li: int, ws, scales) -> None:
+    """Layer li's MoE block of a decode token, its routing in the workspace: the experts through
+    the cache (missing ones read now, resident ones computed first), summed in expert order."""
+    lw = m.layers[li]
+    cache = m.experts
+    x, gu, ys, part_f, part_d = ws.x[0], ws.gu, ws.ys, ws.part_f, ws.part_d
+    chosen = sorted(zip(ws.idx_all[li].tolist(), ws.gate_all[li].tolist()))   # summed in expert order
+    experts = [e for e, _ in chosen]
+    ws.gates[:] = [gt for _, gt in chosen]
+    order = experts
+    if cache is not None:
+        cache.request([(li, e) for e in experts])
+        _guess_next_layer(m, li, ws.h, ws.xg, ws.idx_g, ws.gate_g, ws.probs_g, only_if_idle=True)
+        order = cache.ready_first(li, experts)
+    for e in order:
+        j = experts.index(e)
+        sg, su, sd = scales[li][e]
+        if cache is None:
+            KD.expert(x, lw.w_gate.w[e], sg, lw.w_up.w[e], su, lw.w_down.w[e], sd, False,
+                      gu, ys[j], part_f, part_d)
+            continue
+        wg, wu, wd = cache.acquire(li, e)
+        try:
+            KD.expert(x, wg, sg, wu, su, wd, sd, True, gu, ys[j], part_f, part_d)
+        finally:
+            cache.release(li, e)
+    KD.moe_finish(ws.h, ys, ws.gates, lw.moe_post_norm, m.config.rms_norm_eps, ws.moe)

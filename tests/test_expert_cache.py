@@ -247,3 +247,40 @@ def test_a_file_cut_short_after_loading_is_a_clear_error_and_the_cache_goes_on(m
     assert np.array_equal(wd, ck.layers[0].w_down.w[1].T)
     cache.release(0, 1)
     cache.close()
+
+
+def test_resident_runs_match_the_layer_by_layer_path(medium_ckpt, monkeypatch, tmp_path):
+    """Decode runs the layers whose experts are all resident in one compiled call and hands the
+    first layer with a missing expert back to Python. Under a budget of 20 of the 32 experts
+    (hits, misses and evictions mixed within tokens), it must give the per-layer path's logits bit for
+    bit, the same routing trace, the same hit/miss/eviction counts and the same experts left in
+    the cache; slot_of must agree with the cache's map."""
+    import grokcpu.model as model_mod
+    toks = list(range(3, 30))
+    one = 3 * 512 * 2048 / 1e9
+    runs = {}
+    for resident in (True, False):
+        m = grokcpu.load(medium_ckpt, expert_cache_gb=20 * one * 1.0001,
+                         routing_trace=str(tmp_path / f"trace{resident}.jsonl"))
+        if not resident:        # the per-layer path, as prefetch takes it, without the guesses
+            m.experts.prefetch_enabled = True
+            monkeypatch.setattr(model_mod, "_guess_next_layer", lambda *a, **k: None)
+        s = m.new_session()
+        s.prefill(toks[:4])
+        s.trace = []
+        logits = np.stack([s.decode(t) for t in toks[4:]])
+        cache = m.experts
+        st = cache.stats.as_dict(cache)
+        where = dict(cache.where)
+        assert {(la, e) for la, e in zip(*np.nonzero(cache.slot_of >= 0))} == set(where)
+        assert all(cache.slot_of[key] == i for key, i in where.items())
+        m.close()
+        runs[resident] = (logits, [(la, i.tolist(), p.tobytes()) for la, i, p in s.trace],
+                          {k: st[k] for k in ("hits", "misses", "evictions", "bytes_read")}, where,
+                          (tmp_path / f"trace{resident}.jsonl").read_text())
+        monkeypatch.undo()
+    a, b = runs[True], runs[False]
+    assert np.array_equal(a[0], b[0])
+    assert a[1] == b[1] and a[4] == b[4]
+    assert a[2] == b[2] and a[2]["evictions"] > 0 and a[2]["hits"] > 0
+    assert a[3] == b[3]
