@@ -111,8 +111,9 @@ class ExpertCache:
         self.ckpt = ckpt
         self.L, self.E, self.k = c.num_layers, c.num_experts, c.num_selected_experts
         D, F = c.emb_size, c.ffn_size
-        # gate (linear) [D, F], up (linear_v) [D, F], down (linear_1) transposed: [D, F], output-major
-        self.shapes = ((D, F), (D, F), (D, F))
+        # a slot: gate (linear) [D, F], up (linear_v) [D, F], down (linear_1) transposed to [D, F],
+        # output-major; kernels.decode.resident_layers reads slots the same way
+        self.slot_shape = (3, D, F)
         # rows of [F, D] per read of the down range: a multiple of 8 (whole 8x8 transpose blocks)
         self.down_rows = max(8, self.DOWN_CHUNK // D // 8 * 8)
         self._scratch = threading.local()
@@ -280,16 +281,7 @@ class ExpertCache:
         return views
 
     def _make_views(self, i: int):
-        buf = self.pool[i]
-        out = []
-        off = 0
-        for shape in self.shapes:
-            n = shape[0] * shape[1]
-            a = buf[off:off + n].reshape(shape)
-            a.flags.writeable = False     # the same kernel specialisation as the mapped weights
-            out.append(a)
-            off += n
-        return out
+        return list(self.pool_view[i].reshape(self.slot_shape))
 
     def _claim(self, key, prefetched: bool, wait: bool = True, stale_before: int | None = None,
                protect=()):
@@ -390,8 +382,8 @@ class ExpertCache:
             (gp, goff, gn), (up, uoff, un), (dp, doff, dn) = self.ranges[key]
             self._read_into(gp, goff, buf[:gn], key)
             self._read_into(up, uoff, buf[gn:gn + un], key)
-            down = self.pool[i, gn + un:gn + un + dn].reshape(self.shapes[2])
-            D, F = self.shapes[2]
+            down = self.pool[i].reshape(self.slot_shape)[2]
+            D, F = down.shape
             rows = self.down_rows
             chunk = getattr(self._scratch, "buf", None)
             if chunk is None:

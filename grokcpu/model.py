@@ -37,6 +37,7 @@ class Model:
                             hint=f"pass a context length up to the model's sequence_len {c.sequence_len}")
         self.experts: ExpertCache | None = None
         self._decode_args: tuple | None = None
+        self._resident_args: tuple | None = None
         if not (isinstance(expert_cache_gb, str) and expert_cache_gb.strip().lower() == "off"):
             budget = parse_budget(expert_cache_gb, ckpt, self.context)
             # Under a budget smaller than the experts, file pages are dropped after each read so
@@ -69,24 +70,32 @@ class Model:
     def layers(self) -> list[LayerWeights]:
         return self.ckpt.layers
 
-    def decode_args(self) -> tuple[list[tuple], list[list[tuple]], tuple]:
+    def decode_args(self) -> tuple[list[tuple], list[list[tuple]]]:
         """Decode's per-layer arguments, made once: the dense ones of `kernels.decode.attn_router`
         (norms [3, D]: attn_norm, attn_post_norm, moe_norm; q, k, v, o weights and scales; the
-        router), each expert's gate, up and down scales, and the same as typed lists for
-        `kernels.decode.resident_layers` (norms [L, 3, D], the weights and scales by layer, the
-        expert scales [E, nb, F] by layer, the MoE post norms [L, D])."""
+        router), and each expert's gate, up and down scales."""
         if self._decode_args is None:
-            from numba.typed import List
             dense = [(np.stack([lw.attn_norm, lw.attn_post_norm, lw.moe_norm]), lw.wq.w, lw.wq.s,
                       lw.wk.w, lw.wk.s, lw.wv.w, lw.wv.s, lw.wo.w, lw.wo.s, lw.router) for lw in self.layers]
             scales = [[(lw.w_gate.s[e], lw.w_up.s[e], lw.w_down.s[e]) for e in range(self.config.num_experts)]
                       for lw in self.layers]
-            by_layer = (np.stack([d[0] for d in dense]),) + tuple(List([d[i] for d in dense]) for i in range(1, 10))
-            by_layer += (List([lw.w_gate.s for lw in self.layers]), List([lw.w_up.s for lw in self.layers]),
-                         List([lw.w_down.s for lw in self.layers]),
-                         np.stack([lw.moe_post_norm for lw in self.layers]))
-            self._decode_args = dense, scales, by_layer
+            self._decode_args = dense, scales
         return self._decode_args
+
+    def resident_args(self) -> tuple:
+        """`kernels.decode.resident_layers`'s per-layer arguments, made on its first use (numba
+        compiles a typed list's methods in each process, about 0.9 s): norms [L, 3, D], the
+        attention weights, scales and routers as typed lists by layer, the experts' scales
+        [E, nb, F] by layer, then the MoE post norms [L, D]."""
+        if self._resident_args is None:
+            from numba.typed import List
+            dense, _ = self.decode_args()
+            args = (np.stack([d[0] for d in dense]),) + tuple(List([d[i] for d in dense]) for i in range(1, 10))
+            args += (List([lw.w_gate.s for lw in self.layers]), List([lw.w_up.s for lw in self.layers]),
+                     List([lw.w_down.s for lw in self.layers]),
+                     np.stack([lw.moe_post_norm for lw in self.layers]))
+            self._resident_args = args
+        return self._resident_args
 
     def new_session(self) -> "Session":
         return Session(self)
@@ -347,7 +356,7 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
     if ws.kv_of is not s.k:                               # per-layer views of the KV cache
         ws.layer_kv = [(s.k[li], s.v[li]) for li in range(c.num_layers)]
         ws.kv_of = s.k
-    dense, scales, by_layer = m.decode_args()
+    dense, scales = m.decode_args()
     eps = c.rms_norm_eps
     pos = s.pos
     s.key_ok[pos] = tok > c.pad_token
@@ -366,6 +375,7 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
     li = 0
     while li < L:
         if resident_runs:
+            by_layer = m.resident_args()
             stop = KD.resident_layers(li, h, ws.x, *by_layer[:10], ws.cos, ws.sin, s.k, s.v, pos, key_ok, eps,
                                       ws.consts, *attn_bufs, ws.idx_all, ws.gate_all, ws.probs_all,
                                       cache.pool_view, cache.slot_of, *by_layer[10:], *moe_bufs)

@@ -80,7 +80,6 @@ def resident_layers(li, h, x, norms, wq, sq, wk, sk, wv, sv, wo, so, router, cos
     D = x.shape[1]
     F = gu.shape[1]
     k = idx_all.shape[1]
-    DF = D * F
     order = np.empty(k, np.int64)
     while li < L:
         idx, gate = idx_all[li:li + 1], gate_all[li:li + 1]
@@ -102,9 +101,9 @@ def resident_layers(li, h, x, norms, wq, sq, wk, sk, wv, sv, wo, so, router, cos
         for j in range(k):
             e = idx[0, order[j]]
             gates[j] = gate[0, order[j]]
-            buf = pool[slot_of[li, e]]
-            expert(x[0], buf[:DF].reshape(D, F), sg[li][e], buf[DF:2 * DF].reshape(D, F), su[li][e],
-                   buf[2 * DF:3 * DF].reshape(D, F), sd[li][e], True, gu, ys[j], part_f, part_d)
+            slot = pool[slot_of[li, e]].reshape(3, D, F)    # the cache's slot views
+            expert(x[0], slot[0], sg[li][e], slot[1], su[li][e], slot[2], sd[li][e], True,
+                   gu, ys[j], part_f, part_d)
         moe_finish(h, ys, gates, post_norms[li], eps, moe)
         li += 1
     return L
