@@ -82,20 +82,26 @@ class Model:
             self._decode_args = dense, scales
         return self._decode_args
 
-    def resident_args(self) -> tuple:
-        """`kernels.decode.resident_layers`'s per-layer arguments, made on its first use (numba
-        compiles a typed list's methods in each process, about 0.9 s): norms [L, 3, D], the
-        attention weights, scales and routers as typed lists by layer, the experts' scales
-        [E, nb, F] by layer, then the MoE post norms [L, D]."""
+    def resident_args(self) -> tuple | None:
+        """`kernels.decode.resident_layers`'s per-layer arguments, made once: norms [L, 3, D], the
+        attention weights, scales and routers as tuples by layer, the experts' scales [E, nb, F]
+        by layer, then the MoE post norms [L, D]; None where a tuple's arrays are not all of one
+        numba type (indexed by layer, they must be), and decode then goes layer by layer.
+
+        Tuples, not numba typed lists: numba types a typed list argument by running Python (its
+        `_numba_type_` property) inside the call and drops a KeyboardInterrupt raised there, so
+        a Ctrl-C that landed in one of a token's 13 such lookups was lost and the answer ran to
+        its end. A tuple of arrays is typed in C. The kernel compiles once per layer count
+        (cached on disk)."""
         if self._resident_args is None:
-            from numba.typed import List
+            import numba
             dense, _ = self.decode_args()
-            args = (np.stack([d[0] for d in dense]),) + tuple(List([d[i] for d in dense]) for i in range(1, 10))
-            args += (List([lw.w_gate.s for lw in self.layers]), List([lw.w_up.s for lw in self.layers]),
-                     List([lw.w_down.s for lw in self.layers]),
-                     np.stack([lw.moe_post_norm for lw in self.layers]))
-            self._resident_args = args
-        return self._resident_args
+            by_layer = [tuple(d[i] for d in dense) for i in range(1, 10)]
+            by_layer += [tuple(getattr(lw, name).s for lw in self.layers) for name in ("w_gate", "w_up", "w_down")]
+            uniform = all(len({numba.typeof(a) for a in t}) == 1 for t in by_layer)
+            self._resident_args = (np.stack([d[0] for d in dense]), *by_layer,
+                                   np.stack([lw.moe_post_norm for lw in self.layers])) if uniform else ()
+        return self._resident_args or None
 
     def new_session(self) -> "Session":
         return Session(self)
@@ -370,12 +376,11 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
     np.multiply(m.ckpt.embeddings[tok], np.float32(c.embedding_multiplier_scale), out=h[0])
     attn_bufs = (ws.q, ws.kv, ws.attn, ws.a, ws.scores, ws.part_q, ws.part_kv, ws.part_o)
     moe_bufs = (ws.gu, ws.ys, ws.gates, ws.part_f, ws.part_d, ws.moe)
-    resident_runs = cache is not None and not cache.prefetch_enabled
+    by_layer = m.resident_args() if cache is not None and not cache.prefetch_enabled else None
     L = c.num_layers
     li = 0
     while li < L:
-        if resident_runs:
-            by_layer = m.resident_args()
+        if by_layer is not None:
             stop = KD.resident_layers(li, h, ws.x, *by_layer[:10], ws.cos, ws.sin, s.k, s.v, pos, key_ok, eps,
                                       ws.consts, *attn_bufs, ws.idx_all, ws.gate_all, ws.probs_all,
                                       cache.pool_view, cache.slot_of, *by_layer[10:], *moe_bufs)

@@ -284,3 +284,26 @@ def test_resident_runs_match_the_layer_by_layer_path(medium_ckpt, monkeypatch, t
     assert a[1] == b[1] and a[4] == b[4]
     assert a[2] == b[2] and a[2]["evictions"] > 0 and a[2]["hits"] > 0
     assert a[3] == b[3]
+
+
+def test_resident_arguments_are_typed_in_c_and_a_mixed_layer_falls_back(medium_ckpt):
+    """The per-token call's arguments are arrays and tuples of arrays, which numba types in C:
+    a typed list is typed by Python code in the call, where numba drops a KeyboardInterrupt
+    (Ctrl-C during an answer was lost). Where one layer's array differs in type from the
+    others, the tuples cannot be indexed by layer: decode goes layer by layer, same logits."""
+    m = grokcpu.load(medium_ckpt)
+    args = m.resident_args()
+    assert args is not None
+    for a in args:
+        assert isinstance(a, np.ndarray) or (isinstance(a, tuple) and all(isinstance(x, np.ndarray) for x in a))
+    s = m.new_session()
+    s.prefill([5, 6, 7])
+    ref = [s.decode(t) for t in (8, 9, 10)]
+    mixed = grokcpu.load(medium_ckpt)
+    lw = mixed.layers[1]
+    lw.wq.w = np.array(lw.wq.w)                  # writable, unlike the mapped weights of the others
+    assert mixed.resident_args() is None
+    s = mixed.new_session()
+    s.prefill([5, 6, 7])
+    for t, r in zip((8, 9, 10), ref):
+        assert np.array_equal(s.decode(t), r)

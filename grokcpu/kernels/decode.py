@@ -70,7 +70,7 @@ def resident_layers(li, h, x, norms, wq, sq, wk, sk, wv, sv, wo, so, router, cos
     Between two kernels Python runs cold (each kernel streams tens of MB through the CPU caches):
     the per-layer calls and the cache's bookkeeping took 1-1.5 ms of a 55 ms scaled-16 token,
     against 0.26 ms warm. The caller now does the bookkeeping once per run (1.04x a token).
-    Per-layer weights come as typed lists (wq[li], ...; sg[li] [E, nb, F]: the expert scales);
+    Per-layer weights come as tuples (wq[li], ...; sg[li] [E, nb, F]: the expert scales);
     norms [L, 3, D] and post_norms [L, D]; kcache/vcache the session's [L, G, S, d].
     pool [slots, bytes] with slot_of [L, E] (-1: not resident) is the expert cache's.
     idx_all/gate_all/probs_all [L, k] / [L, E] receive every layer's routing. The same kernels
