@@ -95,7 +95,10 @@ def run_bench(model_path, prompt_tokens: int = 128, gen_tokens: int = 32, thread
 
     import grokcpu
 
-    for name, v, lo in (("--prompt-tokens", prompt_tokens, 1), ("--gen-tokens", gen_tokens, 1), ("--reps", reps, 1)):
+    checks = [("--prompt-tokens", prompt_tokens, 1), ("--gen-tokens", gen_tokens, 1), ("--reps", reps, 1)]
+    if threads is not None:
+        checks.append(("--threads", threads, 1))
+    for name, v, lo in checks:
         if int(v) != v or v < lo:
             raise GrokError(f"{name} {v} is out of range", hint=f"use an integer >= {lo}")
     if model is None:

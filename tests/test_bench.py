@@ -48,7 +48,8 @@ def test_bench_json_figures():
 
 
 @pytest.mark.parametrize("args,needle", [(["--gen-tokens", "0"], "--gen-tokens"),
-                                          (["--prompt-tokens", "100000"], "context")])
+                                          (["--prompt-tokens", "100000"], "context"),
+                                          (["--threads", "0"], "--threads 0 is out of range")])
 def test_bench_bad_arguments_are_one_line_errors(args, needle):
     path = _fixture()
     out = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--model", str(path), *args],
