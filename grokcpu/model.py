@@ -383,7 +383,7 @@ def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
         if by_layer is not None:
             stop = KD.resident_layers(li, h, ws.x, *by_layer[:10], ws.cos, ws.sin, s.k, s.v, pos, key_ok, eps,
                                       ws.consts, *attn_bufs, ws.idx_all, ws.gate_all, ws.probs_all,
-                                      cache.pool_view, cache.slot_of, *by_layer[10:], *moe_bufs)
+                                      cache.pool_view, cache.slot_of, *by_layer[10:], *moe_bufs, ws.whole, ws.gus)
             for lj in range(li, stop):
                 _note_routing(m, s, pos, lj, ws)
             cache.note_used([(lj, e) for lj in range(li, stop) for e in sorted(ws.idx_all[lj].tolist())])

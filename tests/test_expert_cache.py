@@ -249,13 +249,22 @@ def test_a_file_cut_short_after_loading_is_a_clear_error_and_the_cache_goes_on(m
     cache.close()
 
 
-def test_resident_runs_match_the_layer_by_layer_path(medium_ckpt, monkeypatch, tmp_path):
+@pytest.mark.parametrize("whole", [True, False])
+def test_resident_runs_match_the_layer_by_layer_path(medium_ckpt, monkeypatch, tmp_path, whole):
     """Decode runs the layers whose experts are all resident in one compiled call and hands the
     first layer with a missing expert back to Python. Under a budget of 20 of the 32 experts
     (hits, misses and evictions mixed within tokens), it must give the per-layer path's logits bit for
     bit, the same routing trace, the same hit/miss/eviction counts and the same experts left in
-    the cache; slot_of must agree with the cache's map."""
+    the cache; slot_of must agree with the cache's map. Both with each expert whole in one
+    work item (experts_whole, as 1 or 2 threads take it) and with the per-expert kernels."""
     import grokcpu.model as model_mod
+    from grokcpu.kernels import decode as KD
+
+    class Workspace(KD.DecodeWorkspace):
+        def __init__(self, c, *a):
+            super().__init__(c, *a)
+            self.whole = whole
+            self.gus = np.empty((c.num_selected_experts, 2, c.ffn_size), np.float32)
     toks = list(range(3, 30))
     one = 3 * 512 * 2048 / 1e9
     runs = {}
@@ -265,6 +274,8 @@ def test_resident_runs_match_the_layer_by_layer_path(medium_ckpt, monkeypatch, t
         if not resident:        # the per-layer path, as prefetch takes it, without the guesses
             m.experts.prefetch_enabled = True
             monkeypatch.setattr(model_mod, "_guess_next_layer", lambda *a, **k: None)
+        else:
+            monkeypatch.setattr(KD, "DecodeWorkspace", Workspace)
         s = m.new_session()
         s.prefill(toks[:4])
         s.trace = []

@@ -61,6 +61,39 @@ def test_matvec_multi_against_float64(R, C, nb, Q):
     np.testing.assert_array_equal(two, outs[2:])
 
 
+@pytest.mark.parametrize("D,F,nb", [(44, 300, 4), (64, 2056, 8), (40, 4104, 1)])
+def test_experts_whole_is_bitwise_the_per_expert_kernels(D, F, nb):
+    """experts_whole (each routed expert in one work item, from the expert cache's pool) gives
+    the per-expert kernel's result bit for bit, with a down projection whose output count is
+    not a multiple of 8, and matches float64."""
+    from grokcpu.kernels import decode as KD
+    from grokcpu.kernels.layers import gelu_mul
+
+    E, k = 3, 2
+    pool = RNG.integers(-128, 128, (4, 3 * D * F), dtype=np.int8)
+    pool.setflags(write=False)
+    sg, su = (((RNG.random((E, 1, F), dtype=np.float32) + 0.5) / 64) for _ in range(2))
+    sd = (RNG.random((E, nb, D), dtype=np.float32) + 0.5) / 64
+    x = RNG.standard_normal(D).astype(np.float32)
+    slots, es = np.array([3, 1]), np.array([0, 2])
+    ys = np.empty((k, D), np.float32)
+    KD.experts_whole(x, pool, slots, es, sg, su, sd, np.empty((k, 2, F), np.float32), ys)
+    for j in range(k):
+        w = pool[slots[j]].reshape(3, D, F)
+        e = es[j]
+        y = np.empty(D, np.float32)
+        KD.expert(x, w[0], sg[e], w[1], su[e], w[2], sd[e], True, np.empty((2, F), np.float32), y,
+                  np.empty((2, 1, F), np.float32), np.empty((2, D), np.float32))
+        np.testing.assert_array_equal(ys[j], y)
+        g = x.astype(np.float64) @ dequant64(w[0], sg[e])
+        u = x.astype(np.float64) @ dequant64(w[1], su[e])
+        hh = np.empty((2, F), np.float32)
+        hh[0], hh[1] = g, u
+        gelu_mul(hh[0], hh[1])
+        ref = hh[0].astype(np.float64) @ dequant64(np.ascontiguousarray(w[2].T), sd[e])   # down: [D, F] stored
+        assert np.abs(ys[j] - ref).max() < 1e-4 * np.abs(ref).max()
+
+
 def test_matvec_on_read_only_strided_expert_slice():
     w3 = RNG.integers(-128, 128, (3, 40, 70), dtype=np.int8)
     w3.setflags(write=False)

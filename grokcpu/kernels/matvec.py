@@ -64,6 +64,17 @@ def _split(R, C, parts):
     return wide, chunk, rows_per
 
 
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _range_into(x, w, s, o, r0, r1, chunk, wide):
+    """o[:] = x[r0:r1] @ (w[r0:r1] * scales), column chunk by column chunk (see qmatvec_multi)."""
+    C = w.shape[1]
+    o[:] = 0.0
+    acc = np.empty(min(C, chunk), np.float32)
+    for c0 in range(0, C, chunk):
+        c1 = min(C, c0 + chunk)
+        _rows_into(x, w, s, acc, o[c0:c1], r0, r1, c0, c1, wide)
+
+
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def qmatvec_multi(x, ws, ss, outs, part):
     """outs[k] = x @ (ws[k] * scales ss[k]) for a tuple of K matrices of one shape sharing x.
@@ -87,21 +98,40 @@ def qmatvec_multi(x, ws, ss, outs, part):
         k = j // Q
         q = j % Q
         r0 = q * rows_per
-        r1 = min(R, r0 + rows_per)
-        o = part[k, q]
-        o[:] = 0.0
-        acc = np.empty(min(C, chunk), np.float32)
-        w = ws[k]
-        s = ss[k]
-        for c0 in range(0, C, chunk):
-            c1 = min(C, c0 + chunk)
-            _rows_into(x, w, s, acc, o[c0:c1], r0, r1, c0, c1, wide)
+        _range_into(x, ws[k], ss[k], part[k, q], r0, min(R, r0 + rows_per), chunk, wide)
     for k in range(K):
-        for c in range(C):
-            t = part[k, 0, c]
-            for q in range(1, Q):
-                t += part[k, q, c]
-            outs[k, c] = t
+        _sum_parts(part[k], outs[k])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sum_parts(part, out):
+    """out[c] = part[0, c] + part[1, c] + ... in that order."""
+    for c in range(out.shape[0]):
+        t = part[0, c]
+        for q in range(1, part.shape[0]):
+            t += part[q, c]
+        out[c] = t
+
+
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
+def qmatvec_qkv(x, wq, sq, wk, sk, wv, sv, q, kv, part_q, part_kv):
+    """q = x @ wq, kv[0] = x @ wk, kv[1] = x @ wv (int8 with block scales) in one parallel
+    region: work item p takes row range p of all three, the ranges qmatvec and qmatvec_multi
+    use with P = part_q.shape[0] parts, so the results are bitwise theirs. One region instead
+    of two saves a fork, a join and the cold start of a short product (part_kv [2, P, Ckv])."""
+    R, Cq = wq.shape
+    P = part_q.shape[0]
+    wide_q, chunk_q, rows_q = _split(R, Cq, P)
+    wide_kv, chunk_kv, rows_kv = _split(R, wk.shape[1], P)
+    for p in prange(P):
+        r0 = p * rows_q
+        _range_into(x, wq, sq, part_q[p], r0, min(R, r0 + rows_q), chunk_q, wide_q)
+        r0 = p * rows_kv
+        _range_into(x, wk, sk, part_kv[0, p], r0, min(R, r0 + rows_kv), chunk_kv, wide_kv)
+        _range_into(x, wv, sv, part_kv[1, p], r0, min(R, r0 + rows_kv), chunk_kv, wide_kv)
+    _sum_parts(part_q, q)
+    _sum_parts(part_kv[0], kv[0])
+    _sum_parts(part_kv[1], kv[1])
 
 
 @njit(cache=True, nogil=True)
@@ -186,53 +216,58 @@ def qmatvec_t(x, wt, s, out):
     of x. The expert cache stores the down projection this way (it is 5/3 as fast there as
     the input-major kernel on that narrow shape); wt may also be float32 (scales of one).
     """
+    for j in prange((wt.shape[0] + 7) // 8):
+        _out_group(x, wt, s, out, j)
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _out_group(x, wt, s, out, j):
+    """Outputs 8j .. 8j+7 of qmatvec_t (fewer in the last group)."""
     C, R = wt.shape
     nb = s.shape[0]
     rb = R // nb
-    ng = (C + 7) // 8
-    for j in prange(ng):
-        c = j * 8
-        if c + 8 <= C:
-            o0 = o1 = o2 = o3 = o4 = o5 = o6 = o7 = np.float32(0.0)
+    c = j * 8
+    if c + 8 <= C:
+        o0 = o1 = o2 = o3 = o4 = o5 = o6 = o7 = np.float32(0.0)
+        for b in range(nb):
+            # slices and a loop from 0: `range(b * rb, (b + 1) * rb)` is not vectorized
+            r0 = b * rb
+            r1 = r0 + rb
+            xb = x[r0:r1]
+            w0, w1, w2, w3 = wt[c, r0:r1], wt[c + 1, r0:r1], wt[c + 2, r0:r1], wt[c + 3, r0:r1]
+            w4, w5, w6, w7 = wt[c + 4, r0:r1], wt[c + 5, r0:r1], wt[c + 6, r0:r1], wt[c + 7, r0:r1]
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+            for r in range(rb):
+                xr = xb[r]
+                a0 += xr * np.float32(w0[r])
+                a1 += xr * np.float32(w1[r])
+                a2 += xr * np.float32(w2[r])
+                a3 += xr * np.float32(w3[r])
+                a4 += xr * np.float32(w4[r])
+                a5 += xr * np.float32(w5[r])
+                a6 += xr * np.float32(w6[r])
+                a7 += xr * np.float32(w7[r])
+            o0 += s[b, c] * a0
+            o1 += s[b, c + 1] * a1
+            o2 += s[b, c + 2] * a2
+            o3 += s[b, c + 3] * a3
+            o4 += s[b, c + 4] * a4
+            o5 += s[b, c + 5] * a5
+            o6 += s[b, c + 6] * a6
+            o7 += s[b, c + 7] * a7
+        out[c], out[c + 1], out[c + 2], out[c + 3] = o0, o1, o2, o3
+        out[c + 4], out[c + 5], out[c + 6], out[c + 7] = o4, o5, o6, o7
+    else:
+        for ci in range(c, C):
+            o0 = np.float32(0.0)
             for b in range(nb):
-                # slices and a loop from 0: `range(b * rb, (b + 1) * rb)` is not vectorized
-                r0 = b * rb
-                r1 = r0 + rb
-                xb = x[r0:r1]
-                w0, w1, w2, w3 = wt[c, r0:r1], wt[c + 1, r0:r1], wt[c + 2, r0:r1], wt[c + 3, r0:r1]
-                w4, w5, w6, w7 = wt[c + 4, r0:r1], wt[c + 5, r0:r1], wt[c + 6, r0:r1], wt[c + 7, r0:r1]
-                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+                xb = x[b * rb:(b + 1) * rb]
+                w0 = wt[ci, b * rb:(b + 1) * rb]
+                a0 = np.float32(0.0)
                 for r in range(rb):
-                    xr = xb[r]
-                    a0 += xr * np.float32(w0[r])
-                    a1 += xr * np.float32(w1[r])
-                    a2 += xr * np.float32(w2[r])
-                    a3 += xr * np.float32(w3[r])
-                    a4 += xr * np.float32(w4[r])
-                    a5 += xr * np.float32(w5[r])
-                    a6 += xr * np.float32(w6[r])
-                    a7 += xr * np.float32(w7[r])
-                o0 += s[b, c] * a0
-                o1 += s[b, c + 1] * a1
-                o2 += s[b, c + 2] * a2
-                o3 += s[b, c + 3] * a3
-                o4 += s[b, c + 4] * a4
-                o5 += s[b, c + 5] * a5
-                o6 += s[b, c + 6] * a6
-                o7 += s[b, c + 7] * a7
-            out[c], out[c + 1], out[c + 2], out[c + 3] = o0, o1, o2, o3
-            out[c + 4], out[c + 5], out[c + 6], out[c + 7] = o4, o5, o6, o7
-        else:
-            for ci in range(c, C):
-                o0 = np.float32(0.0)
-                for b in range(nb):
-                    xb = x[b * rb:(b + 1) * rb]
-                    w0 = wt[ci, b * rb:(b + 1) * rb]
-                    a0 = np.float32(0.0)
-                    for r in range(rb):
-                        a0 += xb[r] * np.float32(w0[r])
-                    o0 += s[b, ci] * a0
-                out[ci] = o0
+                    a0 += xb[r] * np.float32(w0[r])
+                o0 += s[b, ci] * a0
+            out[ci] = o0
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
