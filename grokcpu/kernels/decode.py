@@ -5,8 +5,9 @@ Python's share (argument checks, slicing, small numpy allocations: about 40 call
 cost 5-8 % of a token. Here one call runs the attention block and the router, one call runs
 each routed expert, and one finishes the MoE block; every buffer comes from `DecodeWorkspace`.
 `resident_layers` runs those three for as many layers in a row as have their experts in the
-expert cache, in one call. The arithmetic is the same kernels in the same order as the general
-path (`model._forward_rows`).
+expert cache, in one call; with 1 or 2 threads its experts go through `experts_whole`, one
+expert per thread in one parallel region. The arithmetic is the same kernels in the same order
+as the general path (`model._forward_rows`), or kernels bitwise theirs.
 """
 
 import numpy as np
