@@ -295,9 +295,9 @@ def _forward_rows(m: Model, sessions: list[Session], toks: np.ndarray, decode: b
     for li, lw in enumerate(m.layers):
         # -- attention block: h += RMSNorm_1(Attention(RMSNorm_0(h)))
         K.rmsnorm(h, lw.attn_norm, eps, x)
-        q = cpu.qmatmul(x, lw.wq).reshape(T, H, d)
-        k = cpu.qmatmul(x, lw.wk).reshape(T, G, d)
-        v = cpu.qmatmul(x, lw.wv).reshape(T, G, d)
+        q = cpu.qmatmul(x, lw.wq, "q").reshape(T, H, d)
+        k = cpu.qmatmul(x, lw.wk, "k").reshape(T, G, d)
+        v = cpu.qmatmul(x, lw.wv, "v").reshape(T, G, d)
         K.rope(q, cos, sin)
         K.rope(k, cos, sin)
         for s, r0, n in rows:
@@ -310,7 +310,7 @@ def _forward_rows(m: Model, sessions: list[Session], toks: np.ndarray, decode: b
                 key_ok = s.key_ok
             K.attention(q[r0:r0 + n], s.k[li], s.v[li], p0, key_ok, mult, cap, n_uniform,
                         attn[r0:r0 + n], scores, cpu._nparts())
-        a = cpu.qmatmul(attn.reshape(T, H * d), lw.wo)
+        a = cpu.qmatmul(attn.reshape(T, H * d), lw.wo, "o")
         K.add_rmsnorm(h, a, lw.attn_post_norm, eps)
         # -- MoE block: h += RMSNorm_3(MoE(RMSNorm_2(h)))
         K.rmsnorm(h, lw.moe_norm, eps, x)
