@@ -82,12 +82,14 @@ _parts: dict = {}
 _scratches: dict = {}
 
 
-def _scratch(name: str, n: int) -> np.ndarray:
-    """A reusable float32 buffer of at least n elements (fresh pages cost a fault each)."""
+def _scratch(name: str, *shape: int) -> np.ndarray:
+    """A reusable float32 buffer of this shape, kept under `name` (fresh pages cost a fault
+    each); the next call with the same name may return the same memory."""
+    n = int(np.prod(shape))
     buf = _scratches.get(name)
     if buf is None or buf.size < n:
         buf = _scratches[name] = np.empty(n, np.float32)
-    return buf[:n]
+    return buf[:n].reshape(shape)
 
 
 _threads = 0     # set_threads' count: how many row ranges a matvec splits into (any count is correct)
@@ -138,7 +140,7 @@ def matmul(x: np.ndarray, w: np.ndarray, s: np.ndarray, out_major: bool = False,
             M.qmatmul_small_t(np.ascontiguousarray(x), w, s, out)
         else:
             P = _nparts()
-            part = _scratch("part", P * T * C).reshape(P, T, C)
+            part = _scratch("part", P, T, C)
             M.qmatmul_small(np.ascontiguousarray(x), w, s, out, part)
         return out
     width = max(64, min(C, TILE_ELEMS // R // 64 * 64))
@@ -166,20 +168,18 @@ def gate_up(x: np.ndarray, wg: np.ndarray, sg: np.ndarray, wu: np.ndarray, su: n
     C = wg.shape[1]
     if x.shape[0] != 1:
         T = x.shape[0]
-        return (matmul(x, wg, sg, out=_scratch("gate", T * C).reshape(T, C)),
-                matmul(x, wu, su, out=_scratch("up", T * C).reshape(T, C)))
+        return (matmul(x, wg, sg, out=_scratch("gate", T, C)),
+                matmul(x, wu, su, out=_scratch("up", T, C)))
     gu = np.empty((2, C), np.float32)
     Q = pair_parts()
     M.qmatvec_multi(np.ascontiguousarray(x[0]), (wg, wu), (sg, su), gu,
-                    _scratch("pair", 2 * Q * C).reshape(2, Q, C))
+                    _scratch("pair", 2, Q, C))
     return gu[:1], gu[1:]
 
 
 def qmatmul(x: np.ndarray, qw: QWeight, scratch: str | None = None) -> np.ndarray:
     """matmul for a QWeight; into the reusable buffer `scratch` if named (see _scratch)."""
-    out = None
-    if scratch is not None:
-        out = _scratch(scratch, x.shape[0] * qw.w.shape[1]).reshape(x.shape[0], qw.w.shape[1])
+    out = None if scratch is None else _scratch(scratch, x.shape[0], qw.w.shape[1])
     return matmul(x, qw.w, qw.s, out=out)
 
 
