@@ -9,30 +9,9 @@ policy can beat, so it says how much better a policy could still get.
 
 from __future__ import annotations
 
-import json
-from collections import Counter
-
 from .errors import GrokError
 from .expert_cache import POLICIES
-
-
-def read_trace(path) -> list[tuple[int, int]]:
-    """(layer, expert) accesses in order."""
-    out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                    out.extend((int(r["layer"]), int(e)) for e in r["experts"])
-                except (ValueError, KeyError, TypeError):
-                    raise GrokError(f"{path}:{n}: not a routing trace line",
-                                    hint="pass a file written with --routing-trace") from None
-    except OSError as e:
-        raise GrokError(f"cannot read trace {str(path)!r}: {e.strerror}") from None
-    return out
+from .trace import most_used, read_trace  # noqa: F401  (re-exported for tools)
 
 
 def replay(accesses: list, slots: int, policy: str) -> dict:
@@ -81,8 +60,3 @@ def _belady(accesses: list, slots: int) -> dict:
         resident[key] = nxt[i]
     return {"policy": "belady", "slots": slots, "hits": hits, "misses": misses, "evictions": evictions,
             "hit_rate": hits / len(accesses) if accesses else 0.0}
-
-
-def most_used(accesses: list, n: int) -> list[tuple[int, int]]:
-    """The n most used experts: candidates for --pin-experts."""
-    return [k for k, _ in Counter(accesses).most_common(n)]
