@@ -23,21 +23,31 @@ from .errors import GrokError  # noqa: E402
 __version__ = "0.1.0"
 
 
-def load(path: str | os.PathLike, *, threads: int | None = None, context: int | None = None,
-         config=None, **options) -> "Model":
-    """Open a released Grok-1 checkpoint (memory-mapped, zero copy) and return a Model.
+def load(path: str | os.PathLike, *, config=None, options=None, **kwargs) -> "Model":
+    """Open a Grok-1 checkpoint (memory-mapped, zero copy) and return a Model.
 
     path: a folder holding ckpt-0/ (and optionally config.json), or ckpt-0/ itself.
-    threads: compute threads (default: physical cores). context: KV-cache length
-    (default: the model's sequence_len). options: expert_cache_gb, expert_cache_policy,
-    prefetch, pin_experts, routing_trace (the expert cache's settings); unembed: "f32" (exact,
-    default) or "int8" (per-row scaled copy of the output layer, 4x fewer bytes per token);
-    offload: "none" (default) or "dense" (attention, norms, router and embeddings on a CUDA GPU,
-    experts on the CPU).
+    Options, by keyword (or an `Options` as options=): threads (default: physical cores),
+    context (KV-cache length; default: the model's sequence_len), expert_cache_gb ("auto",
+    "off", or GB), expert_cache_policy ("lru", "lfu"), prefetch, pin_experts ((layer, expert)
+    pairs), routing_trace (a JSONL path), unembed ("f32" exact, or "int8": 4x fewer bytes per
+    token), offload ("none", or "dense": attention, norms, router and embeddings on a CUDA GPU).
     """
     from .checkpoint import Checkpoint
     from .model import Model
-    return Model(Checkpoint(path, config=config), threads=threads, context=context, **options)
+    from .options import Options
+    if options is None:
+        options = Options.make(**kwargs)
+    elif kwargs:
+        raise TypeError("load() takes options= or option keywords, not both")
+    ckpt = Checkpoint(path, config=config)
+    try:
+        return Model(ckpt, options)
+    except BaseException:
+        ckpt.close()
+        raise
 
 
-__all__ = ["load", "GrokError", "__version__"]
+from .options import OptionError, Options  # noqa: E402
+
+__all__ = ["load", "GrokError", "OptionError", "Options", "__version__"]

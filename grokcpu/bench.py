@@ -43,7 +43,8 @@ def memory_plan(ckpt, context: int | None = None, expert_cache_gb=None) -> dict:
     """What a run of this checkpoint holds and reads, in bytes (no weights are touched)."""
     import psutil
 
-    from .expert_cache import parse_budget
+    from .expert_cache import budget_bytes
+    from .options import expert_cache_gb as check_gb
 
     c = ckpt.config
     context = c.sequence_len if context is None else int(context)
@@ -53,7 +54,8 @@ def memory_plan(ckpt, context: int | None = None, expert_cache_gb=None) -> dict:
     dense = payload - experts
     embedding = ckpt.refs[0].nbytes
     vm = psutil.virtual_memory()
-    budget = parse_budget(expert_cache_gb, ckpt, context)
+    gb = check_gb(expert_cache_gb)
+    budget = budget_bytes("auto" if gb == "off" else gb, ckpt, context)
     slot = c.expert_bytes                        # what a cache slot holds: the int8 weights
     held = min(budget // slot, c.num_layers * c.num_experts)
     # per token: all dense weights but the embedding (attention, norms, routers), one embedding

@@ -132,10 +132,8 @@ class Loaded:
         if extra.get("offload", "none") not in ("none", "dense"):
             raise GrokError(f"--offload {extra['offload']!r} is not known", hint="use none or dense")
         if extra.get("pin_experts"):
-            from .checkpoint import Checkpoint
-            from .expert_cache import parse_pins
-            c = Checkpoint(self.path).config
-            extra["pin_experts"] = parse_pins(extra["pin_experts"], c.num_layers, c.num_experts)
+            from .options import pin_list
+            extra["pin_experts"] = pin_list(extra["pin_experts"])
         else:
             extra.pop("pin_experts", None)
         self.model = grokcpu.load(self.path, threads=threads, context=context,

@@ -478,39 +478,6 @@ def auto_budget(ckpt, context: int, margin_fraction: float = 0.03, min_margin: f
     return int(max(c.num_selected_experts * expert, min(total_experts, budget)))
 
 
-def parse_budget(value, ckpt, context: int) -> int:
-    """--expert-cache-gb: a number of GB, or 'auto' / None ('off' is handled by the model)."""
-    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
-        return auto_budget(ckpt, context)
-    try:
-        gb = float(value)
-    except (TypeError, ValueError):
-        raise GrokError(f"--expert-cache-gb must be a number of GB, 'auto' or 'off', not {value!r}") from None
-    if not np.isfinite(gb) or gb <= 0:
-        raise GrokError(f"--expert-cache-gb must be positive, not {value!r}")
-    return int(gb * GB)
-
-
-def parse_pins(value: str | None, num_layers: int, num_experts: int) -> list[tuple[int, int]]:
-    """--pin-experts: "LAYER:EXPERT,..." or "TRACE.jsonl:N" (the N most used in a routing trace)."""
-    if not value:
-        return []
-    head, _, tail = value.rpartition(":")
-    if head and os.path.isfile(head):
-        from .replay import most_used, read_trace
-        try:
-            n = int(tail)
-        except ValueError:
-            raise GrokError(f"--pin-experts {value!r}: expected TRACE:N with N a number") from None
-        return most_used(read_trace(head), n)
-    pins = []
-    for part in value.split(","):
-        try:
-            layer, e = (int(v) for v in part.strip().split(":"))
-        except ValueError:
-            raise GrokError(f"--pin-experts: {part!r} is not LAYER:EXPERT",
-                            hint="e.g. --pin-experts 0:3,0:5 or --pin-experts trace.jsonl:16") from None
-        if not (0 <= layer < num_layers and 0 <= e < num_experts):
-            raise GrokError(f"--pin-experts: {part!r} is outside {num_layers} layers x {num_experts} experts")
-        pins.append((layer, e))
-    return pins
+def budget_bytes(value, ckpt, context: int) -> int:
+    """The budget in bytes for a validated expert_cache_gb ('auto' or GB; see options.py)."""
+    return auto_budget(ckpt, context) if value == "auto" else int(value * GB)

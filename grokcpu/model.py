@@ -15,18 +15,23 @@ from .backends import cpu
 from .checkpoint import Checkpoint, LayerWeights
 from .config import GrokConfig
 from .errors import ContextFullError, GrokError
-from .expert_cache import ExpertCache, parse_budget
+from .expert_cache import ExpertCache, budget_bytes
 from .kernels import decode as KD
 from .kernels import layers as K
+from .options import Options, resolve_pins
 
 
 class Model:
     """A loaded checkpoint, ready to run. Create sessions to generate."""
 
-    def __init__(self, ckpt: Checkpoint, threads: int | None = None, context: int | None = None,
-                 expert_cache_gb: float | str | None = None, expert_cache_policy: str = "lru",
-                 prefetch: bool = False, pin_experts=(), routing_trace: str | None = None,
-                 unembed: str = "f32", offload: str = "none"):
+    def __init__(self, ckpt: Checkpoint, options: Options | None = None):
+        options = Options.make() if options is None else options
+        self.options = options
+        threads, context = options.threads, options.context
+        expert_cache_gb, expert_cache_policy = options.expert_cache_gb, options.expert_cache_policy
+        prefetch, routing_trace = options.prefetch, options.routing_trace
+        unembed, offload = options.unembed, options.offload
+        pin_experts = resolve_pins(options.pin_experts, ckpt.config.num_layers, ckpt.config.num_experts)
         self.ckpt = ckpt
         self.config: GrokConfig = ckpt.config
         self.threads = cpu.set_threads(threads)
@@ -39,7 +44,7 @@ class Model:
         self._decode_args: tuple | None = None
         self._resident_args: tuple | None = None
         if not (isinstance(expert_cache_gb, str) and expert_cache_gb.strip().lower() == "off"):
-            budget = parse_budget(expert_cache_gb, ckpt, self.context)
+            budget = budget_bytes(expert_cache_gb, ckpt, self.context)
             # Under a budget smaller than the experts, file pages are dropped after each read so
             # RAM holds one copy; when everything fits, the page cache keeps them for the next run.
             self.experts = ExpertCache(ckpt, budget, policy=expert_cache_policy, prefetch=prefetch,

@@ -116,6 +116,8 @@ def pin_list(value) -> tuple:
         return ()
     if isinstance(value, str):
         return (value,)
+    if isinstance(value, tuple) and len(value) == 1 and isinstance(value[0], str):
+        return value
     try:
         pairs = tuple(value)
     except TypeError:
