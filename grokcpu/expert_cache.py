@@ -112,7 +112,7 @@ class ExpertCache:
         self.L, self.E, self.k = c.num_layers, c.num_experts, c.num_selected_experts
         D, F = c.emb_size, c.ffn_size
         # a slot: gate (linear) [D, F], up (linear_v) [D, F], down (linear_1) transposed to [D, F],
-        # output-major; kernels.decode.resident_layers reads slots the same way
+        # output-major; kernels.decode.experts_whole reads slots the same way
         self.slot_shape = (3, D, F)
         # rows of [F, D] per read of the down range: a multiple of 8 (whole 8x8 transpose blocks)
         self.down_rows = max(8, self.DOWN_CHUNK // D // 8 * 8)
@@ -133,11 +133,6 @@ class ExpertCache:
         self.pool = np.empty((self.nslots, self.expert_bytes), np.int8)
         self.pool_view = self.pool.view()             # what kernels read: the mapped weights' type
         self.pool_view.flags.writeable = False
-        # slot_of[layer, expert]: its slot once loaded, -1 otherwise; for kernels that run several
-        # layers in one call (kernels.decode.resident_layers). Set by the reader when a load is
-        # done, cleared here when the slot is claimed for another expert: the caller's thread
-        # claims, so nothing it has seen as resident goes away during its call.
-        self.slot_of = np.full((self.L, self.E), -1, np.int32)
         self.slots = [_Slot() for _ in range(self.nslots)]
         self._slot_views: list = [None] * self.nslots     # a slot's matrices (fixed views of the pool)
         self.where: dict = {}            # (layer, expert) -> slot index
@@ -173,12 +168,10 @@ class ExpertCache:
             raise s.error
         return self._views(i)
 
-    def note_used(self, keys) -> None:
-        """Count uses of resident experts that a kernel read without acquire() (see slot_of), in
-        the order it used them: the same statistics and recency as acquire() and release()."""
+    def slot(self, layer: int, expert: int) -> int:
+        """The pool slot of an acquired expert (its weights: pool_view[slot], slot_shape)."""
         with self.lock:
-            for key in keys:
-                self._account(key, self.where[key])
+            return self.where[(layer, expert)]
 
     def _account(self, key, i: int) -> "_Slot":
         """A use of `key` in slot i: hit or miss statistics and recency. Caller holds the lock."""
@@ -293,7 +286,6 @@ class ExpertCache:
         if s.key is not None:
             old = s.key
             del self.where[old]
-            self.slot_of[old] = -1
             self.policy.remove(old)
             self.stats.evictions[old[0]] += 1
             if s.prefetched and not s.used:
@@ -406,8 +398,6 @@ class ExpertCache:
                 self.stats.inflight -= 1
                 if self.stats.inflight == 0:
                     self.stats.io_busy_seconds += now - self.stats.busy_since
-            if s.error is None:
-                self.slot_of[key] = i
             s.ready.set()
             if s.error is not None:
                 with self.lock:

@@ -1,447 +1,333 @@
-"""The Grok-1 decoder: prefill and single-token decode through a KV cache.
+"""The Grok-1 decoder: one forward pass, in the order of spec/GROK1.md §2.
 
-Reads like spec/GROK1.md §2. Per layer:
-    a = Attention(RMSNorm_0(h));  h += RMSNorm_1(a)
-    m = MoE(RMSNorm_2(h));        h += RMSNorm_3(m)
-then logits = RMSNorm_final(h) @ Emb.T * output_multiplier. Activations are float32; int8
-weights are dequantized inside the kernels (decode) or in column tiles for BLAS (prefill).
+    h = Emb[tokens] * embedding_multiplier
+    per layer:
+        h += RMSNorm_1(Attention(RMSNorm_0(h)))          K/V of the new tokens into the cache
+        x = RMSNorm_2(h);  top-2 of softmax(x @ router)
+        h += RMSNorm_3(sum_j gate_j * Expert_j(x))        experts through the expert cache
+    logits = RMSNorm_final(h) @ Emb.T * output_multiplier
+
+`forward` is that loop, once, for every caller: prefill (one session, T tokens), decode (one
+session, one token) and `decode_batch` (one token of each of B sessions). Each block is a call
+on the model's backend (`backends/cpu.py`, or `backends/cuda.py` under offload="dense"), so the
+routing trace, expert prefetch, finite checks and statistics are the same on every backend.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
 from .backends import cpu
 from .checkpoint import Checkpoint, LayerWeights
 from .config import GrokConfig
-from .errors import ContextFullError, GrokError
+from .errors import CheckpointError, GrokError
 from .expert_cache import ExpertCache, budget_bytes
-from .kernels import decode as KD
-from .kernels import layers as K
-from .options import Options, resolve_pins
+from .kv_cache import KVCache
+from .options import OptionError, Options, resolve_pins
+from .trace import TraceWriter
 
 
 class Model:
-    """A loaded checkpoint, ready to run. Create sessions to generate."""
+    """A loaded checkpoint, ready to run. Create sessions to generate; `close()` when done."""
 
     def __init__(self, ckpt: Checkpoint, options: Options | None = None):
-        options = Options.make() if options is None else options
-        self.options = options
-        threads, context = options.threads, options.context
-        expert_cache_gb, expert_cache_policy = options.expert_cache_gb, options.expert_cache_policy
-        prefetch, routing_trace = options.prefetch, options.routing_trace
-        unembed, offload = options.unembed, options.offload
-        pin_experts = resolve_pins(options.pin_experts, ckpt.config.num_layers, ckpt.config.num_experts)
         self.ckpt = ckpt
         self.config: GrokConfig = ckpt.config
-        self.threads = cpu.set_threads(threads)
+        self.options = options = Options.make() if options is None else options
         c = self.config
-        self.context = c.sequence_len if context is None else int(context)
-        if not 1 <= self.context <= c.sequence_len:
-            raise GrokError(f"context {self.context} is outside 1..{c.sequence_len}",
-                            hint=f"pass a context length up to the model's sequence_len {c.sequence_len}")
+        self.threads = cpu.usable_threads(options.threads)
+        self.context = c.sequence_len if options.context is None else options.context
+        if self.context > c.sequence_len:
+            raise OptionError("context", f"{{name}} {self.context} is longer than the model's sequence_len "
+                              f"{c.sequence_len}", hint=f"use a context of at most {c.sequence_len}")
+        _check_kv_fits(c, self.context)
+        pins = resolve_pins(options.pin_experts, c.num_layers, c.num_experts)
+        self._lock = threading.RLock()      # one forward at a time: kernels use every core already
+        self._closed = False
         self.experts: ExpertCache | None = None
-        self._decode_args: tuple | None = None
-        self._resident_args: tuple | None = None
-        if not (isinstance(expert_cache_gb, str) and expert_cache_gb.strip().lower() == "off"):
-            budget = budget_bytes(expert_cache_gb, ckpt, self.context)
-            # Under a budget smaller than the experts, file pages are dropped after each read so
-            # RAM holds one copy; when everything fits, the page cache keeps them for the next run.
-            self.experts = ExpertCache(ckpt, budget, policy=expert_cache_policy, prefetch=prefetch,
-                                       drop_page_cache=budget < c.all_expert_bytes)
-            if pin_experts:
-                self.experts.pin(pin_experts)
-        # "off": experts are read straight from the memory map and the kernel's page cache decides
-        # what stays (the baseline the cache is measured against).
-        self._trace_file = open(routing_trace, "a", encoding="utf-8") if routing_trace else None
-        if unembed not in ("f32", "int8"):
-            raise GrokError(f"unknown unembedding precision {unembed!r}", hint="choose f32 (exact) or int8")
-        self.unembed = unembed
-        # int8 copy of the tied embedding with per-row scales, for the output layer only:
-        # 4x fewer bytes per token (Grok-1: 0.8 GB instead of 3.2 GB); the input lookup stays exact.
-        self.unembed_q = cpu.quantize_embedding(ckpt.embeddings) if unembed == "int8" else None
-        if offload not in ("none", "dense"):
-            raise GrokError(f"unknown offload {offload!r}", hint="choose none or dense")
-        self.offload = offload
-        self.dense = None
-        d = c.key_size
-        self.inv_freq = (1.0 / (np.float32(c.rope_base) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
-                         ).astype(np.float32)
-        if offload == "dense":       # attention, norms, router, embeddings on the GPU; experts here
-            from .backends.cuda import CudaDense
-            self.dense = CudaDense(self)
+        self.trace: TraceWriter | None = None
+        self.backend = None
+        try:
+            if options.expert_cache_gb != "off":
+                budget = budget_bytes(options.expert_cache_gb, ckpt, self.context)
+                # Under a budget smaller than the experts, file pages are dropped after each read
+                # so RAM holds one copy; when all fit, the page cache keeps them for the next run.
+                self.experts = ExpertCache(ckpt, budget, policy=options.expert_cache_policy,
+                                           prefetch=options.prefetch, drop_page_cache=budget < c.all_expert_bytes)
+                if pins:
+                    self.experts.pin(pins)
+            elif pins:
+                raise OptionError("pin_experts", "{name} needs the expert cache",
+                                  hint="drop expert_cache_gb='off' (--expert-cache-gb off) or the pins")
+            if options.routing_trace is not None:
+                self.trace = TraceWriter(options.routing_trace)
+            if options.offload == "dense":
+                from .backends.cuda import CudaBackend
+                self.backend = CudaBackend(self)
+            else:
+                self.backend = cpu.CpuBackend(self)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def layers(self) -> list[LayerWeights]:
         return self.ckpt.layers
 
-    def decode_args(self) -> tuple[list[tuple], list[list[tuple]]]:
-        """Decode's per-layer arguments, made once: the dense ones of `kernels.decode.attn_router`
-        (norms [3, D]: attn_norm, attn_post_norm, moe_norm; q, k, v, o weights and scales; the
-        router), and each expert's gate, up and down scales."""
-        if self._decode_args is None:
-            dense = [(np.stack([lw.attn_norm, lw.attn_post_norm, lw.moe_norm]), lw.wq.w, lw.wq.s,
-                      lw.wk.w, lw.wk.s, lw.wv.w, lw.wv.s, lw.wo.w, lw.wo.s, lw.router) for lw in self.layers]
-            scales = [[(lw.w_gate.s[e], lw.w_up.s[e], lw.w_down.s[e]) for e in range(self.config.num_experts)]
-                      for lw in self.layers]
-            self._decode_args = dense, scales
-        return self._decode_args
-
-    def resident_args(self) -> tuple | None:
-        """`kernels.decode.resident_layers`'s per-layer arguments, made once: norms [L, 3, D], the
-        attention weights, scales and routers as tuples by layer, the experts' scales [E, nb, F]
-        by layer, then the MoE post norms [L, D]; None where a tuple's arrays are not all of one
-        numba type (indexed by layer, they must be), and decode then goes layer by layer.
-
-        Tuples, not numba typed lists: numba types a typed list argument by running Python (its
-        `_numba_type_` property) inside the call and drops a KeyboardInterrupt raised there, so
-        a Ctrl-C that landed in one of a token's 13 such lookups was lost and the answer ran to
-        its end. A tuple of arrays is typed in C. The kernel compiles once per layer count
-        (cached on disk)."""
-        if self._resident_args is None:
-            import numba
-            dense, _ = self.decode_args()
-            by_layer = [tuple(d[i] for d in dense) for i in range(1, 10)]
-            by_layer += [tuple(getattr(lw, name).s for lw in self.layers) for name in ("w_gate", "w_up", "w_down")]
-            uniform = all(len({numba.typeof(a) for a in t}) == 1 for t in by_layer)
-            self._resident_args = (np.stack([d[0] for d in dense]), *by_layer,
-                                   np.stack([lw.moe_post_norm for lw in self.layers])) if uniform else ()
-        return self._resident_args or None
-
     def new_session(self) -> "Session":
+        self._check_open()
         return Session(self)
 
     def stats(self) -> dict:
-        out = {"threads": self.threads, "checkpoint_bytes": self.ckpt.nbytes, "unembed": self.unembed,
-               "offload": self.offload}
-        if self.dense is not None:
-            out["gpu"] = {"device": self.dense.device_name, "bytes": self.dense.nbytes}
+        out = {"threads": self.threads, "checkpoint_bytes": self.ckpt.nbytes, "unembed": self.options.unembed,
+               "offload": self.options.offload}
+        gpu = getattr(self.backend, "device_name", None)
+        if gpu is not None:
+            out["gpu"] = {"device": gpu, "bytes": self.backend.nbytes}
         if self.experts is not None:
             out["expert_cache"] = self.experts.stats.as_dict(self.experts)
         return out
 
     def close(self) -> None:
-        if self.dense is not None:
-            self.dense.close()
-        if self.experts is not None:
-            self.experts.close()
-        if self._trace_file is not None:
-            self._trace_file.close()
+        """Free the expert cache, GPU memory and files. The model cannot run afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        for part in (self.backend, self.experts, self.trace):
+            if part is not None and hasattr(part, "close"):
+                part.close()
         self.ckpt.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GrokError("this model has been closed", hint="load it again with grokcpu.load")
 
 
 class Session:
-    """One sequence: its KV cache and position. `prefill` many tokens, then `decode` one at a time."""
+    """One sequence: its KV cache. `prefill` many tokens, then `decode` one at a time."""
 
     def __init__(self, model: Model):
         self.model = model
-        c = model.config
-        S = model.context
-        # KV cache [L, G, S, d]; np.zeros maps lazily, so memory grows with use.
-        self.k = np.zeros((c.num_layers, c.num_kv_heads, S, c.key_size), np.float32)
-        self.v = np.zeros_like(self.k)
-        self.key_ok = np.zeros(S, np.uint8)
-        self.pos = 0
-        self.tokens: list[int] = []
-        self.trace: list | None = None   # set to [] to record (layer, expert ids [T,k], probs [T,E])
-        self._all = np.ones(S, np.uint8)
-        self._none = np.zeros(S, np.uint8)
-        self._ws: KD.DecodeWorkspace | None = None    # decode's buffers, made on first use
+        self.kv = KVCache(model.backend, model.config, model.context)
+        self.ws = model.backend.workspace()
+        self.trace: list | None = None   # set to [] to record (layer, expert ids [T, k], probs [T, E])
+
+    @property
+    def pos(self) -> int:
+        return self.kv.pos
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.kv.tokens
 
     def reset(self) -> None:
         """Forget the sequence (keeps the buffers)."""
-        n = self.pos
-        self.k[:, :, :n] = 0.0
-        self.v[:, :, :n] = 0.0
-        self.key_ok[:n] = 0
-        self.pos = 0
-        self.tokens = []
+        self.kv.reset()
 
     def truncate(self, n: int) -> None:
-        """Keep the first n tokens and forget the rest (rewinds the KV cache to position n)."""
-        n = int(n)
-        if not 0 <= n <= self.pos:
-            raise GrokError(f"cannot truncate a session of {self.pos} tokens to {n}")
-        self.k[:, :, n:self.pos] = 0.0      # rows past the fill must read as zeros (see attention)
-        self.v[:, :, n:self.pos] = 0.0
-        self.key_ok[n:self.pos] = 0
-        self.pos = n
-        del self.tokens[n:]
-        cache = getattr(self, "cuda_cache", None)
-        if cache is not None and hasattr(cache, "truncate"):
-            cache.truncate(n)
-
-    def _check(self, token_ids) -> np.ndarray:
-        toks = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        V = self.model.config.vocab_size
-        if toks.size and (toks.min() < 0 or toks.max() >= V):
-            bad = int(toks[(toks < 0) | (toks >= V)][0])
-            raise GrokError(f"token id {bad} is outside the vocabulary 0..{V - 1}",
-                            hint="the tokenizer does not fit this model")
-        if self.pos + toks.size > self.model.context:
-            raise ContextFullError(
-                f"{self.pos + toks.size} tokens do not fit the context of {self.model.context}",
-                hint="shorten the prompt or start a new session")
-        return toks
+        """Keep the first n tokens and forget the rest."""
+        self.kv.truncate(n)
 
     def prefill(self, token_ids, logits: str = "all", chunk: int = 512) -> np.ndarray:
         """Run the tokens through the model; return logits float32 [T, V] (or [V] with logits='last').
 
-        From a fresh session this is exactly the reference's prefill (pad keys masked).
-        Long inputs run in chunks of `chunk` tokens with the same result.
+        From a fresh session this is exactly the reference's prefill (pad keys masked). Long
+        inputs run in chunks of `chunk` tokens with the same result.
         """
         if logits not in ("all", "last"):
             raise GrokError(f"prefill(logits={logits!r}): expected 'all' or 'last'")
-        if int(chunk) < 1:
-            raise GrokError(f"prefill(chunk={chunk!r}): expected a positive number of tokens")
-        toks = self._check(token_ids)
-        T = toks.size
-        if T == 0:
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+            raise GrokError(f"prefill(chunk={chunk!r}): expected a positive whole number of tokens")
+        toks = _token_ids(token_ids, self.model.config.vocab_size)
+        if toks.size == 0:
             raise GrokError("prefill needs at least one token")
+        self.kv.check_room(toks.size)
         outs = []
-        for i in range(0, T, chunk):
+        for i in range(0, toks.size, chunk):
             part = toks[i:i + chunk]
-            h = self._forward(part)
-            if logits == "all" or i + chunk >= T:
-                outs.append(self._logits(h if logits == "all" else h[-1:]))
+            hf = forward(self.model, Step([self], part, decode=False))
+            if logits == "all" or i + chunk >= toks.size:
+                outs.append(self.model.backend.logits(hf if logits == "all" else hf[-1:], self.ws))
         out = np.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
         return out if logits == "all" else out[-1]
 
-    def decode(self, token_id: int) -> np.ndarray:
+    def decode(self, token_id) -> np.ndarray:
         """Feed one token at the next position; return the next-token logits float32 [V]."""
-        toks = self._check([token_id])
-        if self.model.dense is None:
-            h = _decode_one(self.model, self, int(toks[0]))
-        else:
-            h = _forward(self.model, [self], toks, decode=True)
-        return self._logits(h)[0]
-
-    def _forward(self, toks: np.ndarray) -> np.ndarray:
-        return _forward(self.model, [self], toks, decode=False)
-
-    def _logits(self, hf: np.ndarray) -> np.ndarray:
-        m = self.model
-        if m.dense is not None:
-            return m.dense.logits(hf)
-        if m.unembed_q is not None:
-            return cpu.unembed_q8(hf, *m.unembed_q, m.config.output_multiplier_scale)
-        return cpu.unembed(hf, m.ckpt.embeddings, m.config.output_multiplier_scale)
+        tok = _token_id(token_id, self.model.config.vocab_size)
+        self.kv.check_room(1)
+        hf = forward(self.model, Step([self], np.array([tok], np.int64), decode=True))
+        return self.model.backend.logits(hf, self.ws)[0]
 
 
 def decode_batch(sessions: list[Session], token_ids) -> np.ndarray:
     """One decode step for several sessions at once: logits float32 [B, V].
 
-    Every weight is read once for the whole batch (the rows share the matrix products; each
-    row attends over its own session's cache). Same results as `s.decode(t)` one by one, up to
-    float32 summation order.
+    Every weight is read once for the whole batch (the rows share the products; each row
+    attends over its own session's cache). One session gives exactly `s.decode(t)`; several,
+    the same up to float32 summation order.
     """
-    if len(sessions) != len(token_ids):
-        raise GrokError("decode_batch needs one token per session")
+    sessions = list(sessions)
     if not sessions:
         return np.empty((0, 0), np.float32)
     model = sessions[0].model
-    if any(s.model is not model for s in sessions) or len(set(map(id, sessions))) != len(sessions):
+    if any(not isinstance(s, Session) or s.model is not model for s in sessions) or \
+            len(set(map(id, sessions))) != len(sessions):
         raise GrokError("decode_batch needs distinct sessions of one model")
-    toks = np.concatenate([s._check([t]) for s, t in zip(sessions, token_ids)])
-    h = _forward(model, sessions, toks, decode=True)
-    return sessions[0]._logits(h)
+    if isinstance(token_ids, (str, bytes)) or not hasattr(token_ids, "__len__") or len(token_ids) != len(sessions):
+        raise GrokError("decode_batch needs one token id per session")
+    toks = np.array([_token_id(t, model.config.vocab_size) for t in token_ids], np.int64)
+    for s in sessions:
+        s.kv.check_room(1)
+    hf = forward(model, Step(sessions, toks, decode=True))
+    return model.backend.logits(hf, sessions[0].ws)
 
 
-def _forward(m: Model, sessions: list[Session], toks: np.ndarray, decode: bool) -> np.ndarray:
-    """Run rows of tokens through the decoder; return the final-normed hidden states [T, D].
+class Step:
+    """The rows of one forward pass: one session's consecutive tokens, or one token of each of
+    several sessions. segments: (kv cache, first row, row count, key mask) per session."""
 
-    Either one session with T consecutive tokens (prefill, or a decode step when T == 1), or
-    one decode token for each of B sessions (rows share every weight read).
-    """
-    with cpu.blas_phase(toks.size):
-        return _forward_rows(m, sessions, toks, decode)
-
-
-def _forward_rows(m: Model, sessions: list[Session], toks: np.ndarray, decode: bool) -> np.ndarray:
-    c = m.config
-    T = toks.size
-    eps = c.rms_norm_eps
-    H, G, d = c.num_q_heads, c.num_kv_heads, c.key_size
-    single = len(sessions) == 1
-    if single:
-        s0 = sessions[0]
-        pos = s0.pos + np.arange(T, dtype=np.int64)
-        rows = [(s0, 0, T)]
-    else:
-        pos = np.array([s.pos for s in sessions], dtype=np.int64)
-        rows = [(s, b, 1) for b, s in enumerate(sessions)]
-    for s, r0, n in rows:
-        s.key_ok[s.pos:s.pos + n] = toks[r0:r0 + n] > c.pad_token
-    if m.dense is not None:          # the GPU runs the dense part; experts come back to the CPU
-        key_oks = [((s._all if toks[r0] > c.pad_token else s._none) if decode else s.key_ok)
-                   for s, r0, n in rows]
-        h = m.dense.forward_batch(sessions, toks, key_oks, m.dense.cpu_moe_fn(), rows=[n for _, _, n in rows])
-        for s, r0, n in rows:
-            s.pos += n
-            s.tokens.extend(int(t) for t in toks[r0:r0 + n])
-        return h
-    cos = np.empty((T, d // 2), np.float32)
-    sin = np.empty((T, d // 2), np.float32)
-    K.rope_tables(m.inv_freq, pos, cos, sin)
-    cache = m.experts
-    if cache is not None:
-        cache.next_step()
-
-    h = np.asarray(m.ckpt.embeddings[toks], dtype=np.float32) * np.float32(c.embedding_multiplier_scale)
-    x = np.empty_like(h)
-    attn = np.empty((T, H, d), np.float32)
-    scores = np.empty((H, int(pos.max()) + 1), np.float32)
-    k_top = c.num_selected_experts
-    idx, gate, probs = np.empty((T, k_top), np.int64), np.empty((T, k_top), np.float32), \
-        np.empty((T, c.num_experts), np.float32)
-    xg, idx_g, gate_g, probs_g = np.empty_like(x), np.empty_like(idx), np.empty_like(gate), np.empty_like(probs)
-    mult, cap, n_uniform = np.float32(c.attn_output_multiplier), np.float32(c.attn_logit_cap), \
-        np.float32(c.sequence_len)
-    for li, lw in enumerate(m.layers):
-        # -- attention block: h += RMSNorm_1(Attention(RMSNorm_0(h)))
-        K.rmsnorm(h, lw.attn_norm, eps, x)
-        q = cpu.qmatmul(x, lw.wq, "q").reshape(T, H, d)
-        k = cpu.qmatmul(x, lw.wk, "k").reshape(T, G, d)
-        v = cpu.qmatmul(x, lw.wv, "v").reshape(T, G, d)
-        K.rope(q, cos, sin)
-        K.rope(k, cos, sin)
-        for s, r0, n in rows:
-            p0 = s.pos
-            s.k[li, :, p0:p0 + n] = k[r0:r0 + n].transpose(1, 0, 2)
-            s.v[li, :, p0:p0 + n] = v[r0:r0 + n].transpose(1, 0, 2)
-            if decode:   # reference quirk: a pad query masks every key; cached pads are not re-checked
-                key_ok = s._all if toks[r0] > c.pad_token else s._none
-            else:
-                key_ok = s.key_ok
-            K.attention(q[r0:r0 + n], s.k[li], s.v[li], p0, key_ok, mult, cap, n_uniform,
-                        attn[r0:r0 + n], scores, cpu._nparts())
-        a = cpu.qmatmul(attn.reshape(T, H * d), lw.wo, "o")
-        K.add_rmsnorm(h, a, lw.attn_post_norm, eps)
-        # -- MoE block: h += RMSNorm_3(MoE(RMSNorm_2(h)))
-        K.rmsnorm(h, lw.moe_norm, eps, x)
-        K.route(x, lw.router, k_top, idx, gate, probs)
-        if single and s0.trace is not None:
-            s0.trace.append((li, idx.copy(), probs.copy()))
-        if m._trace_file is not None:
-            for t in range(T):
-                _trace_write(m, int(pos[t]), li, idx[t].tolist())
-        if cache is not None:
-            cache.request([(li, int(e)) for e in np.unique(idx)])       # all misses in flight at once
-            _guess_next_layer(m, li, h, xg, idx_g, gate_g, probs_g, only_if_idle=decode)
-        moe = cpu.moe(x, lw, idx, gate, cache, li)
-        K.add_rmsnorm(h, moe, lw.moe_post_norm, eps)
-    if m._trace_file is not None:
-        m._trace_file.flush()
-    for s, r0, n in rows:
-        s.pos += n
-        s.tokens.extend(int(t) for t in toks[r0:r0 + n])
-    K.rmsnorm(h, m.ckpt.final_norm, eps, h)
-    return h
-
-
-def _trace_write(m: Model, pos: int, layer: int, experts: list) -> None:
-    """One line of the routing trace (--routing-trace; read back by `replay.read_trace`)."""
-    m._trace_file.write(f'{{"pos": {pos}, "layer": {layer}, "experts": {experts}}}\n')
-
-
-def _guess_next_layer(m: Model, li: int, h, xg, idx_g, gate_g, probs_g, only_if_idle: bool) -> None:
-    """With prefetch on: guess layer li+1's experts from the residual h after layer li's
-    attention (its MoE norm and router, into the given buffers), and start reading them."""
-    cache = m.experts
-    if li + 1 < len(m.layers) and cache.prefetch_enabled:
-        nxt = m.layers[li + 1]
-        K.rmsnorm(h, nxt.moe_norm, m.config.rms_norm_eps, xg)
-        K.route(xg, nxt.router, idx_g.shape[1], idx_g, gate_g, probs_g)
-        cache.prefetch([(li + 1, int(e)) for e in np.unique(idx_g)], only_if_idle=only_if_idle)
-
-
-def _decode_one(m: Model, s: Session, tok: int) -> np.ndarray:
-    """One decode token of one session on the CPU: the same arithmetic as `_forward_rows`
-    with T = 1 (bitwise), in three compiled calls per layer on the session's workspace, or
-    (with the expert cache, prefetch off) in one call for every run of layers whose experts
-    are all resident (`kernels.decode.resident_layers`)."""
-    c = m.config
-    ws = s._ws
-    if ws is None:
-        ws = s._ws = KD.DecodeWorkspace(c, m.context, cpu._nparts(), cpu.pair_parts())
-    if ws.kv_of is not s.k:                               # per-layer views of the KV cache
-        ws.layer_kv = [(s.k[li], s.v[li]) for li in range(c.num_layers)]
-        ws.kv_of = s.k
-    dense, scales = m.decode_args()
-    eps = c.rms_norm_eps
-    pos = s.pos
-    s.key_ok[pos] = tok > c.pad_token
-    key_ok = s._all if tok > c.pad_token else s._none    # reference quirk, as in _forward_rows
-    ws.pos[0] = pos
-    K.rope_tables(m.inv_freq, ws.pos, ws.cos, ws.sin)
-    cache = m.experts
-    if cache is not None:
-        cache.next_step()
-    h = ws.h
-    np.multiply(m.ckpt.embeddings[tok], np.float32(c.embedding_multiplier_scale), out=h[0])
-    attn_bufs = (ws.q, ws.kv, ws.attn, ws.a, ws.scores, ws.part_q, ws.part_kv, ws.part_o)
-    moe_bufs = (ws.gu, ws.ys, ws.gates, ws.part_f, ws.part_d, ws.moe)
-    by_layer = m.resident_args() if cache is not None and not cache.prefetch_enabled else None
-    L = c.num_layers
-    li = 0
-    while li < L:
-        if by_layer is not None:
-            stop = KD.resident_layers(li, h, ws.x, *by_layer[:10], ws.cos, ws.sin, s.k, s.v, pos, key_ok, eps,
-                                      ws.consts, *attn_bufs, ws.idx_all, ws.gate_all, ws.probs_all,
-                                      cache.pool_view, cache.slot_of, *by_layer[10:], *moe_bufs, ws.whole, ws.gus)
-            for lj in range(li, stop):
-                _note_routing(m, s, pos, lj, ws)
-            cache.note_used([(lj, e) for lj in range(li, stop) for e in sorted(ws.idx_all[lj].tolist())])
-            if stop == L:
-                break
-            li = stop                        # its attention and routing are done; its MoE is ours
+    def __init__(self, sessions: list[Session], toks: np.ndarray, decode: bool):
+        self.sessions = sessions
+        self.toks = toks
+        self.T = toks.size
+        self.decode = decode
+        self.ws = sessions[0].ws
+        if len(sessions) == 1:
+            kv = sessions[0].kv
+            self.pos = kv.pos + np.arange(self.T, dtype=np.int64)
+            self.segments = [(kv, 0, self.T, kv.key_mask(toks, decode))]
         else:
-            KD.attn_router(h, ws.x, *dense[li], ws.cos, ws.sin, *ws.layer_kv[li], pos, key_ok, eps, ws.consts,
-                           *attn_bufs, ws.idx_all[li:li + 1], ws.gate_all[li:li + 1], ws.probs_all[li:li + 1])
-        _note_routing(m, s, pos, li, ws)
-        _decode_moe(m, li, ws, scales)
-        li += 1
-    if m._trace_file is not None:
-        m._trace_file.flush()
-    s.pos += 1
-    s.tokens.append(tok)
-    out = h.copy()
-    K.rmsnorm(out, m.ckpt.final_norm, eps, out)
-    return out
+            self.pos = np.array([s.kv.pos for s in sessions], np.int64)
+            self.segments = [(s.kv, b, 1, s.kv.key_mask(toks[b:b + 1], decode)) for b, s in enumerate(sessions)]
+        self.trace = sessions[0].trace if len(sessions) == 1 else None
 
 
-def _note_routing(m: Model, s: Session, pos: int, li: int, ws) -> None:
-    """Record layer li's routing in the session's trace and the --routing-trace file."""
-    if s.trace is not None:
-        s.trace.append((li, ws.idx_all[li:li + 1].copy(), ws.probs_all[li:li + 1].copy()))
-    if m._trace_file is not None:
-        _trace_write(m, pos, li, ws.idx_all[li].tolist())
-
-
-def _decode_moe(m: Model, li: int, ws, scales) -> None:
-    """Layer li's MoE block of a decode token, its routing in the workspace: the experts through
-    the cache (missing ones read now, resident ones computed first), summed in expert order."""
-    lw = m.layers[li]
-    cache = m.experts
-    x, gu, ys, part_f, part_d = ws.x[0], ws.gu, ws.ys, ws.part_f, ws.part_d
-    chosen = sorted(zip(ws.idx_all[li].tolist(), ws.gate_all[li].tolist()))   # summed in expert order
-    experts = [e for e, _ in chosen]
-    ws.gates[:] = [gt for _, gt in chosen]
-    order = experts
-    if cache is not None:
-        cache.request([(li, e) for e in experts])
-        _guess_next_layer(m, li, ws.h, ws.xg, ws.idx_g, ws.gate_g, ws.probs_g, only_if_idle=True)
-        order = cache.ready_first(li, experts)
-    for e in order:
-        j = experts.index(e)
-        sg, su, sd = scales[li][e]
-        if cache is None:
-            KD.expert(x, lw.w_gate.w[e], sg, lw.w_up.w[e], su, lw.w_down.w[e], sd, False,
-                      gu, ys[j], part_f, part_d)
-            continue
-        wg, wu, wd = cache.acquire(li, e)
+def forward(model: Model, step: Step) -> np.ndarray:
+    """Run the step's tokens through the decoder (spec §2); return the final-normed hidden
+    states [T, D] and move each session past its tokens."""
+    model._check_open()
+    be, cache, L = model.backend, model.experts, model.config.num_layers
+    with model._lock, be.running(step):
         try:
-            KD.expert(x, wg, sg, wu, su, wd, sd, True, gu, ys[j], part_f, part_d)
+            if cache is not None:
+                cache.next_step()
+            h = be.embed(step)
+            for li in range(L):
+                be.attention(li, h, step)                       # h += RMSNorm_1(Attn(RMSNorm_0(h)))
+                x, idx, gate, probs = be.route(li, h, step)      # x = RMSNorm_2(h); top-k experts
+                _check_finite(model, x, li, step)
+                _note_routing(model, step, li, idx, probs)
+                if cache is not None:
+                    _fetch_experts(model, li, idx, h, step)
+                be.moe(li, h, x, idx, gate, step)              # h += RMSNorm_3(MoE(x))
+            hf = be.final(h, step)
+            _check_finite(model, hf, L, step)
+        except BaseException:
+            for kv, _, n, _ in step.segments:                   # keep rows past the fill empty
+                kv.discard(n)
+            raise
         finally:
-            cache.release(li, e)
-    KD.moe_finish(ws.h, ys, ws.gates, lw.moe_post_norm, m.config.rms_norm_eps, ws.moe)
+            if model.trace is not None:
+                model.trace.flush()
+        for kv, r0, n, _ in step.segments:
+            kv.advance(step.toks[r0:r0 + n])
+    return hf
+
+
+def _note_routing(model: Model, step: Step, li: int, idx: np.ndarray, probs: np.ndarray) -> None:
+    """Layer li's routing into the session's trace list and the routing-trace file."""
+    if step.trace is not None:
+        step.trace.append((li, idx.copy(), probs.copy()))
+    if model.trace is not None:
+        model.trace.write(step.pos, li, idx)
+
+
+def _fetch_experts(model: Model, li: int, idx: np.ndarray, h, step: Step) -> None:
+    """Start reading every expert layer li needs (all misses in flight at once) and, with
+    prefetch on, guess layer li+1's from the residual h and start reading those too."""
+    cache = model.experts
+    cache.request([(li, e) for e in np.unique(idx).tolist()])
+    if cache.prefetch_enabled and li + 1 < model.config.num_layers:
+        guess = model.backend.guess(li + 1, h, step)
+        cache.prefetch([(li + 1, e) for e in np.unique(guess).tolist()], only_if_idle=step.decode)
+
+
+def _check_finite(model: Model, x: np.ndarray, li: int, step: Step) -> None:
+    """A NaN or Inf in the activations is a damaged checkpoint: name the tensor it came from."""
+    if np.isfinite(x).all():
+        return
+    where = "the final layer" if li == model.config.num_layers else f"layer {li}"
+    culprit = _nonfinite_weight(model, li, step)
+    raise CheckpointError(
+        f"the activations became NaN/Inf before {where}'s experts"
+        + (f": {culprit} holds NaN or Inf values" if culprit else " (they overflowed float32)"),
+        hint="the checkpoint is damaged: verify it (grok-cli info --verify) or download it again")
+
+
+def _nonfinite_weight(model: Model, li: int, step: Step) -> str | None:
+    """The first weight that the activations of layer li passed through holding NaN/Inf."""
+    layers = model.layers
+    cands = [("the embedding", model.ckpt.embeddings[np.unique(step.toks)])]
+    for lj in range(min(li + 1, len(layers))):
+        lw = layers[lj]
+        cands += [(f"layer {lj}'s {name}", getattr(lw, name)) for name in ("attn_norm", "attn_post_norm", "moe_norm")]
+        cands += [(f"layer {lj}'s {name} scales", getattr(lw, name).s) for name in ("wq", "wk", "wv", "wo")]
+        cands.append((f"layer {lj}'s router", lw.router))
+        if lj < li:
+            cands += [(f"layer {lj}'s {name} scales", getattr(lw, name).s) for name in ("w_gate", "w_up", "w_down")]
+            cands.append((f"layer {lj}'s moe_post_norm", lw.moe_post_norm))
+    if li == len(layers):
+        cands.append(("the final norm", model.ckpt.final_norm))
+    for name, a in cands:
+        if not np.isfinite(np.asarray(a, dtype=np.float32)).all():
+            return name
+    return None
+
+
+def _check_kv_fits(c: GrokConfig, context: int) -> None:
+    """One session's KV cache must fit in this machine's RAM (it is allocated lazily)."""
+    import psutil
+    need, total = c.kv_cache_bytes(context), psutil.virtual_memory().total
+    if need > total:
+        raise OptionError("context", f"{{name}} {context}: one session's KV cache would take {need / 1e9:.1f} GB, "
+                          f"more than this machine's {total / 1e9:.1f} GB of RAM",
+                          hint=f"use a shorter context (at most {max(1, context * total // need // 2)})")
+
+
+def _token_id(value, vocab: int) -> int:
+    """One token id: a Python or numpy integer in 0..vocab-1."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise GrokError(f"a token id must be an integer, not {_describe(value)}",
+                        hint="pass one int (decode) or a sequence of ints (prefill)")
+    if not 0 <= value < vocab:
+        raise GrokError(f"token id {_clip(value)} is outside the vocabulary 0..{vocab - 1}",
+                        hint="the tokenizer does not fit this model")
+    return int(value)
+
+
+def _token_ids(values, vocab: int) -> np.ndarray:
+    """A 1-D sequence of token ids (ints or numpy integers) as int64, every one checked."""
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1 or values.dtype.kind not in "iu":
+            raise GrokError(f"token ids must be a 1-D integer array, not {values.dtype} with shape {values.shape}",
+                            hint="pass a list of ints")
+        if values.size and (values.min() < 0 or values.max() >= vocab):
+            bad = values[(values < 0) | (values >= vocab)][0]
+            raise GrokError(f"token id {_clip(bad)} is outside the vocabulary 0..{vocab - 1}",
+                            hint="the tokenizer does not fit this model")
+        return values.astype(np.int64)
+    if isinstance(values, (str, bytes, dict, set)) or not hasattr(values, "__iter__"):
+        raise GrokError(f"token ids must be a sequence of ints, not {_describe(values)}",
+                        hint="pass a list of ints, e.g. [1, 422, 2198]")
+    return np.array([_token_id(v, vocab) for v in values], np.int64)
+
+
+def _describe(value) -> str:
+    return f"a {type(value).__name__}" if not isinstance(value, (int, float)) else f"{_clip(value)}"
+
+
+def _clip(value) -> str:
+    r = repr(value) if not isinstance(value, int) or value.bit_length() < 200 else "a huge integer"
+    return r if len(r) <= 40 else r[:37] + "..."

@@ -107,33 +107,6 @@ def test_decode_steps_equal_prefill_of_the_longer_sequence(fixture):
     np.testing.assert_allclose(dec, full[len(fixture.prompt):], rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("budget", ["auto", "off"])
-def test_decode_fast_path_is_the_general_path(fixture, budget):
-    """Session.decode's fused path (three compiled calls per layer on a workspace) computes
-    bitwise what the general forward does with one row, a pad token (its quirk) included:
-    logits, routing records and the KV cache."""
-    from grokcpu.model import _forward
-
-    model = grokcpu.load(fixture.path, expert_cache_gb=budget)
-    fast, ref = model.new_session(), model.new_session()
-    fast.trace, ref.trace = [], []
-    for s in (fast, ref):
-        s.prefill(fixture.prompt, logits="last")
-    pad = model.config.pad_token
-    for t in fixture.decode_tokens[:2] + [pad] + fixture.decode_tokens[2:]:
-        got = fast.decode(t)
-        want = ref._logits(_forward(model, [ref], np.array([t]), decode=True))[0]
-        np.testing.assert_array_equal(got, want)
-    assert len(fast.trace) == len(ref.trace)
-    for (la, ia, pa), (lb, ib, pb) in zip(fast.trace, ref.trace):
-        assert la == lb
-        np.testing.assert_array_equal(ia, ib)
-        np.testing.assert_array_equal(pa, pb)
-    np.testing.assert_array_equal(fast.k[:, :, :fast.pos], ref.k[:, :, :ref.pos])
-    np.testing.assert_array_equal(fast.v[:, :, :fast.pos], ref.v[:, :, :ref.pos])
-    assert fast.tokens == ref.tokens and fast.pos == ref.pos
-
-
 def test_batched_decode_equals_one_by_one(fixture):
     """Sessions at different positions decoded together give each session's own logits."""
     from grokcpu.model import decode_batch

@@ -34,7 +34,7 @@ def test_matvec_and_matmul_against_float64(R, C, nb):
         ref = x.astype(np.float64) @ ref_w
         scale = np.sqrt((x.astype(np.float64) ** 2) @ (ref_w ** 2)) + 1e-30
         # input-major (as in the file) and output-major (the expert cache's down projections)
-        for got in (cpu.matmul(x, w, s), cpu.matmul(x, np.ascontiguousarray(w.T), s, out_major=True)):
+        for got in (cpu.matmul(x, w, s, 2), cpu.matmul(x, np.ascontiguousarray(w.T), s, 2, out_major=True)):
             assert got.dtype == np.float32 and got.shape == (T, C)
             assert (np.abs(got - ref) / scale).max() < 1e-5
 
@@ -99,7 +99,7 @@ def test_matvec_on_read_only_strided_expert_slice():
     w3.setflags(write=False)
     s3 = RNG.random((3, 8, 70), dtype=np.float32)
     x = RNG.standard_normal(40).astype(np.float32)
-    got = cpu.matvec(x, w3[2], s3[2])
+    got = cpu.matmul(x[None], w3[2], s3[2], 2)[0]
     np.testing.assert_allclose(got, x.astype(np.float64) @ dequant64(w3[2], s3[2]), rtol=1e-5, atol=1e-5)
 
 
@@ -107,7 +107,7 @@ def test_matvec_on_read_only_strided_expert_slice():
 def test_unembed(V, D, T):
     emb = RNG.standard_normal((V, D)).astype(np.float32)
     h = RNG.standard_normal((T, D)).astype(np.float32)
-    got = cpu.unembed(h, emb, 0.5773502691896257)
+    got = cpu.unembed(h, emb, 0.5773502691896257, 2)
     ref = (h.astype(np.float64) @ emb.T.astype(np.float64)) * 0.5773502691896257
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
 
@@ -250,10 +250,10 @@ def test_int8_unembedding_error_is_bounded():
     qt, rs = cpu.quantize_embedding(emb)
     assert qt.shape == (96, 700)                            # stored transposed
     q = qt.T
-    np.testing.assert_allclose(cpu.unembed_q8(h[:1], qt, rs, 0.5)[0], cpu.unembed_q8(h, qt, rs, 0.5)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cpu.unembed_q8(h[:1], qt, rs, 0.5, 2)[0], cpu.unembed_q8(h, qt, rs, 0.5, 2)[0], rtol=1e-5, atol=1e-5)
     step = np.abs(emb).max(1, keepdims=True) / 127          # one quantization step per row
     assert (np.abs(q.astype(np.float64) * rs[:, None] - emb) <= 0.5001 * step).all()
-    got = cpu.unembed_q8(h, qt, rs, 0.5773502691896257)
+    got = cpu.unembed_q8(h, qt, rs, 0.5773502691896257, 2)
     ref = (h.astype(np.float64) @ emb.T.astype(np.float64)) * 0.5773502691896257
     # each weight is off by at most half a quantization step: |err| <= 0.5 * rs * sum|h| * scale
     bound = 0.5 * rs[None, :] * np.abs(h).sum(1, keepdims=True) * 0.5773502691896257

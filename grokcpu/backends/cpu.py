@@ -1,11 +1,33 @@
-"""The CPU backend: picks a kernel per call shape and owns the thread count."""
+"""The CPU backend: the blocks of `model.forward` as numba kernels, numpy's BLAS for many rows.
+
+Block interface (the CUDA backend implements the same):
+    new_kv(context) / clear_kv(storage, a, b) / kv_bytes(context)   a session's K/V storage
+    workspace()                                    a session's buffers
+    running(step)                                  context manager around one forward
+    embed(step) -> h                               h [T, D] = Emb[toks] * embedding multiplier
+    attention(li, h, step)                         h += RMSNorm_1(Attn(RMSNorm_0(h))), K/V stored
+    route(li, h, step) -> x, idx, gate, probs      x = RMSNorm_2(h); top-k of softmax(x @ router)
+    guess(li, h, step) -> idx                      layer li's router applied to h (prefetch guess)
+    moe(li, h, x, idx, gate, step)                 h += RMSNorm_3(sum_j gate_j * expert_j(x))
+    final(h, step) -> hf                           RMSNorm_final(h), on the host
+    logits(hf) -> [T, V]                           the tied unembedding x output multiplier
+
+One row (a decode step) runs fused kernels on the session's `DecodeWorkspace`
+(`kernels.decode`); several rows go through `matmul`: a kernel that reads the int8 weights once
+for all rows, or (from GEMM_MIN_ROWS) dequantized tiles and BLAS. Both give the reference's
+arithmetic in float32; only the summation order differs between them.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
 
 import numba
 import numpy as np
 
-from ..checkpoint import QWeight
+from ..kernels import decode as KD
 from ..kernels import layers as K
 from ..kernels import matvec as M
 
@@ -25,35 +47,21 @@ def physical_cores() -> int:
     return max(1, n or numba.config.NUMBA_NUM_THREADS)
 
 
-class blas_phase:
-    """Around a forward pass whose products go through BLAS (T >= GEMM_MIN_ROWS rows): numba's
-    kernels run on one thread, so its idle OpenMP workers, which spin-wait between parallel
-    regions, do not fight OpenBLAS's threads for the cores (2x faster prefill measured here)."""
-
-    def __init__(self, rows: int):
-        self.active = rows >= GEMM_MIN_ROWS
-        self.saved = None
-
-    def __enter__(self):
-        if self.active:
-            self.saved = numba.get_num_threads()
-            numba.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            numba.set_num_threads(self.saved)
+def usable_threads(asked: int | None) -> int:
+    """The thread count a model runs with: asked (default: physical cores), at most numba's pool."""
+    n = physical_cores() if asked is None else int(asked)
+    return max(1, min(n, numba.config.NUMBA_NUM_THREADS))
 
 
-def _set_blas_threads(n: int) -> bool:
-    """Cap OpenBLAS (numpy's BLAS) at n threads, if numpy uses an OpenBLAS we can find."""
-    import ctypes
+@functools.cache
+def _blas_set_threads():
+    """OpenBLAS's set-threads function in this process (numpy's BLAS), or None."""
     try:
         with open("/proc/self/maps") as f:
-            libs = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
+            libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
     except OSError:
-        return False
-    for path in sorted(libs):
+        return None
+    for path in libs:
         try:
             lib = ctypes.CDLL(path)
         except OSError:
@@ -62,69 +70,283 @@ def _set_blas_threads(n: int) -> bool:
                      "openblas_set_num_threads64_", "openblas_set_num_threads"):
             fn = getattr(lib, name, None)
             if fn is not None:
-                fn(ctypes.c_int(n))
-                return True
-    return False
+                return fn
+    return None
 
 
-def set_threads(n: int | None) -> int:
-    """Compute threads for numba's kernels and numpy's BLAS (default: physical cores)."""
-    global _threads
-    n = physical_cores() if n is None else int(n)
-    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    _set_blas_threads(n)
-    _threads = n
-    return n
+class Scratch:
+    """Reusable float32 buffers by name: fresh pages cost a fault each (tens of thousands per
+    prefill), so products write into buffers that live as long as their session."""
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def __call__(self, name: str, *shape: int) -> np.ndarray:
+        n = int(np.prod(shape))
+        buf = self._bufs.get(name)
+        if buf is None or buf.size < n:
+            buf = self._bufs[name] = np.empty(n, np.float32)
+        return buf[:n].reshape(shape)
 
 
-_parts: dict = {}
-_scratches: dict = {}
+class Workspace:
+    """A session's buffers: named scratch for many-row passes, the decode workspace for one row."""
+
+    def __init__(self, backend: "CpuBackend"):
+        self.backend = backend
+        self.scratch = Scratch()
+        self._decode: KD.DecodeWorkspace | None = None
+        self._routing: dict = {}
+
+    def routing(self, prefix: str, T: int):
+        """x [T, D], idx [T, k], gate [T, k], probs [T, E] for a router's output."""
+        bufs = self._routing.get((prefix, T))
+        if bufs is None:
+            c = self.backend.config
+            k = c.num_selected_experts
+            bufs = self._routing[(prefix, T)] = (
+                np.empty((T, c.emb_size), np.float32), np.empty((T, k), np.int64),
+                np.empty((T, k), np.float32), np.empty((T, c.num_experts), np.float32))
+        return bufs
+
+    def decode(self) -> KD.DecodeWorkspace:
+        if self._decode is None:
+            b = self.backend
+            self._decode = KD.DecodeWorkspace(b.config, b.context, b.threads, b.pair_parts)
+        return self._decode
 
 
-def _scratch(name: str, *shape: int) -> np.ndarray:
-    """A reusable float32 buffer of this shape, kept under `name` (fresh pages cost a fault
-    each); the next call with the same name may return the same memory."""
-    n = int(np.prod(shape))
-    buf = _scratches.get(name)
-    if buf is None or buf.size < n:
-        buf = _scratches[name] = np.empty(n, np.float32)
-    return buf[:n].reshape(shape)
+class CpuBackend:
+    def __init__(self, model):
+        self.model = model
+        self.config = c = model.config
+        self.context = model.context
+        self.threads = model.threads
+        self.pair_parts = max(1, self.threads // 2)     # row ranges per matrix of gate/up pairs
+        self.layers = model.ckpt.layers
+        self.emb = model.ckpt.embeddings
+        self.final_norm = model.ckpt.final_norm
+        d = c.key_size
+        self.inv_freq = (1.0 / (np.float32(c.rope_base) ** (np.arange(0, d, 2, dtype=np.float32)
+                                                            / np.float32(d)))).astype(np.float32)
+        self.consts = np.array([c.attn_output_multiplier, c.attn_logit_cap, c.sequence_len], np.float32)
+        # decode's per-layer arguments: norms [3, D] (attn, attn_post, moe) and the attention weights
+        self.attn_args = [(np.stack([lw.attn_norm, lw.attn_post_norm, lw.moe_norm]), lw.wq.w, lw.wq.s,
+                           lw.wk.w, lw.wk.s, lw.wv.w, lw.wv.s, lw.wo.w, lw.wo.s) for lw in self.layers]
+        # int8 copy of the tied embedding with per-row scales, for the output layer only (4x fewer
+        # bytes per token); the input lookup stays exact
+        self.unembed_q = quantize_embedding(self.emb) if model.options.unembed == "int8" else None
 
+    # -- storage -------------------------------------------------------------------------------
+    def new_kv(self, context: int):
+        c = self.config
+        shape = (c.num_layers, c.num_kv_heads, context, c.key_size)
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)   # pages mapped as used
 
-_threads = 0     # set_threads' count: how many row ranges a matvec splits into (any count is correct)
+    def clear_kv(self, storage, a: int, b: int) -> None:
+        k, v = storage
+        k[:, :, a:b] = 0.0          # rows past the fill must read as zeros (see K.attention)
+        v[:, :, a:b] = 0.0
 
+    def kv_bytes(self, context: int) -> int:
+        return self.config.kv_cache_bytes(context)
 
-def _nparts() -> int:
-    """Row ranges a matvec splits into: set_threads' count (numba.get_num_threads costs 4 us)."""
-    return _threads or numba.get_num_threads()
+    def workspace(self) -> Workspace:
+        return Workspace(self)
 
+    @contextlib.contextmanager
+    def running(self, step):
+        """Around one forward: this thread's numba pool size, and BLAS's. With many rows, numba's
+        kernels run on one thread, since its idle OpenMP workers spin and would fight OpenBLAS's
+        threads for the cores (2x slower prefill)."""
+        blas = _blas_set_threads()
+        if blas is not None:
+            blas(ctypes.c_int(self.threads))
+        saved = numba.get_num_threads()
+        numba.set_num_threads(1 if step.T >= GEMM_MIN_ROWS else self.threads)
+        try:
+            yield
+        finally:
+            numba.set_num_threads(saved)
 
-def _part(C: int) -> np.ndarray:
-    P = _nparts()
-    buf = _parts.get((P, C))
-    if buf is None:
-        buf = _parts[(P, C)] = np.empty((P, C), np.float32)
-    return buf
+    # -- blocks --------------------------------------------------------------------------------
+    def embed(self, step) -> np.ndarray:
+        c = self.config
+        mult = np.float32(c.embedding_multiplier_scale)
+        if step.T == 1:
+            dw = step.ws.decode()
+            np.multiply(self.emb[step.toks[0]], mult, out=dw.h[0])
+            dw.pos[0] = step.pos[0]
+            K.rope_tables(self.inv_freq, dw.pos, dw.cos, dw.sin)
+            return dw.h
+        step.cos = np.empty((step.T, c.key_size // 2), np.float32)
+        step.sin = np.empty_like(step.cos)
+        K.rope_tables(self.inv_freq, step.pos, step.cos, step.sin)
+        return np.asarray(self.emb[step.toks], dtype=np.float32) * mult
 
+    def attention(self, li: int, h: np.ndarray, step) -> None:
+        if step.T == 1:
+            kv, _, _, key_ok = step.segments[0]
+            dw = step.ws.decode()
+            kc, vc = kv.storage
+            KD.attn_block(h, dw.x, *self.attn_args[li], dw.cos, dw.sin, kc[li], vc[li], kv.pos, key_ok,
+                          self.config.rms_norm_eps, self.consts, dw.q, dw.kv, dw.attn, dw.a, dw.scores,
+                          dw.part_q, dw.part_kv, dw.part_o)
+            return
+        self._attention_rows(li, h, step)
 
-def matvec(x: np.ndarray, w: np.ndarray, s: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """x[R] @ dequant(w[R, C], s[nb, C]) -> [C] float32."""
-    C = w.shape[1]
-    if out is None:
-        out = np.empty(C, np.float32)
-    M.qmatvec(x, w, s, out, _part(C))
-    return out
+    def _attention_rows(self, li: int, h: np.ndarray, step) -> None:
+        c, lw, scratch = self.config, self.layers[li], step.ws.scratch
+        T, H, G, d = step.T, c.num_q_heads, c.num_kv_heads, c.key_size
+        x = scratch("x", T, c.emb_size)
+        K.rmsnorm(h, lw.attn_norm, c.rms_norm_eps, x)
+        q = self.matmul(x, lw.wq.w, lw.wq.s, scratch, out=scratch("q", T, H * d)).reshape(T, H, d)
+        k = self.matmul(x, lw.wk.w, lw.wk.s, scratch, out=scratch("k", T, G * d)).reshape(T, G, d)
+        v = self.matmul(x, lw.wv.w, lw.wv.s, scratch, out=scratch("v", T, G * d)).reshape(T, G, d)
+        K.rope(q, step.cos, step.sin)
+        K.rope(k, step.cos, step.sin)
+        attn = scratch("attn", T, H, d)
+        scores = scratch("scores", H, int(step.pos.max()) + 1)
+        mult, cap, n_uniform = self.consts
+        for kv, r0, n, key_ok in step.segments:
+            kc, vc = kv.storage
+            p0 = kv.pos
+            kc[li, :, p0:p0 + n] = k[r0:r0 + n].transpose(1, 0, 2)
+            vc[li, :, p0:p0 + n] = v[r0:r0 + n].transpose(1, 0, 2)
+            K.attention(q[r0:r0 + n], kc[li], vc[li], p0, key_ok, mult, cap, n_uniform, attn[r0:r0 + n],
+                        scores, self.threads)
+        a = self.matmul(attn.reshape(T, H * d), lw.wo.w, lw.wo.s, scratch, out=scratch("o", T, c.emb_size))
+        K.add_rmsnorm(h, a, lw.attn_post_norm, c.rms_norm_eps)
 
+    def route(self, li: int, h: np.ndarray, step):
+        return self._route(self.layers[li], h, step, "")
 
-def matmul(x: np.ndarray, w: np.ndarray, s: np.ndarray, out_major: bool = False,
-           out: np.ndarray | None = None) -> np.ndarray:
+    def guess(self, li: int, h: np.ndarray, step) -> np.ndarray:
+        return self._route(self.layers[li], h, step, "guess_")[1]
+
+    def _route(self, lw, h, step, prefix: str):
+        c = self.config
+        x, idx, gate, probs = step.ws.routing(prefix, step.T)
+        K.rmsnorm(h, lw.moe_norm, c.rms_norm_eps, x)
+        K.route(x, lw.router, c.num_selected_experts, idx, gate, probs)
+        return x, idx, gate, probs
+
+    def moe(self, li: int, h: np.ndarray, x: np.ndarray, idx: np.ndarray, gate: np.ndarray, step) -> None:
+        lw, cache, eps = self.layers[li], self.model.experts, self.config.rms_norm_eps
+        if step.T == 1:
+            self._moe_one(li, lw, h, x, idx, gate, cache, step.ws.decode())
+            return
+        m = self._moe_rows(li, lw, x, idx, gate, cache, step.ws.scratch)
+        K.add_rmsnorm(h, m, lw.moe_post_norm, eps)
+
+    def _moe_one(self, li, lw, h, x, idx, gate, cache, dw) -> None:
+        """One token's MoE block: resident experts first (overlapping the others' reads),
+        summed in expert order by moe_finish."""
+        chosen = sorted(zip(idx[0].tolist(), gate[0].tolist()))
+        experts = [e for e, _ in chosen]
+        dw.gates[:] = [g for _, g in chosen]
+        sg, su, sd = lw.w_gate.s, lw.w_up.s, lw.w_down.s
+        if cache is None:
+            for j, e in enumerate(experts):
+                KD.expert(x[0], lw.w_gate.w[e], sg[e], lw.w_up.w[e], su[e], lw.w_down.w[e], sd[e], False,
+                          dw.gu, dw.ys[j], dw.part_f, dw.part_d)
+        elif dw.whole and all(cache.ready(li, e) for e in experts):
+            # every expert resident: one thread per expert, whole (bitwise `expert`'s result)
+            slots = dw.slots
+            for j, e in enumerate(experts):
+                cache.acquire(li, e)
+                slots[j] = cache.slot(li, e)
+                dw.es[j] = e
+            try:
+                KD.experts_whole(x[0], cache.pool_view, slots, dw.es, sg, su, sd, dw.gus, dw.ys)
+            finally:
+                for e in experts:
+                    cache.release(li, e)
+        else:
+            for e in cache.ready_first(li, experts):
+                j = experts.index(e)
+                wg, wu, wd = cache.acquire(li, e)
+                try:
+                    KD.expert(x[0], wg, sg[e], wu, su[e], wd, sd[e], True, dw.gu, dw.ys[j], dw.part_f, dw.part_d)
+                finally:
+                    cache.release(li, e)
+        KD.moe_finish(h, dw.ys, dw.gates, lw.moe_post_norm, self.config.rms_norm_eps, dw.moe)
+
+    def _moe_rows(self, li, lw, x, idx, gate, cache, scratch) -> np.ndarray:
+        """sum_j gate[t, j] * expert_{idx[t, j]}(x[t]); each expert runs once over its tokens,
+        its weights from the expert cache (down output-major) or the memory map."""
+        T, D = x.shape
+        out = np.zeros((T, D), np.float32)
+        experts = np.unique(idx).tolist()
+        order = experts if cache is None else cache.ready_first(li, experts)
+        ys = scratch("expert_out", idx.size * D)
+        xs = scratch("expert_in", T * D)
+        done = {}
+        used = 0
+        for e in order:
+            if cache is not None:
+                wg, wu, wd = cache.acquire(li, e)
+            else:
+                wg, wu, wd = lw.w_gate.w[e], lw.w_up.w[e], lw.w_down.w[e]
+            try:
+                rows, slot = np.nonzero(idx == e)
+                n = rows.size
+                xe = np.take(x, rows, axis=0, out=xs[:n * D].reshape(n, D))
+                g, u = self._gate_up(xe, wg, lw.w_gate.s[e], wu, lw.w_up.s[e], scratch)
+                for t in range(n):
+                    K.gelu_mul(g[t], u[t])
+                y = ys[used * D:(used + n) * D].reshape(n, D)
+                used += n
+                done[e] = rows, slot, self.matmul(g, wd, lw.w_down.s[e], scratch, out_major=cache is not None, out=y)
+            finally:
+                if cache is not None:
+                    cache.release(li, e)
+        for e in experts:           # summed in expert order, whichever ran first
+            rows, slot, y = done[e]
+            out[rows] += gate[rows, slot][:, None] * y
+        return out
+
+    def _gate_up(self, x, wg, sg, wu, su, scratch):
+        """(x @ gate, x @ up) for an expert's rows x [T, D]."""
+        T, C = x.shape[0], wg.shape[1]
+        if T != 1:
+            return (self.matmul(x, wg, sg, scratch, out=scratch("gate", T, C)),
+                    self.matmul(x, wu, su, scratch, out=scratch("up", T, C)))
+        gu = scratch("gu", 2, C)
+        M.qmatvec_multi(np.ascontiguousarray(x[0]), (wg, wu), (sg, su), gu, scratch("pair", 2, self.pair_parts, C))
+        return gu[:1], gu[1:]
+
+    def final(self, h: np.ndarray, step) -> np.ndarray:
+        out = h.copy() if step.T == 1 else h        # one row: h is the session's workspace
+        K.rmsnorm(out, self.final_norm, self.config.rms_norm_eps, out)
+        return out
+
+    def logits(self, hf: np.ndarray, ws: Workspace) -> np.ndarray:
+        scale = self.config.output_multiplier_scale
+        if self.unembed_q is not None:
+            return unembed_q8(hf, *self.unembed_q, scale, self.threads, ws.scratch)
+        return unembed(hf, self.emb, scale, self.threads)
+
+    def matmul(self, x, w, s, scratch: Scratch, out_major: bool = False, out=None) -> np.ndarray:
+        return matmul(x, w, s, self.threads, scratch, out_major, out)
+
+    @property
+    def unembed_bytes(self) -> int:
+        """Bytes the output layer reads per token."""
+        if self.unembed_q is not None:
+            return self.unembed_q[0].nbytes + self.unembed_q[1].nbytes
+        return self.emb.nbytes
+
+def matmul(x: np.ndarray, w: np.ndarray, s: np.ndarray, threads: int, scratch: Scratch | None = None,
+           out_major: bool = False, out: np.ndarray | None = None) -> np.ndarray:
     """x[T, R] @ dequant(w[R, C], s[nb, C]) -> [T, C] float32, into `out` if given.
 
     out_major: w is stored output-major, [C, R] (the expert cache's down projections).
-    One row is a matvec; a few rows go through a kernel that reads the weights once for all
-    of them; from GEMM_MIN_ROWS rows on, dequantized tiles go through numpy's BLAS.
+    One row is a matvec (its rows split in `threads` ranges); a few rows go through a kernel
+    that reads the weights once for all of them; from GEMM_MIN_ROWS rows on, dequantized tiles
+    go through numpy's BLAS. Buffers come from `scratch` (default: fresh).
     """
+    scratch = scratch or Scratch()
     T = x.shape[0]
     C, R = w.shape if out_major else w.shape[::-1]
     if out is None:
@@ -133,18 +355,16 @@ def matmul(x: np.ndarray, w: np.ndarray, s: np.ndarray, out_major: bool = False,
         if out_major:
             M.qmatvec_t(np.ascontiguousarray(x[0]), w, s, out[0])
         else:
-            matvec(np.ascontiguousarray(x[0]), w, s, out[0])
+            M.qmatvec(np.ascontiguousarray(x[0]), w, s, out[0], scratch("part1", threads, C))
         return out
     if T < GEMM_MIN_ROWS:
         if out_major:
             M.qmatmul_small_t(np.ascontiguousarray(x), w, s, out)
         else:
-            P = _nparts()
-            part = _scratch("part", P, T, C)
-            M.qmatmul_small(np.ascontiguousarray(x), w, s, out, part)
+            M.qmatmul_small(np.ascontiguousarray(x), w, s, out, scratch("part", threads, T, C))
         return out
     width = max(64, min(C, TILE_ELEMS // R // 64 * 64))
-    tile = _scratch("tile", R * width)
+    tile = scratch("tile", R * width)
     for c0 in range(0, C, width):
         n = min(width, C - c0)
         if out_major:
@@ -158,85 +378,24 @@ def matmul(x: np.ndarray, w: np.ndarray, s: np.ndarray, out_major: bool = False,
     return out
 
 
-def pair_parts() -> int:
-    """Row ranges per matrix of qmatvec_multi: one matrix per thread when there are two."""
-    return max(1, _nparts() // 2)
-
-
-def gate_up(x: np.ndarray, wg: np.ndarray, sg: np.ndarray, wu: np.ndarray, su: np.ndarray):
-    """(x @ gate, x @ up) for an expert's rows x [T, D]; one token through qmatvec_multi."""
-    C = wg.shape[1]
-    if x.shape[0] != 1:
-        T = x.shape[0]
-        return (matmul(x, wg, sg, out=_scratch("gate", T, C)),
-                matmul(x, wu, su, out=_scratch("up", T, C)))
-    gu = np.empty((2, C), np.float32)
-    Q = pair_parts()
-    M.qmatvec_multi(np.ascontiguousarray(x[0]), (wg, wu), (sg, su), gu,
-                    _scratch("pair", 2, Q, C))
-    return gu[:1], gu[1:]
-
-
-def qmatmul(x: np.ndarray, qw: QWeight, scratch: str | None = None) -> np.ndarray:
-    """matmul for a QWeight; into the reusable buffer `scratch` if named (see _scratch)."""
-    out = None if scratch is None else _scratch(scratch, x.shape[0], qw.w.shape[1])
-    return matmul(x, qw.w, qw.s, out=out)
-
-
-def moe(x: np.ndarray, lw, idx: np.ndarray, gate: np.ndarray, cache=None, layer: int = 0) -> np.ndarray:
-    """sum_j gate[t, j] * expert_{idx[t, j]}(x[t]); each expert runs once over its tokens.
-
-    Expert weights come from `cache` (an ExpertCache: acquired, used, released in file order;
-    it holds the down projection transposed) or, without one, straight from the memory-mapped
-    checkpoint.
-    """
-    T, D = x.shape
-    out = np.zeros((T, D), np.float32)
-    experts = [int(e) for e in np.unique(idx)]
-    order = experts if cache is None else cache.ready_first(layer, experts)
-    done = {}
-    # Prefill's products (here and the attention's in model._forward_rows) write into buffers
-    # reused from layer to layer and chunk to chunk. Fresh ones were mapped and zeroed by the
-    # kernel every time: 51,000-55,000 page faults and 0.4 s of system time per 512-token
-    # scaled-16 prefill. Reused: none, and prefill 1.05-1.18x as fast.
-    ys = _scratch("expert_out", idx.size * D)
-    xs = _scratch("expert_in", T * D)
-    used = 0
-    for e in order:
-        if cache is not None:
-            wg, wu, wd = cache.acquire(layer, e)
-        else:
-            wg, wu, wd = lw.w_gate.w[e], lw.w_up.w[e], lw.w_down.w[e]
-        try:
-            rows, slot = np.nonzero(idx == e)
-            n = rows.size
-            xe = np.take(x, rows, axis=0, out=xs[:n * D].reshape(n, D))
-            g, u = gate_up(xe, wg, lw.w_gate.s[e], wu, lw.w_up.s[e])
-            for t in range(g.shape[0]):
-                K.gelu_mul(g[t], u[t])
-            y = ys[used * D:(used + n) * D].reshape(n, D)
-            used += n
-            done[e] = rows, slot, matmul(g, wd, lw.w_down.s[e], out_major=cache is not None, out=y)
-        finally:
-            if cache is not None:
-                cache.release(layer, e)
-    for e in experts:           # summed in expert order, whichever ran first
-        rows, slot, y = done[e]
-        out[rows] += gate[rows, slot][:, None] * y
-    return out
-
-
-def unembed(h: np.ndarray, emb: np.ndarray, scale: float) -> np.ndarray:
+def unembed(h: np.ndarray, emb: np.ndarray, scale: float, threads: int) -> np.ndarray:
     """h[T, D] @ emb[V, D].T * scale -> [T, V] float32 (the exact, float32 tied output layer)."""
-    T = h.shape[0]
-    V = emb.shape[0]
+    T, V = h.shape[0], emb.shape[0]
     out = np.empty((T, V), np.float32)
     if T == 1:
-        M.dot_rows(np.ascontiguousarray(h[0]), emb, np.float32(scale), out[0], _nparts())
+        M.dot_rows(np.ascontiguousarray(h[0]), emb, np.float32(scale), out[0], threads)
         return out
     rows = max(256, TILE_ELEMS // emb.shape[1])
     for v0 in range(0, V, rows):
         np.matmul(h, emb[v0:v0 + rows].T, out=out[:, v0:v0 + rows])
+    out *= np.float32(scale)
+    return out
+
+
+def unembed_q8(h: np.ndarray, qt: np.ndarray, rs: np.ndarray, scale: float, threads: int,
+               scratch: Scratch | None = None) -> np.ndarray:
+    """h[T, D] @ dequant(qt)[D, V] * scale -> [T, V] float32 (the int8 table)."""
+    out = matmul(h, qt, rs.reshape(1, -1), threads, scratch)
     out *= np.float32(scale)
     return out
 
@@ -249,10 +408,3 @@ def quantize_embedding(emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rs = np.empty(V, np.float32)
     M.quantize_rows_t(emb, qt, rs)
     return qt, rs
-
-
-def unembed_q8(h: np.ndarray, qt: np.ndarray, rs: np.ndarray, scale: float) -> np.ndarray:
-    """h[T, D] @ dequant(qt)[D, V] * scale -> [T, V] float32."""
-    out = matmul(h, qt, rs.reshape(1, -1))
-    out *= np.float32(scale)
-    return out

@@ -1,27 +1,23 @@
-"""One decode token's layer in a few compiled calls, on a preallocated workspace.
-
-A decode step is memory-bound, and on a small model each product is short (tens of µs), so
-Python's share (argument checks, slicing, small numpy allocations: about 40 calls per layer)
-cost 5-8 % of a token. Here one call runs the attention block and the router, one call runs
-each routed expert, and one finishes the MoE block; every buffer comes from `DecodeWorkspace`.
-`resident_layers` runs those three for as many layers in a row as have their experts in the
-expert cache, in one call; with 1 or 2 threads its experts go through `experts_whole`, one
-expert per thread in one parallel region. The arithmetic is the same kernels in the same order
-as the general path (`model._forward_rows`), or kernels bitwise theirs.
+"""One decode token's blocks in a few compiled calls on a preallocated workspace (the CPU
+backend's one-row path): the attention block in one call, each routed expert in one (or, with 1
+or 2 threads and the experts resident, all of them in one region: `experts_whole`), and one
+call to finish the MoE block. A token's many short products otherwise pay Python's argument
+checks and small allocations per call. The arithmetic is the kernels of the many-row path in
+the same order, or kernels bitwise theirs.
 """
 
 import numpy as np
 from numba import njit, prange
 
-from .layers import add_rmsnorm, attention, gelu_mul, rmsnorm, rope, route
+from .layers import add_rmsnorm, attention, gelu_mul, rmsnorm, rope
 from .matvec import _out_group, _range_into, _split, qmatvec, qmatvec_multi, qmatvec_qkv, qmatvec_t
 
 
 @njit(cache=True, nogil=True)
-def attn_router(h, x, norms, wq, sq, wk, sk, wv, sv, wo, so, router, cos, sin, kc, vc, pos,
-                key_ok, eps, consts, q, kv, attn, a, scores, part_q, part_kv, part_o, idx, gate, probs):
+def attn_block(h, x, norms, wq, sq, wk, sk, wv, sv, wo, so, cos, sin, kc, vc, pos,
+               key_ok, eps, consts, q, kv, attn, a, scores, part_q, part_kv, part_o):
     """h[1, D] += RMSNorm_1(Attention(RMSNorm_0(h))) for the token at `pos`, its key and value
-    written into kc/vc [G, S, d]; then x = RMSNorm_2(h) and the router's top-k into idx/gate.
+    written into kc/vc [G, S, d].
 
     norms [3, D]: the layer's attn_norm, attn_post_norm and moe_norm. consts float32: the
     attention multiplier, the logit cap, the uniform-softmax row count. kv [2, G*d]: the new
@@ -41,8 +37,6 @@ def attn_router(h, x, norms, wq, sq, wk, sk, wv, sv, wo, so, router, cos, sin, k
     attention(q, kc, vc, pos, key_ok, mult, cap, n_uniform, attn, scores, part_q.shape[0])
     qmatvec(attn.reshape(H * d), wo, so, a[0], part_o)
     add_rmsnorm(h, a, norms[1], eps)
-    rmsnorm(h, norms[2], eps, x)
-    route(x, router, idx.shape[1], idx, gate, probs)
 
 
 @njit(cache=True, nogil=True)
@@ -67,8 +61,7 @@ def experts_whole(x, pool, slots, es, sg, su, sd, gus, ys):
 
     For 1 or 2 threads with Grok's two experts (`DecodeWorkspace.whole`). Bitwise `expert`'s
     result when its gate/up take one row range per matrix (pair_parts 1); the down product does
-    not depend on its split. Two experts on two threads: 1.035x the four regions (median of 12
-    alternating rounds, scaled-16 experts from DRAM).
+    not depend on its split.
     """
     D = x.shape[0]
     F = gus.shape[2]
@@ -82,65 +75,6 @@ def experts_whole(x, pool, slots, es, sg, su, sd, gus, ys):
         gelu_mul(g, u)
         for c in range((D + 7) // 8):
             _out_group(g, slot[2], sd[e], ys[j], c)
-
-
-@njit(cache=True, nogil=True)
-def resident_layers(li, h, x, norms, wq, sq, wk, sk, wv, sv, wo, so, router, cos, sin, kcache, vcache,
-                    pos, key_ok, eps, consts, q, kv, attn, a, scores, part_q, part_kv, part_o,
-                    idx_all, gate_all, probs_all, pool, slot_of, sg, su, sd, post_norms,
-                    gu, ys, gates, part_f, part_d, moe, whole, gus):
-    """Layers li, li+1, ... of one decode token in one call, while every routed expert is in the
-    expert cache: returns the first layer whose router picked an expert that is not (its
-    attention block and routing done, its MoE block left to the caller), or the layer count.
-
-    Between two kernels Python runs cold (each kernel streams tens of MB through the CPU caches):
-    the per-layer calls and the cache's bookkeeping took 1-1.5 ms of a 55 ms scaled-16 token,
-    against 0.26 ms warm. The caller now does the bookkeeping once per run (1.04x a token).
-    Per-layer weights come as tuples (wq[li], ...; sg[li] [E, nb, F]: the expert scales);
-    norms [L, 3, D] and post_norms [L, D]; kcache/vcache the session's [L, G, S, d].
-    pool [slots, bytes] with slot_of [L, E] (-1: not resident) is the expert cache's.
-    idx_all/gate_all/probs_all [L, k] / [L, E] receive every layer's routing. With `whole`,
-    a layer's experts go through experts_whole (gus its scratch). The same kernels in the same
-    order as the per-layer path, or ones bitwise theirs, so bitwise its result.
-    """
-    L = slot_of.shape[0]
-    D = x.shape[1]
-    F = gu.shape[1]
-    k = idx_all.shape[1]
-    order = np.empty(k, np.int64)
-    es = np.empty(k, np.int64)
-    slots = np.empty(k, np.int64)
-    while li < L:
-        idx, gate = idx_all[li:li + 1], gate_all[li:li + 1]
-        attn_router(h, x, norms[li], wq[li], sq[li], wk[li], sk[li], wv[li], sv[li], wo[li], so[li],
-                    router[li], cos, sin, kcache[li], vcache[li], pos, key_ok, eps, consts, q, kv, attn,
-                    a, scores, part_q, part_kv, part_o, idx, gate, probs_all[li:li + 1])
-        for j in range(k):                   # summed in expert order, as the per-layer path does
-            order[j] = j
-        for j in range(1, k):
-            t = order[j]
-            i = j
-            while i > 0 and idx[0, order[i - 1]] > idx[0, t]:
-                order[i] = order[i - 1]
-                i -= 1
-            order[i] = t
-        for j in range(k):
-            if slot_of[li, idx[0, order[j]]] < 0:
-                return li
-        for j in range(k):
-            e = idx[0, order[j]]
-            gates[j] = gate[0, order[j]]
-            es[j] = e
-            slots[j] = slot_of[li, e]
-            if not whole:
-                slot = pool[slots[j]].reshape(3, D, F)    # the cache's slot views
-                expert(x[0], slot[0], sg[li][e], slot[1], su[li][e], slot[2], sd[li][e], True,
-                       gu, ys[j], part_f, part_d)
-        if whole:
-            experts_whole(x[0], pool, slots, es, sg[li], su[li], sd[li], gus, ys)
-        moe_finish(h, ys, gates, post_norms[li], eps, moe)
-        li += 1
-    return L
 
 
 @njit(cache=True, nogil=True)
@@ -169,10 +103,6 @@ class DecodeWorkspace:
         self.cos = np.empty((1, d // 2), f32)
         self.sin = np.empty((1, d // 2), f32)
         self.pos = np.empty(1, np.int64)
-        L = c.num_layers
-        self.idx_all = np.empty((L, k), np.int64)       # every layer's routing, row li for layer li
-        self.gate_all = np.empty((L, k), f32)
-        self.probs_all = np.empty((L, c.num_experts), f32)
         self.gu = np.empty((2, F), f32)
         # one thread per routed expert, whole (experts_whole), where that is bitwise `expert`
         self.whole = pair_parts == 1 and k % parts == 0
@@ -185,9 +115,5 @@ class DecodeWorkspace:
         self.part_f = np.empty((2, pair_parts, F), f32)
         self.part_d = np.empty((parts, D), f32)
         self.consts = np.array([c.attn_output_multiplier, c.attn_logit_cap, c.sequence_len], f32)
-        self.xg = np.empty((1, D), f32)          # the next layer's routing guess (prefetch)
-        self.idx_g = np.empty((1, k), np.int64)
-        self.gate_g = np.empty((1, k), f32)
-        self.probs_g = np.empty((1, c.num_experts), f32)
-        self.layer_kv: list = []                 # the session's per-layer KV cache views,
-        self.kv_of = None                        # made from this array
+        self.slots = np.empty(k, np.int64)      # experts_whole's pool slots and expert ids
+        self.es = np.empty(k, np.int64)

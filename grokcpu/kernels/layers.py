@@ -6,7 +6,7 @@ import numpy as np
 from numba import njit, prange
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=True, inline="always", error_model="numpy")
 def _inv_rms(row, eps):
     ss = 0.0
     for i in range(row.shape[0]):
@@ -15,7 +15,7 @@ def _inv_rms(row, eps):
     return np.float32(1.0 / math.sqrt(ss / row.shape[0] + eps))
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def rmsnorm(x, scale, eps, out):
     """out[T, D] = scale * x / sqrt(mean(x^2) + eps), row by row (x and out may alias)."""
     for t in range(x.shape[0]):
@@ -24,7 +24,7 @@ def rmsnorm(x, scale, eps, out):
             out[t, i] = scale[i] * (x[t, i] * inv)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def add_rmsnorm(h, x, scale, eps):
     """h[T, D] += rmsnorm(x) (the sandwich post-norm on a branch output, then the residual)."""
     for t in range(x.shape[0]):
