@@ -327,45 +327,7 @@ def test_p3_layer_kernels_repeated_against_float64(blocks):
             assert np.array_equal(idx, np.argsort(-p, axis=1, kind="stable")[:, :k]), (rep, T)
 
 
-# -- the whole offloaded forward ---------------------------------------------------------
-class Offloaded:
-    """A stand-in for Session on top of CudaDense: Session._forward's bookkeeping, mirrored."""
-
-    def __init__(self, model, dense):
-        self.s = model.new_session()
-        self.dense = dense
-        self.pad = model.config.pad_token
-        S = model.context
-        self.ones, self.zeros = np.ones(S, np.uint8), np.zeros(S, np.uint8)
-        self.moe_calls = []
-
-        def moe_fn(li, x, idx, gate):
-            self.moe_calls.append((li, x.shape))
-            return cpu.moe(x, model.layers[li], idx, gate)
-        self.moe_fn = moe_fn
-
-    def forward(self, toks, decode=False):
-        s = self.s
-        toks = np.asarray(toks, np.int64)
-        p0, T = s.pos, toks.size
-        s.key_ok[p0:p0 + T] = toks > self.pad
-        if decode:
-            key_ok = self.ones if toks[0] > self.pad else self.zeros
-        else:
-            key_ok = s.key_ok
-        h = self.dense.forward(s, toks, key_ok, self.moe_fn)
-        assert s.pos == p0                     # the caller moves the position
-        s.pos = p0 + T
-        return self.dense.logits(h)
-
-    def prefill(self, toks, chunk=None):
-        chunk = chunk or len(toks)
-        return np.concatenate([self.forward(toks[i:i + chunk]) for i in range(0, len(toks), chunk)])
-
-    def decode(self, tok):
-        return self.forward([tok], decode=True)[0]
-
-
+# -- the whole offloaded forward, through the public API -------------------------------------
 def _fixture_names():
     return [p.name for p in fixture_dirs()] or ["<no fixtures>"]
 
@@ -381,19 +343,23 @@ def _dense_macs(fx):
     return T * (c.num_layers * c.emb_size * (2 * c.q_size + 2 * c.kv_size) + c.vocab_size * c.emb_size)
 
 
+def _run(model, prompt, decode_tokens, chunk=512):
+    s = model.new_session()
+    s.trace = []
+    pre = s.prefill(prompt, chunk=chunk)
+    dec = np.stack([s.decode(t) for t in decode_tokens])
+    return pre, dec, s
+
+
 @pytest.mark.parametrize("name", _fixture_names())
 def test_offloaded_forward_matches_reference_and_cpu(name):
     need_shared()
     fx = Fixture(FIXTURES / name)
     if gc.simulating() and _dense_macs(fx) > SIM_MAX_MACS:
         pytest.skip(f"{name}: {_dense_macs(fx) / 1e6:.0f} M multiply-adds is too slow for the simulator")
-    model = grokcpu.load(fx.path)
-    dense = gc.CudaDense(model)
-    gpu = Offloaded(model, dense)
-    gpu.s.trace = []
-    pre = gpu.prefill(fx.prompt)
-    dec = np.stack([gpu.decode(t) for t in fx.decode_tokens])
-
+    gpu = grokcpu.load(fx.path, offload="dense")
+    assert gpu.stats()["offload"] == "dense" and gpu.stats()["gpu"]["bytes"] > 0
+    pre, dec, gs = _run(gpu, fx.prompt, fx.decode_tokens)
     ref_pre = fx.load("prefill_logits_f32act.npy")
     ref_dec = fx.load("decode_logits_f32act.npy")
     assert pre.shape == ref_pre.shape and pre.dtype == np.float32 and dec.shape == ref_dec.shape
@@ -401,98 +367,56 @@ def test_offloaded_forward_matches_reference_and_cpu(name):
     assert np.abs(dec - ref_dec).max() <= F32_TOL
     assert (pre.argmax(-1) == ref_pre.argmax(-1)).all()
     assert (dec.argmax(-1) == ref_dec.argmax(-1)).all()
-
-    s = model.new_session()
-    s.trace = []
-    cpu_pre = s.prefill(fx.prompt)
-    cpu_dec = np.stack([s.decode(t) for t in fx.decode_tokens])
+    cpu_pre, cpu_dec, cs = _run(grokcpu.load(fx.path), fx.prompt, fx.decode_tokens)
     assert np.abs(pre - cpu_pre).max() <= CPU_TOL
     assert np.abs(dec - cpu_dec).max() <= CPU_TOL
-    # one moe_fn call per layer and forward, with [T, D] activations
-    L, D = model.config.num_layers, model.config.emb_size
-    assert [c[0] for c in gpu.moe_calls] == list(range(L)) * (1 + len(fx.decode_tokens))
-    assert gpu.moe_calls[0][1] == (len(fx.prompt), D) and gpu.moe_calls[-1][1] == (1, D)
     # the routing trace matches the CPU engine's (no near-ties in the fixtures at 1e-4)
-    assert len(gpu.s.trace) == len(s.trace)
-    for (l1, i1, p1), (l2, i2, p2) in zip(gpu.s.trace, s.trace):
+    assert len(gs.trace) == len(cs.trace) == model_layers(gpu) * (1 + len(fx.decode_tokens))
+    for (l1, i1, p1), (l2, i2, p2) in zip(gs.trace, cs.trace):
         assert l1 == l2 and np.array_equal(i1, i2) and np.abs(p1 - p2).max() < 1e-4
 
 
-def test_pads_chunks_and_pad_decode_match_cpu():
-    """CudaDense.session_forward in a real Session: pad tokens inside the prompt (masked keys),
-    a chunked prefill (p0 > 0 with T > 1), and a pad token decoded (every key masked: the
-    reference's uniform softmax)."""
+def model_layers(model):
+    return model.config.num_layers
+
+
+def test_pads_chunks_pad_decode_and_batches_match_cpu():
+    """Pad tokens inside the prompt (masked keys), a chunked prefill (p0 > 0 with T > 1), a pad
+    token decoded (every key masked: the reference's uniform softmax), and a decode_batch of two
+    sessions at different positions, one decoding a pad."""
     need_shared()
-    model = grokcpu.load(fixture_dirs()[0])
-    dense = gc.CudaDense(model)
-    prompt = np.array([1, 17, 0, 0, 33, 9])
-    s = model.new_session()
-    got = [dense.logits(dense.session_forward(s, prompt[:3])), dense.logits(dense.session_forward(s, prompt[3:])),
-           dense.logits(dense.session_forward(s, [0], decode=True)),
-           dense.logits(dense.session_forward(s, [7], decode=True))]
-    assert s.pos == 8 and s.tokens == [*prompt.tolist(), 0, 7]
-    assert s.key_ok[:9].tolist() == [1, 1, 0, 0, 1, 1, 0, 1, 0]
-    ref = model.new_session()
-    want = [ref.prefill(prompt, chunk=3), ref.decode(0)[None], ref.decode(7)[None]]
-    got = [np.concatenate(got[:2])] + got[2:]
+    from grokcpu.model import decode_batch
+    path = fixture_dirs()[0]
+    prompt = [1, 17, 0, 0, 33, 9]
+    got, want = [], []
+    for model, out in ((grokcpu.load(path, offload="dense"), got), (grokcpu.load(path), want)):
+        pre, dec, s = _run(model, prompt, [0, 7], chunk=4)
+        assert s.pos == 8 and s.tokens == [*prompt, 0, 7]
+        a, b = model.new_session(), model.new_session()
+        a.prefill([1, 5, 9])
+        b.prefill([1, 30])
+        out += [pre, dec, decode_batch([a, b], [7, 0])]
     for g, w in zip(got, want):
         assert g.shape == w.shape and np.abs(g - w).max() <= CPU_TOL
 
 
-def test_forward_batch_matches_decode_one_by_one():
-    """Two sessions at different positions in one batched decode step (one a pad token)."""
+@pytest.mark.parametrize("feature", ["trace", "prefetch", "int8", "tight"])
+def test_engine_options_work_the_same_offloaded(feature, tmp_path):
+    """Routing trace, prefetch, int8 unembedding and a tight expert budget under offload give
+    the CPU engine's logits (within float32 reordering) and the same trace lines."""
     need_shared()
-    model = grokcpu.load(fixture_dirs()[0])
-    dense = gc.CudaDense(model)
-    prompts, toks = [[1, 5, 9], [1, 30]], np.array([7, 0])
-    gs, cs = [model.new_session() for _ in prompts], [model.new_session() for _ in prompts]
-    for g, s, p in zip(gs, cs, prompts):
-        dense.session_forward(g, p)
-        s.prefill(p)
-    key_oks = []
-    for g, t in zip(gs, toks):
-        g.key_ok[g.pos] = t > 0
-        key_oks.append(np.full(model.context, t > 0, np.uint8))
-    h = dense.forward_batch(gs, toks, key_oks, dense.cpu_moe_fn())
-    want = np.stack([s.decode(int(t)) for s, t in zip(cs, toks)])
-    assert np.abs(dense.logits(h) - want).max() <= CPU_TOL
-
-
-def test_cache_lives_on_the_session_and_does_not_move_pos():
-    need_shared()
-    model = grokcpu.load(fixture_dirs()[0])
-    dense = gc.CudaDense(model)
-    s = model.new_session()
-    assert getattr(s, "cuda_cache", None) is None
-    moe = lambda li, x, idx, gate: cpu.moe(x, model.layers[li], idx, gate)   # noqa: E731
-    s.key_ok[:1] = 1
-    h = dense.forward(s, np.array([1]), s.key_ok, moe)
-    assert s.pos == 0 and h.shape == (1, model.config.emb_size) and h.dtype == np.float32
-    cache = s.cuda_cache
-    assert cache.k.shape == (model.config.num_layers, model.config.num_kv_heads, model.context,
-                             model.config.key_size)
-    dense.forward(s, np.array([1]), s.key_ok, moe)
-    assert s.cuda_cache is cache
-    with pytest.raises(grokcpu.GrokError):
-        s.pos = model.context
-        dense.forward(s, np.array([1]), s.key_ok, moe)
-
-
-def test_public_api_offload_dense_matches_fixture():
-    """grokcpu.load(..., offload="dense"): prefill, decode and decode_batch through the model."""
-    need_shared()
-    from grokcpu.model import decode_batch
-    fx = Fixture(FIXTURES / "p1_e8_l2_basic")
-    gpu = grokcpu.load(fx.path, offload="dense")
-    assert gpu.stats()["offload"] == "dense"
-    s = gpu.new_session()
-    pre = s.prefill(fx.prompt)
-    dec = np.stack([s.decode(t) for t in fx.decode_tokens[:2]])
-    assert np.abs(pre - fx.load("prefill_logits_f32act.npy")).max() <= F32_TOL
-    assert np.abs(dec - fx.load("decode_logits_f32act.npy")[:2]).max() <= F32_TOL
-    a, b = gpu.new_session(), gpu.new_session()
-    a.prefill(fx.prompt[:4], logits="last")
-    b.prefill(fx.prompt[:7], logits="last")
-    got = decode_batch([a, b], [fx.prompt[4], fx.prompt[7]])
-    np.testing.assert_allclose(got[0], pre[4], rtol=0, atol=CPU_TOL)
-    np.testing.assert_allclose(got[1], pre[7], rtol=0, atol=CPU_TOL)
+    from grokcpu.checkpoint import Checkpoint
+    path = fixture_dirs()[0]
+    c = Checkpoint(path).config
+    opts = {"trace": {}, "prefetch": {"prefetch": True}, "int8": {"unembed": "int8"},
+            "tight": {"expert_cache_gb": 3 * c.expert_bytes / 1e9 * 1.0001}}[feature]
+    outs = []
+    for offload in ("dense", "none"):
+        trace = tmp_path / f"{offload}.jsonl"
+        m = grokcpu.load(path, offload=offload, routing_trace=str(trace), **opts)
+        pre, dec, _ = _run(m, [1, 17, 33, 9, 12], [5, 6])
+        outs.append((pre, dec, trace.read_text(), m.stats()["unembed"]))
+    (gp, gd, gt, gu), (cp, cd, ct, cu) = outs
+    assert np.abs(gp - cp).max() <= CPU_TOL and np.abs(gd - cd).max() <= CPU_TOL
+    assert gt == ct and len(gt.splitlines()) == 7 * c.num_layers
+    assert gu == cu

@@ -117,7 +117,7 @@ class Workspace:
 
 
 class CpuBackend:
-    def __init__(self, model):
+    def __init__(self, model, unembed: bool = True):
         self.model = model
         self.config = c = model.config
         self.context = model.context
@@ -135,7 +135,7 @@ class CpuBackend:
                            lw.wk.w, lw.wk.s, lw.wv.w, lw.wv.s, lw.wo.w, lw.wo.s) for lw in self.layers]
         # int8 copy of the tied embedding with per-row scales, for the output layer only (4x fewer
         # bytes per token); the input lookup stays exact
-        self.unembed_q = quantize_embedding(self.emb) if model.options.unembed == "int8" else None
+        self.unembed_q = quantize_embedding(self.emb) if unembed and model.options.unembed == "int8" else None
 
     # -- storage -------------------------------------------------------------------------------
     def new_kv(self, context: int):
@@ -236,8 +236,7 @@ class CpuBackend:
         if step.T == 1:
             self._moe_one(li, lw, h, x, idx, gate, cache, step.ws.decode())
             return
-        m = self._moe_rows(li, lw, x, idx, gate, cache, step.ws.scratch)
-        K.add_rmsnorm(h, m, lw.moe_post_norm, eps)
+        K.add_rmsnorm(h, self.moe_rows(li, x, idx, gate, step.ws.scratch), lw.moe_post_norm, eps)
 
     def _moe_one(self, li, lw, h, x, idx, gate, cache, dw) -> None:
         """One token's MoE block: resident experts first (overlapping the others' reads),
@@ -272,9 +271,10 @@ class CpuBackend:
                     cache.release(li, e)
         KD.moe_finish(h, dw.ys, dw.gates, lw.moe_post_norm, self.config.rms_norm_eps, dw.moe)
 
-    def _moe_rows(self, li, lw, x, idx, gate, cache, scratch) -> np.ndarray:
+    def moe_rows(self, li, x, idx, gate, scratch) -> np.ndarray:
         """sum_j gate[t, j] * expert_{idx[t, j]}(x[t]); each expert runs once over its tokens,
         its weights from the expert cache (down output-major) or the memory map."""
+        lw, cache = self.layers[li], self.model.experts
         T, D = x.shape
         out = np.zeros((T, D), np.float32)
         experts = np.unique(idx).tolist()

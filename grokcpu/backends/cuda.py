@@ -1,7 +1,7 @@
 """GPU offload of the dense layers (numba.cuda); the routed experts stay on the CPU.
 
 Import this module only when offload is asked for: it is the one place that imports
-numba.cuda, and it does so lazily (`cuda_status()`, `CudaDense(...)`), so that
+numba.cuda, and it does so lazily (`cuda_status()`, `CudaBackend(...)`), so that
 `import grokcpu` never touches the CUDA driver.
 
 What runs where, per decoder layer (spec/GROK1.md §2.3):
@@ -9,15 +9,14 @@ What runs where, per decoder layer (spec/GROK1.md §2.3):
     GPU  x = RMSNorm_0(h)  ->  qkv = x @ [Wq|Wk|Wv]  ->  RoPE, K/V into the device cache
          ->  attention  ->  a = o @ Wo  ->  h += RMSNorm_1(a); x = RMSNorm_2(h)  ->  router top-k
     bus  x [T, D], idx, gate  ->  host
-    CPU  m = moe_fn(layer, x, idx, gate)                  (the experts: 95 % of the weights)
+    CPU  m = MoE(x) through the expert cache               (the experts: 95 % of the weights)
     bus  m [T, D]  ->  device
     GPU  h += RMSNorm_3(m); x = RMSNorm_0 of the next layer (or the final norm) of h
 
 Shapes: T tokens, D emb, H q-heads, G kv-heads, d key size, S context, E experts, k top-k,
 V vocab, nb row blocks of a quantized weight. The KV cache lives on the device as
-`session.cuda_cache` (a `CudaKVCache`: k, v [L, G, S, d] float32 + key_ok [S] uint8), made
-by `CudaDense.forward` on the session's first call. Rows at or past the session's position
-are never read, so a reset needs only `session.pos = 0`.
+the session's KV storage (`CudaKV`: k, v [L, G, S, d] float32 + key_ok [S] uint8). Rows at or
+past the session's position are never read, so a reset needs nothing on the device.
 
 Every kernel computes what its CPU twin in grokcpu/kernels computes, in float32 (sums of
 squares in float64 as kernels/layers.rmsnorm); only the summation order differs.
@@ -712,44 +711,66 @@ class DeviceLayer:
     router: object        # [D, E] float32
 
 
-class CudaKVCache:
-    """One session's KV cache on the device: k, v [L, G, S, d] float32, key_ok [S] uint8.
+class CudaKV:
+    """A session's K/V on the device: k, v [L, G, S, d] float32, and the key mask of the step.
+    Not zeroed: attention reads rows < pos + T only, all written by then."""
 
-    Not zeroed: attention reads rows < pos + T only, all written by then.
-    """
-
-    def __init__(self, owner: "CudaDense", context: int):
-        c = owner.config
+    def __init__(self, c, context: int):
         shape = (c.num_layers, c.num_kv_heads, context, c.key_size)
-        self.owner = owner
-        self.context = context
         self.k = cuda.device_array(shape, np.float32)
         self.v = cuda.device_array(shape, np.float32)
         self.key_ok = cuda.device_array(context, np.uint8)
 
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.size * 4 + self.key_ok.size
+
+class CudaWorkspace:
+    """A session's device buffers by row count (few sizes: a prefill chunk, its tail, decode)
+    and its host workspace for the experts."""
+
+    def __init__(self, backend: "CudaBackend"):
+        self.backend = backend
+        self.host = backend.cpu.workspace()
+        self._bufs: dict[int, SimpleNamespace] = {}
+
+    def buffers(self, T: int) -> SimpleNamespace:
+        b = self._bufs.get(T)
+        if b is None:
+            c = self.backend.config
+            H, G, d, D, E, k = c.num_q_heads, c.num_kv_heads, c.key_size, c.emb_size, c.num_experts, \
+                c.num_selected_experts
+            da = cuda.device_array
+            b = SimpleNamespace(
+                tok=da(T, np.int64), h=da((T, D), np.float32), x=da((T, D), np.float32),
+                qkv=da((T, (H + 2 * G) * d), np.float32), q=da((T, H * d), np.float32),
+                o=da((T, H * d), np.float32), br=da((T, D), np.float32),
+                idx=da((T, k), np.int64), gate=da((T, k), np.float32), probs=da((T, E), np.float32),
+                xg=da((T, D), np.float32), idx_g=da((T, k), np.int64), gate_g=da((T, k), np.float32),
+                probs_g=da((T, E), np.float32))
+            if len(self._bufs) >= 4:
+                self._bufs.pop(next(iter(self._bufs)))
+            self._bufs[T] = b
+        return b
 
 
-class CudaDense:
-    """The dense part of every layer on the GPU, built from a `grokcpu.model.Model`.
-
-        dense = CudaDense(model)                      # uploads once; GrokError without a GPU
-        h = dense.forward(session, toks, key_ok, moe_fn)   # [T, D] host, final-normed
-        logits = dense.logits(h)                      # [T, V] host float32
+class CudaBackend:
+    """The dense part of every layer on the GPU; the experts on the CPU (backends/cpu.py's
+    many-row MoE, through the expert cache). The block interface of backends/cpu.py.
 
     On the device: per layer Wq|Wk|Wv and Wo (int8) with their scales, the four norm scales
-    and the router; the embedding table (float32 [V, D], also the tied output layer), the
-    final norm and RoPE's inverse frequencies.
+    and the router; the embedding table (float32 [V, D], also the tied output layer, or its
+    int8 copy with per-row scales under unembed="int8"), the final norm, RoPE's frequencies.
+    Between blocks the device buffer x holds the next block's normed input: RMSNorm_0 of the
+    layer after embed and after each MoE block, RMSNorm_2 after attention, the final norm
+    after the last layer (the add and the next norm are one kernel).
     """
 
     def __init__(self, model, blocks: Blocks | None = None):
+        from .cpu import CpuBackend
         self.device_name = require_cuda()
         self.model = model
         self.config = c = model.config
         if c.num_experts > MAX_EXPERTS:
             raise GrokError(f"{c.num_experts} experts: --offload dense handles at most {MAX_EXPERTS}")
+        self.cpu = CpuBackend(model, unembed=False)        # the experts, on the host
         self.K = Kernels(blocks)
         up = cuda.to_device
         self.layers: list[DeviceLayer] = []
@@ -765,150 +786,95 @@ class CudaDense:
             nbytes += sum(a.nbytes for a in vars(dl).values())
             self.layers.append(dl)
         self.emb = up(_f32(model.ckpt.embeddings))
+        self.unembed_q = None
+        if model.options.unembed == "int8":
+            from .cpu import quantize_embedding
+            qt, rs = quantize_embedding(model.ckpt.embeddings)
+            self.unembed_q = (up(qt), up(rs.reshape(1, -1)))
+            nbytes += qt.nbytes + rs.nbytes
         self.final_norm = up(_f32(model.ckpt.final_norm))
-        self.inv_freq = up(_f32(model.inv_freq))
+        self.inv_freq = up(_f32(self.cpu.inv_freq))
         self.nbytes = nbytes + self.emb.nbytes
-        self._bufs: dict[int, SimpleNamespace] = {}
 
     def close(self) -> None:
-        """Drop the device arrays (numba frees GPU memory once nothing refers to them;
-        sessions' `cuda_cache` too)."""
-        self.layers, self._bufs = [], {}
-        self.emb = self.final_norm = self.inv_freq = None
+        """Drop the device arrays (numba frees GPU memory once nothing refers to them)."""
+        self.layers = []
+        self.emb = self.final_norm = self.inv_freq = self.unembed_q = None
 
-    # -- buffers and caches -----------------------------------------------------------------
-    def new_cache(self, context: int) -> CudaKVCache:
-        """A device KV cache for `context` positions (2 * L * G * context * d * 4 bytes)."""
-        return CudaKVCache(self, int(context))
+    # -- storage -------------------------------------------------------------------------------
+    def new_kv(self, context: int) -> CudaKV:
+        return CudaKV(self.config, context)
 
-    def cache_for(self, session) -> CudaKVCache:
-        """The session's device KV cache (`session.cuda_cache`), made on first use."""
-        cache = getattr(session, "cuda_cache", None)
-        if cache is None or cache.owner is not self:
-            cache = session.cuda_cache = self.new_cache(session.model.context)
-        return cache
+    def clear_kv(self, storage, a: int, b: int) -> None:
+        """Nothing to clear: rows at or past a session's position are never read."""
 
-    def _buffers(self, T: int) -> SimpleNamespace:
-        b = self._bufs.get(T)
-        if b is None:
-            c = self.config
-            H, G, d, D = c.num_q_heads, c.num_kv_heads, c.key_size, c.emb_size
-            da = cuda.device_array
-            b = SimpleNamespace(
-                tok=da(T, np.int64), h=da((T, D), np.float32), x=da((T, D), np.float32),
-                qkv=da((T, (H + 2 * G) * d), np.float32), q=da((T, H * d), np.float32),
-                o=da((T, H * d), np.float32), br=da((T, D), np.float32),
-                idx=da((T, c.num_selected_experts), np.int64),
-                gate=da((T, c.num_selected_experts), np.float32), probs=da((T, c.num_experts), np.float32))
-            if len(self._bufs) >= 4:              # prefill chunk, its tail, decode: few sizes
-                self._bufs.pop(next(iter(self._bufs)))
-            self._bufs[T] = b
+    def kv_bytes(self, context: int) -> int:
+        return self.config.kv_cache_bytes(context)
+
+    def workspace(self) -> CudaWorkspace:
+        return CudaWorkspace(self)
+
+    def running(self, step):
+        return self.cpu.running(step)
+
+    @property
+    def unembed_bytes(self) -> int:
+        return self.cpu.unembed_bytes if self.unembed_q is None else \
+            self.unembed_q[0].nbytes + self.unembed_q[1].nbytes
+
+    # -- blocks (h: the step's device buffers) ---------------------------------------------------
+    def embed(self, step) -> SimpleNamespace:
+        c = self.config
+        b = step.ws.buffers(step.T)
+        b.tok.copy_to_device(step.toks)
+        self.K.embed_norm(b.tok, self.emb, c.embedding_multiplier_scale, self.layers[0].attn_norm,
+                          c.rms_norm_eps, b.h, b.x)
         return b
 
-    # -- the forward pass -------------------------------------------------------------------
-    def forward(self, session, toks: np.ndarray, key_ok_host: np.ndarray, moe_fn) -> np.ndarray:
-        """Session._forward for positions session.pos .. session.pos+T-1, dense part on the GPU.
+    def attention(self, li: int, b: SimpleNamespace, step) -> None:
+        c, dl, K, T = self.config, self.layers[li], self.K, step.T
+        K.matmul(b.x, dl.w_qkv, dl.s_qkv, b.qkv)
+        for kv, r0, n, key_ok in step.segments:
+            kc, vc = kv.storage.k[li], kv.storage.v[li]
+            q, o, qkv = (b.q, b.o, b.qkv) if n == T else (b.q[r0:r0 + n], b.o[r0:r0 + n], b.qkv[r0:r0 + n])
+            if li == 0:
+                kv.storage.key_ok.copy_to_device(np.ascontiguousarray(key_ok, dtype=np.uint8))
+            K.rope_store(qkv, self.inv_freq, kv.pos, c.num_q_heads, q, kc, vc)
+            K.attention(q, kc, vc, kv.pos, kv.storage.key_ok, c.attn_output_multiplier, c.attn_logit_cap,
+                        c.sequence_len, c.num_q_heads, o)
+        K.matmul(b.o, dl.wo, dl.so, b.br)
+        K.add_norm(b.h, b.br, dl.attn_post_norm, dl.moe_norm, c.rms_norm_eps, b.x)
 
-        toks [T] int64; key_ok_host [context] uint8: exactly what Session._forward hands to
-        K.attention (session.key_ok after writing this call's tokens, or the all-ones /
-        all-zeros array of a decode step). moe_fn(layer, x [T, D], idx [T, k] int64,
-        gate [T, k] float32) -> [T, D] float32 runs the experts on the host. K/V go into
-        `session.cuda_cache`; session.pos, .tokens and .key_ok are left to the caller.
-        Appends (layer, idx, probs) to session.trace when that is a list.
-        Returns the final-normed hidden states h [T, D] float32 (host).
-        """
-        toks = np.ascontiguousarray(toks, dtype=np.int64).reshape(-1)
-        return self.forward_batch([session], toks, [key_ok_host], moe_fn, rows=[toks.size])
+    def route(self, li: int, b: SimpleNamespace, step):
+        self.K.route(b.x, self.layers[li].router, self.config.num_selected_experts, b.idx, b.gate, b.probs)
+        return b.x.copy_to_host(), b.idx.copy_to_host(), b.gate.copy_to_host(), b.probs.copy_to_host()
 
-    def forward_batch(self, sessions, toks: np.ndarray, key_oks, moe_fn, rows=None) -> np.ndarray:
-        """Rows of several sessions in one pass (model._forward's decode_batch): session b owns
-        rows[b] consecutive tokens of toks (default: one each) at its own position, attends over
-        its own cache with key_oks[b]; the weight products, norms and router run once over all
-        rows, and moe_fn sees all rows. Returns h [sum(rows), D] (host)."""
+    def guess(self, li: int, b: SimpleNamespace, step) -> np.ndarray:
+        dl, c = self.layers[li], self.config
+        self.K.rmsnorm(b.h, dl.moe_norm, c.rms_norm_eps, b.xg)
+        self.K.route(b.xg, dl.router, c.num_selected_experts, b.idx_g, b.gate_g, b.probs_g)
+        return b.idx_g.copy_to_host()
+
+    def moe(self, li: int, b: SimpleNamespace, x, idx, gate, step) -> None:
         c = self.config
-        toks = np.ascontiguousarray(toks, dtype=np.int64).reshape(-1)
-        rows = [1] * len(sessions) if rows is None else [int(n) for n in rows]
-        T = toks.size
-        if len(rows) != len(sessions) or len(key_oks) != len(sessions) or sum(rows) != T or T == 0:
-            raise ValueError("forward_batch: one row count and one key_ok per session, covering toks")
-        if len(set(map(id, sessions))) != len(sessions):
-            raise ValueError("forward_batch: sessions must be distinct")
-        K, b, eps, H = self.K, self._buffers(T), c.rms_norm_eps, c.num_q_heads
-        plan = []   # (cache, p0, first row, row count)
-        r0 = 0
-        for s, n, ok in zip(sessions, rows, key_oks):
-            cache, p0 = self.cache_for(s), int(s.pos)
-            if n < 1 or p0 + n > cache.context:
-                raise GrokError(f"positions {p0}..{p0 + n - 1} do not fit the context of {cache.context}")
-            ok = np.ascontiguousarray(ok, dtype=np.uint8)
-            if ok.shape != (cache.context,):
-                raise ValueError(f"key_ok has shape {ok.shape}, expected ({cache.context},)")
-            cache.key_ok.copy_to_device(ok)
-            plan.append((cache, p0, r0, n))
-            r0 += n
-        trace = getattr(sessions[0], "trace", None) if len(sessions) == 1 else None
-        b.tok.copy_to_device(toks)
-        K.embed_norm(b.tok, self.emb, c.embedding_multiplier_scale, self.layers[0].attn_norm, eps, b.h, b.x)
-        for li, dl in enumerate(self.layers):
-            K.matmul(b.x, dl.w_qkv, dl.s_qkv, b.qkv)
-            for cache, p0, r0, n in plan:
-                kc, vc = cache.k[li], cache.v[li]
-                q, o = (b.q, b.o) if n == T else (b.q[r0:r0 + n], b.o[r0:r0 + n])
-                K.rope_store(b.qkv if n == T else b.qkv[r0:r0 + n], self.inv_freq, p0, H, q, kc, vc)
-                K.attention(q, kc, vc, p0, cache.key_ok, c.attn_output_multiplier, c.attn_logit_cap,
-                            c.sequence_len, H, o)
-            K.matmul(b.o, dl.wo, dl.so, b.br)
-            K.add_norm(b.h, b.br, dl.attn_post_norm, dl.moe_norm, eps, b.x)
-            K.route(b.x, dl.router, c.num_selected_experts, b.idx, b.gate, b.probs)
-            x, idx, gate = b.x.copy_to_host(), b.idx.copy_to_host(), b.gate.copy_to_host()
-            if trace is not None:
-                trace.append((li, idx.copy(), b.probs.copy_to_host()))
-            m = np.ascontiguousarray(moe_fn(li, x, idx, gate), dtype=np.float32)
-            if m.shape != (T, c.emb_size):
-                raise ValueError(f"moe_fn returned shape {m.shape}, expected {(T, c.emb_size)}")
-            b.br.copy_to_device(m)
-            nxt = self.layers[li + 1].attn_norm if li + 1 < len(self.layers) else self.final_norm
-            K.add_norm(b.h, b.br, dl.moe_post_norm, nxt, eps, b.x)
+        m = self.cpu.moe_rows(li, x, idx, gate, step.ws.host.scratch)
+        b.br.copy_to_device(m)
+        nxt = self.layers[li + 1].attn_norm if li + 1 < len(self.layers) else self.final_norm
+        self.K.add_norm(b.h, b.br, self.layers[li].moe_post_norm, nxt, c.rms_norm_eps, b.x)
+
+    def final(self, b: SimpleNamespace, step) -> np.ndarray:
         return b.x.copy_to_host()
 
-    def cpu_moe_fn(self):
-        """moe_fn running the experts as model._forward does: backends.cpu.moe, through the
-        model's ExpertCache when it has one (requests all of a layer's misses at once)."""
-        from . import cpu
-        layers = self.model.layers
-        cache = getattr(self.model, "experts", None)
-        if cache is not None:
-            cache.next_step()
-
-        def moe_fn(li, x, idx, gate):
-            if cache is None:
-                return cpu.moe(x, layers[li], idx, gate)
-            cache.request([(li, int(e)) for e in np.unique(idx)])
-            return cpu.moe(x, layers[li], idx, gate, cache, li)
-        return moe_fn
-
-    def session_forward(self, session, toks: np.ndarray, decode: bool = False, moe_fn=None) -> np.ndarray:
-        """A drop-in for model._forward(model, [session], toks, decode): its bookkeeping (key_ok,
-        the decode-step key mask, pos, tokens) around `forward`. moe_fn defaults to
-        `cpu_moe_fn()`. Returns the final-normed h [T, D] (host)."""
+    def logits(self, hf: np.ndarray, ws) -> np.ndarray:
+        """hf [T, D] (host, final-normed) -> logits [T, V] float32 on the host."""
         c = self.config
-        toks = np.ascontiguousarray(toks, dtype=np.int64).reshape(-1)
-        p0, T = session.pos, toks.size
-        session.key_ok[p0:p0 + T] = toks > c.pad_token
-        if decode:   # reference quirk: a pad query masks every key; cached pads are not re-checked
-            key_ok = np.full(session.key_ok.shape, toks[0] > c.pad_token, np.uint8)
-        else:
-            key_ok = session.key_ok
-        h = self.forward(session, toks, key_ok, moe_fn or self.cpu_moe_fn())
-        session.pos = p0 + T
-        session.tokens.extend(int(t) for t in toks)
-        return h
-
-    def logits(self, h) -> np.ndarray:
-        """h [T, D] (host or device, final-normed) -> logits [T, V] float32 on the host."""
-        hd = cuda.to_device(np.ascontiguousarray(h, dtype=np.float32)) if isinstance(h, np.ndarray) else h
-        out = cuda.device_array((hd.shape[0], self.config.vocab_size), np.float32)
-        return self.K.unembed(hd, self.emb, self.config.output_multiplier_scale, out).copy_to_host()
+        hd = cuda.to_device(np.ascontiguousarray(hf, dtype=np.float32))
+        out = cuda.device_array((hd.shape[0], c.vocab_size), np.float32)
+        if self.unembed_q is None:
+            return self.K.unembed(hd, self.emb, c.output_multiplier_scale, out).copy_to_host()
+        logits = self.K.matmul(hd, *self.unembed_q, out).copy_to_host()
+        logits *= np.float32(c.output_multiplier_scale)
+        return logits
 
 
 def _f32(a) -> np.ndarray:
