@@ -11,11 +11,9 @@ from __future__ import annotations
 import os
 
 # OpenBLAS (numpy's BLAS, which runs prefill's big products) keeps its threads spinning for
-# 2^28 cycles, about 0.1 s, after each call. With as many compute threads as cores, they take a
-# core from the decode step that follows: the first token after a prefill took 97-135 ms
-# instead of 55 on scaled-16. At 2^4 they sleep at once, and prefill measured no slower.
-# OpenBLAS reads this when it starts, so it applies when grokcpu is imported before numpy (the
-# CLI and tools); a value already set wins.
+# 2^28 cycles, about 0.1 s, after each call, taking a core from the decode step that follows a
+# prefill; at 2^4 they sleep at once. OpenBLAS reads this when it starts, so it applies when
+# grokcpu is imported before numpy (the CLI and tools do); a value already set wins.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .errors import GrokError  # noqa: E402

@@ -5,13 +5,12 @@ from numba import njit, prange
 
 # The decode matvec reads each thread's rows as few long streams: the hardware prefetcher
 # keeps DRAM busy only along streams it has learned, and short interleaved ones (a few rows of
-# a narrow matrix, 1-6 KB each) ran at half the speed of one sequential stream here.
+# a narrow matrix, 1-6 KB each) run at about half speed.
 # Matrices at most NARROW_COLS wide go one whole row at a time (one stream; the accumulator,
-# <= 8 KB, stays in L1): 1536 x 1536 and 6144 x 1024 went from 12-16 to 26 GB/s on 2 threads.
+# <= 8 KB, stays in L1).
 NARROW_COLS = 2048
 # Wider ones take eight rows per step over up to COL_CHUNK columns (eight streams, each up to
-# 32 KB long; the accumulator, up to 128 KB, stays in L2). Chunks of 4096 columns were 5-30 %
-# slower on every measured shape (Grok-1's 6144 x 6144: 22 -> 29 GB/s).
+# 32 KB long; the accumulator, up to 128 KB, stays in L2).
 COL_CHUNK = 32768
 # Columns per work item of qmatmul_small, whose accumulator holds T rows of them.
 SMALL_CHUNK = 4096
@@ -68,8 +67,8 @@ def _split(R, C, parts):
 def _range_into(x, w, s, o, r0, r1, chunk, wide):
     """o[:] = x[r0:r1] @ (w[r0:r1] * scales), column chunk by column chunk (see qmatvec_multi).
 
-    A call, not inlined (nor is _out_group): inlined into the five regions that use them, the
-    first decode of a fresh install compiled for 40-43 s instead of 16-20; same bits and speed."""
+    A call, not inlined (nor is _out_group): inlined into every region that uses them, they
+    double the first decode's compile time for the same bits and speed."""
     C = w.shape[1]
     o[:] = 0.0
     acc = np.empty(min(C, chunk), np.float32)
@@ -86,13 +85,13 @@ def qmatvec_multi(x, ws, ss, outs, part):
     summed into its own row of `part`, then added up. A matrix's result does not depend on K:
     the same rows, ranges and order either way. With an expert's gate and up (K = 2) and Q =
     threads / 2, two threads each read one whole matrix as one stream, with no barrier between
-    the products and no partial sums (1.1x over two qmatvec calls on scaled-16's 1536 x 8192).
+    the products and no partial sums.
 
     On wide matrices eight rows per step share the loads and stores of the accumulator and are
     added to it one after another: a chain of fused multiply-adds is fewer instructions than a
-    tree of products and sums (4-6 % faster; the loop runs across columns, so the chain's
-    latency is hidden). Narrow matrices go row by row (see NARROW_COLS). The scale of a row
-    block is applied once per block.
+    tree of products and sums, and as the loop runs across columns the chain's latency is
+    hidden. Narrow matrices go row by row (see NARROW_COLS). The scale of a row block is
+    applied once per block.
     """
     R, C = ws[0].shape
     K, Q = part.shape[0], part.shape[1]
@@ -216,8 +215,8 @@ def qmatvec_t(x, wt, s, out):
 
     Each output is a dot product along a contiguous row, so the sums stay in registers (no
     accumulator row goes through memory, as in qmatvec). Eight rows per step share the loads
-    of x. The expert cache stores the down projection this way (it is 5/3 as fast there as
-    the input-major kernel on that narrow shape); wt may also be float32 (scales of one).
+    of x. The expert cache stores the down projection this way (on that narrow shape it beats
+    the input-major kernel); wt may also be float32 (scales of one).
     """
     for j in prange((wt.shape[0] + 7) // 8):
         _out_group(x, wt, s, out, j)
@@ -278,8 +277,7 @@ def dot_rows(x, a, scale, out, parts):
     """out[C] = scale * (a[C, R] @ x[R]) for a float32 table a (the exact unembedding).
 
     Row by row, each of `parts` contiguous row ranges one sequential stream: with no int8 to
-    widen, the extra loads of x cost less than the streams of an eight-row step (33 vs 29 GB/s
-    on 2 threads here, for the 131072 x 1536 table of scaled-16).
+    widen, the extra loads of x cost less than the streams of an eight-row step.
     """
     C, R = a.shape
     per = (C + parts - 1) // parts
@@ -387,9 +385,9 @@ def transpose_into(src, dst, c0):
     """dst[:, c0:c0+n] = src[n, D].T (int8): how the expert cache stores the down projection
     output-major as its rows arrive from the file. Runs on an I/O thread (no prange).
 
-    8x8 byte blocks are transposed inside eight uint64 words (1.6 GB/s here, 2.5x the
-    bytewise loop), in tiles of 512 source rows x 64 columns so each destination page is
-    written 512 bytes at a time; what does not fill whole blocks goes byte by byte.
+    8x8 byte blocks are transposed inside eight uint64 words (much faster than a bytewise
+    loop), in tiles of 512 source rows x 64 columns so each destination page is written 512
+    bytes at a time; what does not fill whole blocks goes byte by byte.
     """
     n, D = src.shape
     F = dst.shape[1]
