@@ -274,6 +274,8 @@ BAD = [
     (json.dumps({"prompt": "x", "presence_penalty": 3}).encode(), 400, "presence_penalty"),
     (json.dumps({"prompt": "x", "stream": "yes"}).encode(), 400, "stream"),
     (json.dumps({"prompt": ""}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": "x", "logit_bias": {"5": 10}}).encode(), 400, "logit_bias"),
+    (json.dumps({"prompt": "x", "echo": True}).encode(), 400, "echo"),
 ]
 
 

@@ -5,6 +5,20 @@
 app.py holds the routes, scheduler.py the batching loop (one thread owns the model),
 protocol.py the request validation and response shapes. Needs starlette and uvicorn
 (`pip install 'grokcpu[server]'`).
+
+Behaviour worth knowing:
+* Sampling defaults are grok-cli's (llama-server's): temperature 0.8, top_k 40, top_p 0.95,
+  min_p 0.05; `seed` makes a request repeatable and gives grok-cli generate's text (choice j of
+  n uses seed + j). Extensions: top_k, min_p, repeat_penalty, repeat_last_n, ignore_eos.
+* max_tokens defaults to 16 for completions (OpenAI's) and to the room left in the context for
+  chat. A prompt longer than the context is a 400 (code context_length_exceeded); max_tokens
+  beyond the room left is clipped: the answer ends with finish_reason "length" at a full context.
+* Chat is written as `grok-cli chat` writes it (engine.Conversation: system text, then
+  "User: ...\nAssistant:" turns); system messages replace the system text; the answer stops at
+  EOS or at the next "\nUser:". The text is returned as generated (it usually starts with a space).
+* logprobs are the log-softmax of the model's logits for that position (before penalties,
+  temperature and filters); presence/frequency penalties count the generated tokens, as OpenAI's.
+* Full queue: 503 with Retry-After. Any model name is accepted; /v1/models names the served one.
 """
 
 from __future__ import annotations

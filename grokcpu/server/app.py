@@ -260,6 +260,7 @@ async def completions(state: State, request: Request) -> Response:
     d = await _read_json(state, request)
     state.require_ready()
     name = P.model_name(d, state.name)
+    P.refuse_unsupported(d)
     gp = P.gen_params(d, chat=False, context=state.model.context)
     prompts = P.completion_prompts(d, state.model.config.vocab_size)
     ids = [p if isinstance(p, list) else await asyncio.to_thread(state.tok.encode, p) for p in prompts]
@@ -270,6 +271,7 @@ async def chat_completions(state: State, request: Request) -> Response:
     d = await _read_json(state, request)
     state.require_ready()
     name = P.model_name(d, state.name)
+    P.refuse_unsupported(d)
     gp = P.gen_params(d, chat=True, context=state.model.context)
     system, turns, message = P.chat_messages(d)
     s = state.settings

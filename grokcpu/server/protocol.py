@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 MAX_DEPTH = 32            # JSON nesting a request may use (chat content parts are 4 deep)
@@ -46,26 +47,20 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
 def _depth_ok(body: str) -> bool:
     """Nesting depth of brackets outside strings <= MAX_DEPTH (checked before json.loads, so a
     deeply nested body never reaches the recursive parser)."""
-    depth, in_str, esc = 0, False, False
-    for ch in body:
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif ch in "[{":
-            depth += 1
-            if depth > MAX_DEPTH:
-                return False
-        elif ch in "]}":
-            depth -= 1
+    if body.count("[") + body.count("{") <= MAX_DEPTH:
+        return True
+    depth = 0
+    for m in _BRACKET.finditer(_STRING.sub("", body)):
+        depth += 1 if m.group() in "[{" else -1
+        if depth > MAX_DEPTH:
+            return False
     return True
 
 
@@ -226,6 +221,19 @@ def gen_params(d: dict, chat: bool, context: int) -> GenParams:
         lp = integer(d, "logprobs", None, 0, MAX_TOP_LOGPROBS)
     return GenParams(mt, n, stream, include_usage, stops(d), sampling, seed, pp, fp, lp,
                      not boolean(d, "ignore_eos", False))
+
+
+def refuse_unsupported(d: dict) -> None:
+    """Fields that would change the answer and that this server does not implement: a 400, not
+    a silent difference."""
+    checks = [("echo", lambda v: v not in (None, False)), ("suffix", lambda v: v not in (None, "")),
+              ("best_of", lambda v: v not in (None, 1) or isinstance(v, bool)),
+              ("logit_bias", lambda v: v not in (None, {})), ("tools", lambda v: v not in (None, [])),
+              ("functions", lambda v: v not in (None, [])),
+              ("response_format", lambda v: v is not None and v != {"type": "text"})]
+    for name, unsupported in checks:
+        if unsupported(d.get(name)):
+            raise bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
 
 
 def model_name(d: dict, served: str) -> str:
