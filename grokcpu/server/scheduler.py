@@ -182,12 +182,19 @@ class Scheduler:
                 while self.waiting and len(self.running) + len(admit) < self.parallel:
                     admit.append(self.waiting.popleft())
                 self.n_running = len(self.running) + len(admit)
-            for job in admit:
-                if not job.cancelled:
-                    self._start(job)
-            self.running = [s for s in self.running if not self._drop_if_cancelled(s)]
-            if self.running:
-                self._step()
+            try:
+                for job in admit:
+                    if not job.cancelled:
+                        self._start(job)
+                self.running = [s for s in self.running if not self._drop_if_cancelled(s)]
+                if self.running:
+                    self._step()
+            except Exception as e:      # noqa: BLE001 - a bug (in sampling, ...): fail the batch, keep serving
+                for s in self.running:
+                    s.session.reset()
+                    self._release(s)
+                    s.job.deliver(Failed(500, f"internal error: {type(e).__name__}: {e}"))
+                self.running = []
             with self.cv:
                 self.n_running = len(self.running)
 
@@ -230,7 +237,13 @@ class Scheduler:
         seq.prefill_s = perf_counter() - seq.t0
         self.prefill_seconds_total += seq.prefill_s
         self.prompt_tokens_total += len(job.prompt_ids)
-        self._accept(seq, logits)
+        try:
+            self._accept(seq, logits)
+        except Exception as e:          # noqa: BLE001 - as above
+            session.reset()
+            self.pool.append(session)
+            job.deliver(Failed(500, f"internal error while sampling: {type(e).__name__}: {e}"))
+            return
         if seq.stream.finish is None:
             self.running.append(seq)
 
