@@ -239,6 +239,8 @@ async def metrics(state: State, request: Request) -> Response:
         metric("prompt_tokens_total", "counter", "prompt tokens prefilled", [({}, sc.prompt_tokens_total)])
         metric("generated_tokens_total", "counter", "tokens generated", [({}, sc.generated_tokens_total)])
         metric("decode_steps_total", "counter", "batched decode steps", [({}, sc.decode_steps_total)])
+        metric("batched_steps_total", "counter", "decode steps run as one decode_batch call",
+               [({}, sc.batched_steps_total)])
         metric("decode_seconds_total", "counter", "time in decode steps", [({}, round(sc.decode_seconds_total, 6))])
         metric("prefill_seconds_total", "counter", "time in prefills", [({}, round(sc.prefill_seconds_total, 6))])
         metric("tokens_per_second", "gauge", "generated tokens per second over the last 10 s",

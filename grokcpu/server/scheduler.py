@@ -131,6 +131,9 @@ class Scheduler:
         self.decode_seconds_total = 0.0
         self.prefill_seconds_total = 0.0
         self.recent: collections.deque = collections.deque()     # (monotonic time, tokens) of the last 10 s
+        self.t_row: float | None = None       # seconds per row of one-row decodes (moving average)
+        self.t_batch: dict = {}               # batch size -> (seconds per decode_batch step, _)
+        self.batched_steps_total = 0
         self.thread = threading.Thread(target=self._run, name="grokcpu-scheduler", daemon=True)
         self.thread.start()
 
@@ -251,11 +254,13 @@ class Scheduler:
         seqs = self.running
         toks = [s.stream.tokens[-1] for s in seqs]
         t = perf_counter()
+        B = len(seqs)
+        batched = B > 1 and self._batch_pays(B)
         try:
-            if len(seqs) == 1:
-                rows = [seqs[0].session.decode(toks[0])]
-            else:
+            if batched:
                 rows = decode_batch([s.session for s in seqs], toks)
+            else:
+                rows = [s.session.decode(k) for s, k in zip(seqs, toks)]
         except Exception as e:          # noqa: BLE001 - fail this step's requests, keep serving
             for s in seqs:
                 s.session.reset()
@@ -264,12 +269,32 @@ class Scheduler:
             self.running = []
             return
         dt = perf_counter() - t
+        self._note_step_time(B, batched, dt)
         self.decode_steps_total += 1
+        self.batched_steps_total += batched
         self.decode_seconds_total += dt
         for s, logits in zip(seqs, rows):
             s.decode_s += dt
             self._accept(s, logits)
         self.running = [s for s in seqs if s.stream.finish is None]
+
+    # decode_batch reads each weight once for all rows, but its many-row kernels cost more per
+    # row than a one-row decode; which wins depends on the model and the machine. So the
+    # scheduler times both (moving averages: per row for one-row decodes, per step for each
+    # batch size) and batches only where it was faster, retrying it every 64 steps.
+    def _batch_pays(self, B: int) -> bool:
+        tb = self.t_batch.get(B)
+        if tb is None or self.t_row is None or self.decode_steps_total % 64 == 0:
+            return True
+        return tb[0] <= B * self.t_row
+
+    def _note_step_time(self, B: int, batched: bool, dt: float) -> None:
+        if batched:
+            old = self.t_batch.get(B)
+            self.t_batch[B] = (dt if old is None else 0.8 * old[0] + 0.2 * dt, 0)
+        else:
+            per_row = dt / B
+            self.t_row = per_row if self.t_row is None else 0.8 * self.t_row + 0.2 * per_row
 
     def _accept(self, seq: _Seq, logits: np.ndarray) -> None:
         """Sample one token for seq, deliver its text; on finish deliver Done and free the slot."""
