@@ -117,7 +117,7 @@ class Checkpoint:
             for off in (0, 1, 2):
                 self._map(self.refs[file_index(layer, off, L)].weight.path)
         self.embeddings = self.array(self.refs[0])            # [V, D] float32, in RAM
-        self.final_norm = self.array(self.refs[1])            # [D]
+        self.final_norm = np.array(self.array(self.refs[1]))  # [D]
         self.layers = [self._layer(file_index(i, 0, L)) for i in range(L)]
 
     # -- files ------------------------------------------------------------------------------
