@@ -401,3 +401,182 @@ def test_os_system_is_refused_and_never_called(p1, tmp_path, protocol):
     msg = refused(p1, UnsafePickleError)
     assert "tensor00009_000" in msg and "system" in msg
     assert not marker.exists()
+
+
+# ---- seeded mutation fuzz over the loader and config.json ----------------------------------------
+
+FUZZ_SEED, FUZZ_CASES, CASE_SECONDS = 20240317, 300, 5.0
+
+_OPS = [b"(", b"N", b"t", b")", b"\x85", b"\x86", b"\x87", b"\x93", b"R", b"b", b"\x81", b".", b"\x94",
+        b"h\x00", b"h\xff", b"j\xff\xff\xff\xff", b"q\x07", b"}", b"]", b"s", b"u", b"a", b"e",
+        b"\x8c\x05numpy", b"\x8c\x07ndarray", b"\x8c\x02os", b"\x8c\x06system", b"\x8c\x08bfloat16",
+        b"J\xff\xff\xff\xff", b"K\x80", b"M\xff\xff", b"\x8a\x09" + b"\xff" * 9, b"\x8a\x00",
+        b"B\xff\xff\xff\x7f", b"C\x05", b"\x8e" + b"\xff" * 8, b"X\xff\xff\xff\x00", b"\x95" + b"\xff" * 8,
+        b"\x80\x09", b"G" + b"\x7f\xf0" + b"\x00" * 6, b"cos\nsystem\n", b"\x88", b"\x89", b"\xff", b"\x00"]
+_NAMES = ["tensor0_000", "tensor00000_000", "tensor00026_000", "tensor00099_000", "tensor99999999999_000",
+          "tensor²_000", "tensor_000", "tensor-1_000", "tensor00003_001", ".tensor00003_000",
+          "tensor00003_000.part", "tensor\n_000", "tensor0000000000000000001_000"]
+_VALUES = ["0", "-1", "1", "2", "3", "7", "8", "64", "512", "65536", "1048577", "9223372036854775808",
+           "1" + "0" * 5000, "1e400", "-1e400", "NaN", "Infinity", "0.5", "2.0", "1e-30", '"8"', '""',
+           "true", "false", "null", "[]", "[8]", "{}", '{"a": 1}', "[" * 3000 + "]" * 3000]
+
+
+def _own(p: Path) -> bytes:
+    """Replace the link `p` by a private copy and return its bytes."""
+    data = p.read_bytes()
+    p.unlink()
+    p.write_bytes(data)
+    return data
+
+
+def _mutate_tensor(rng: random.Random, d: Path, log: list, touched: set) -> None:
+    ck = d / "ckpt-0"
+    files = sorted(ck.iterdir())
+    if not files:
+        return
+    f = rng.choice(files)
+    kind = rng.choice(["flip", "flip", "truncate", "insert", "insert", "delete", "splice",
+                       "rename", "remove", "duplicate", "special"])
+    log.append(f"{kind} {f.name}")
+    touched.add(f)
+    if kind in ("rename", "remove", "duplicate", "special"):
+        if kind in ("rename", "duplicate"):
+            new = ck / rng.choice(_NAMES)
+            touched.add(new)
+            if new == f or (new.is_dir() and not new.is_symlink()) or (kind == "duplicate" and not f.is_file()):
+                return
+            if os.path.lexists(new):
+                new.unlink()           # never write through a link made by an earlier mutation
+            f.rename(new) if kind == "rename" else shutil.copyfile(f, new)
+        elif kind == "remove":
+            f.unlink()
+        else:
+            f.unlink()
+            rng.choice([_fifo, _folder, _dangling, _loop])(f)
+        return
+    if f.is_symlink() and not f.exists():
+        return
+    try:
+        data = bytearray(_own(f))
+    except OSError:                    # a folder or FIFO made by an earlier mutation
+        return
+    near = lambda: rng.choice([rng.randrange(0, min(len(data), 300) or 1),       # noqa: E731
+                               max(0, len(data) - rng.randrange(1, 80)),
+                               rng.randrange(0, len(data) or 1)])
+    if kind == "flip" and data:
+        for _ in range(rng.randint(1, 4)):
+            i = min(near(), len(data) - 1)
+            data[i] ^= rng.choice([1, 0x80, 0xFF, rng.randrange(256)])
+    elif kind == "truncate":
+        del data[rng.randrange(0, len(data) + 1):]
+    elif kind == "insert":
+        i = near()
+        data[i:i] = b"".join(rng.choice(_OPS) for _ in range(rng.randint(1, 6)))
+    elif kind == "delete":
+        i = near()
+        del data[i:i + rng.randint(1, 16)]
+    elif kind == "splice":
+        other = rng.choice(files)
+        data = bytearray(other.read_bytes()) if other.is_file() else data
+    f.write_bytes(bytes(data))
+
+
+def _mutate_config(rng: random.Random, d: Path, log: list, touched: set) -> None:
+    p = d / "config.json"
+    touched.add(p)
+    try:
+        text = _own(p).decode("utf-8")
+        cfg = json.loads(text)
+    except (OSError, ValueError, RecursionError):
+        return
+    kind = rng.choice(["value", "value", "value", "rename", "delete", "add", "section", "bytes", "cut"])
+    log.append(f"config {kind}")
+    if kind == "bytes":
+        p.write_bytes(bytes(rng.randrange(256) for _ in range(rng.randint(0, 64))))
+        return
+    if kind == "cut":
+        p.write_text(text[:rng.randrange(len(text))])
+        return
+    sec = rng.choice(["language_model", "transformer"])
+    if not isinstance(cfg.get(sec), dict) or not cfg[sec]:
+        return
+    key = rng.choice(sorted(cfg[sec]))
+    raw = None
+    if kind == "value":
+        cfg[sec][key] = "__RAW__"
+        raw = rng.choice(_VALUES)
+        log[-1] += f" {sec}.{key}={raw[:20]}"
+    elif kind == "rename":
+        i = rng.randrange(len(key))
+        new = key[:i] + rng.choice("abcdefghijklmnopqrstuvwxyz_²\n") + key[i + 1:]
+        cfg[sec][new] = cfg[sec].pop(key)
+        log[-1] += f" {key!r}->{new!r}"
+    elif kind == "delete":
+        del cfg[sec][key]
+        log[-1] += f" {sec}.{key}"
+    elif kind == "add":
+        cfg[sec][rng.choice(["extra", key.upper(), key + "s", "model"])] = rng.choice([1, "x", None, [1]])
+    elif kind == "section":
+        cfg[sec] = rng.choice([None, [], 3, "x", {}])
+        log[-1] += f" {sec}"
+    text = json.dumps(cfg)
+    p.write_text(text.replace('"__RAW__"', raw) if raw is not None else text)
+
+
+def _links(src: Path, dst: Path) -> Path:
+    """dst mirrors src through symlinks (cheap); mutations replace links with private files."""
+    (dst / "ckpt-0").mkdir(parents=True)
+    for p in (src / "ckpt-0").iterdir():
+        (dst / "ckpt-0" / p.name).symlink_to(p)
+    (dst / "config.json").symlink_to(src / "config.json")
+    return dst
+
+
+def _restore(src: Path, dst: Path, touched: set) -> None:
+    """Undo a case's mutations: every touched name back to a link into src (or gone)."""
+    for p in touched:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif os.path.lexists(p):
+            p.unlink()
+        orig = src / p.relative_to(dst)
+        if orig.exists():
+            p.symlink_to(orig)
+
+
+def test_mutation_fuzz(tmp_path):
+    """A few hundred seeded cases: 1-3 random mutations of a fixture copy, then Checkpoint()
+    must load or raise a clean GrokError within CASE_SECONDS, with bounded memory."""
+    import resource
+    pristine = {n: copy_fixture(tmp_path / "pristine", n) for n in ("p1_e8_l2_basic", "p3_e8_l12_order")}
+    rng = random.Random(FUZZ_SEED)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    failures, outcomes = [], {"loaded": 0, "refused": 0}
+    t0 = time.perf_counter()
+    work = {n: _links(src, tmp_path / f"work-{n}") for n, src in pristine.items()}
+    for case in range(FUZZ_CASES):
+        name = "p3_e8_l12_order" if case % 5 == 4 else "p1_e8_l2_basic"
+        d, log, touched = work[name], [], set()
+        for _ in range(rng.choice([1, 1, 1, 2, 3])):
+            (_mutate_config if rng.random() < 0.3 else _mutate_tensor)(rng, d, log, touched)
+        try:
+            with deadline(CASE_SECONDS):
+                try:
+                    ck = Checkpoint(d if rng.random() < 0.8 else d / "ckpt-0")
+                    ck.check_intact()
+                    ck.close()
+                    outcomes["loaded"] += 1
+                except GrokError as e:
+                    outcomes["refused"] += 1
+                    msg = str(e)
+                    if len(msg) > 520 or not all(c.isprintable() for c in msg):
+                        failures.append((case, log, f"unclean message {msg!r}"))
+        except Exception as e:                           # noqa: BLE001 - any other outcome is the bug
+            failures.append((case, log, f"{type(e).__name__}: {str(e)[:300]}"))
+        _restore(pristine[name], d, touched)
+    elapsed = time.perf_counter() - t0
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024   # MiB (Linux: KiB)
+    assert not failures, "\n".join(f"case {c}: {' / '.join(l)}: {w}" for c, l, w in failures[:10])
+    assert outcomes["refused"] > FUZZ_CASES // 3 and outcomes["loaded"] > 0, outcomes
+    assert elapsed < 25, elapsed
+    assert grown < 256, grown
