@@ -154,7 +154,11 @@ class Checkpoint:
         copy dropped afterwards; a short read is an error naming the file, never a SIGBUS."""
         dt = {"f4": "<f4", "i1": "i1", "bf16": "<u2", "u2": "<u2", "f2": "<f2", "u1": "u1"}[ref.dtype]
         n = ref.nbytes
-        out = np.empty(n, dtype=np.uint8)
+        try:
+            out = np.empty(n, dtype=np.uint8)
+        except MemoryError:
+            raise CheckpointError(f"{ref.path}: not enough memory to read its {n / 2**30:.1f} GiB array",
+                                  hint="free memory, or check that the file belongs to this checkpoint") from None
         fd, size = open_regular(ref.path)
         try:
             if size < ref.offset + n:
