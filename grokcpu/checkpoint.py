@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import GrokConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .formats.grok1_pickle import ArrayRef, QuantizedRef, open_regular, parse_fd
 
 _READ_CHUNK = 1 << 28          # pread at most this many bytes per call (Linux caps one read at ~2 GiB)
@@ -269,10 +269,14 @@ class Checkpoint:
         if qs % d or ks % d:
             raise CheckpointError(f"{self.ckpt_dir}: cannot infer the head size from the shapes",
                                   hint="add a config.json with transformer.key_size")
-        return GrokConfig(vocab_size=V, emb_size=D, num_layers=L, num_experts=E, ffn_size=F,
-                          num_q_heads=qs // d, num_kv_heads=ks // d, key_size=d,
-                          embedding_multiplier_scale=math.sqrt(D), attn_output_multiplier=d ** -0.5,
-                          num_selected_experts=min(2, E))
+        try:
+            return GrokConfig(vocab_size=V, emb_size=D, num_layers=L, num_experts=E, ffn_size=F,
+                              num_q_heads=qs // d, num_kv_heads=ks // d, key_size=d,
+                              embedding_multiplier_scale=math.sqrt(max(D, 1)), attn_output_multiplier=d ** -0.5,
+                              num_selected_experts=max(1, min(2, E)))
+        except ConfigError as e:       # the shapes imply sizes no supported model has
+            raise CheckpointError(f"{self.ckpt_dir}: the tensor shapes imply {e.message}",
+                                  hint="add the config.json that describes this checkpoint") from None
 
     def _check_shapes(self) -> None:
         c = self.config

@@ -580,3 +580,19 @@ def test_mutation_fuzz(tmp_path):
     assert outcomes["refused"] > FUZZ_CASES // 3 and outcomes["loaded"] > 0, outcomes
     assert elapsed < 25, elapsed
     assert grown < 256, grown
+
+
+def test_bare_folder_with_absurd_shapes_names_the_folder(tmp_path):
+    """Without config.json the sizes come from the shapes; out-of-bounds ones are refused."""
+    import grokcpu.formats.pickle_writer as pw
+    from grokcpu.synth import make_checkpoint
+    make_checkpoint(tmp_path / "m", dict(vocab_size=16, sequence_len=16, emb_size=128, key_size=128,
+                                         num_q_heads=1, num_kv_heads=1, num_layers=1, num_experts=2,
+                                         num_selected_experts=1, ffn_size=64), seed=1)
+    bare = tmp_path / "bare"
+    shutil.copytree(tmp_path / "m" / "ckpt-0", bare / "ckpt-0")
+    Checkpoint(bare)                                        # the shapes imply a valid config
+    big = np.zeros((1, 70_000), np.float32)                 # emb_size 70000 > 65536
+    pw.write_ndarray(bare / "ckpt-0" / "tensor00000_000", big.shape, "<f4", [big.tobytes()])
+    msg = refused(bare, CheckpointError)
+    assert "ckpt-0: the tensor shapes imply" in msg and "emb_size" in msg
