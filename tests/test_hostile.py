@@ -146,6 +146,22 @@ def test_odd_tensor_names_are_refused(p1, name):
     assert "is not a tensor file name" in msg
 
 
+def test_undecodable_tensor_name_is_refused_printably(p1):
+    os.close(os.open(os.fsencode(p1 / "ckpt-0") + b"/tensor\xff\x1b_000", os.O_CREAT | os.O_WRONLY))
+    msg = refused(p1, CheckpointError, seconds=2)
+    assert "is not a tensor file name" in msg
+
+
+def test_nbytes_and_close_survive_files_removed_after_load(p1):
+    ck = Checkpoint(p1)
+    n = ck.nbytes
+    for f in ck.files:
+        f.unlink()
+    assert ck.nbytes == n
+    ck.check_intact()                  # unlinked, not shrunk: the maps still hold the data
+    ck.close()
+
+
 def test_duplicate_index_is_refused(p1):
     shutil.copy(p1 / "ckpt-0" / "tensor00000_000", p1 / "ckpt-0" / "tensor0_000")
     msg = refused(p1, CheckpointError)
