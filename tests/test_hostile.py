@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import grokcpu
 from grokcpu.checkpoint import Checkpoint, file_index
 from grokcpu.config import GrokConfig
 from grokcpu.errors import CheckpointError, ConfigError, GrokError, UnsafePickleError

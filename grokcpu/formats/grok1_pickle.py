@@ -17,7 +17,6 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
