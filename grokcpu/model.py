@@ -214,6 +214,8 @@ def forward(model: Model, step: Step) -> np.ndarray:
         try:
             if cache is not None:
                 cache.next_step()
+            else:           # experts come from the memory map: a shrunk file would be a SIGBUS
+                model.ckpt.check_intact()
             h = be.embed(step)
             for li in range(L):
                 be.attention(li, h, step)                       # h += RMSNorm_1(Attn(RMSNorm_0(h)))
