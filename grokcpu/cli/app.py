@@ -167,7 +167,12 @@ def command(name: str | None = None, *, sampling: bool = False):
             debug = kw.get("debug", False)
             with guard(debug):
                 run = _make_run({k: kw[k] for k in names}, sampling)
-                return fn(run, **{k: v for k, v in kw.items() if k not in names})
+                try:
+                    return fn(run, **{k: v for k, v in kw.items() if k not in names})
+                except BrokenPipeError:
+                    raise
+                except OSError as e:          # a file the engine writes or reads, gone wrong
+                    raise os_error(e, run) from None
 
         params = own + added
         wrapper.__signature__ = sig.replace(parameters=params)
@@ -176,6 +181,17 @@ def command(name: str | None = None, *, sampling: bool = False):
         app.command(name or fn.__name__)(wrapper)
         return fn
     return deco
+
+
+def os_error(e: OSError, run: Run) -> GrokError:
+    """An OSError from the engine as one line, naming the flag whose file it was if we can tell."""
+    what = e.strerror or str(e)
+    trace = run.options.routing_trace
+    if trace is not None and (e.filename is None or os.path.abspath(str(e.filename)) == os.path.abspath(trace)):
+        return GrokError(f"--routing-trace {trace!r}: cannot write: {what}",
+                         hint="give a writable file path, or leave --routing-trace out")
+    where = f" {str(e.filename)!r}" if e.filename else ""
+    return GrokError(f"cannot read or write{where}: {what}")
 
 
 # -- errors -----------------------------------------------------------------------------------------
