@@ -279,7 +279,7 @@ def test_warmup_command(tmp_path, demo_path):
     assert len(list(tmp_path.glob("kernels-compiled-*"))) == 1
 
 
-@pytest.mark.parametrize("delay", [0.5, 4.0])
+@pytest.mark.parametrize("delay", [0.0, 0.5, 1.0, 4.0])
 def test_ctrl_c_during_the_first_compile(tmp_path, demo_path, delay):
     """A fresh numba cache (NUMBA_CACHE_DIR) makes the kernels compile; SIGINT during it exits 130
     with `interrupted` and nothing else."""

@@ -128,7 +128,6 @@ class Run:
     settings: dict = field(default_factory=dict)      # sampling.settings(...) (with max_tokens)
     stop: list = field(default_factory=list)
     stop_on_eos: bool = True
-    raw: dict = field(default_factory=dict)           # every shared value as given
 
 
 def sampler(settings: dict):
@@ -138,7 +137,7 @@ def sampler(settings: dict):
 
 def _make_run(kw: dict, sampling: bool) -> Run:
     from ..sampling import settings
-    run = Run(model=kw["model"], tokenizer=kw["tokenizer"], stats=kw["stats"], debug=kw["debug"], raw=dict(kw))
+    run = Run(model=kw["model"], tokenizer=kw["tokenizer"], stats=kw["stats"], debug=kw["debug"])
     try:
         run.options = Options.make(**{k: kw[k] for k in ENGINE_OPTION_NAMES})
     except OptionError as e:
@@ -172,7 +171,7 @@ def command(name: str | None = None, *, sampling: bool = False):
                 except BrokenPipeError:
                     raise
                 except OSError as e:          # a file the engine writes or reads, gone wrong
-                    raise os_error(e, run) from None
+                    raise os_error(e, run) from e
 
         params = own + added
         wrapper.__signature__ = sig.replace(parameters=params)
@@ -222,11 +221,20 @@ def guard(debug: bool):
 
 
 def interrupted(message: str = "interrupted") -> None:
-    """Ctrl-C: one line on stderr, exit 130; later Ctrl-Cs during the exit are ignored."""
+    """Ctrl-C: one line on stderr, exit 130; later Ctrl-Cs during the exit are ignored.
+
+    Interrupted while numba compiles, the interpreter's own exit can crash (llvmlite's state is
+    half-built), so then the process ends at once, after flushing stdout and stderr."""
     import signal
+
+    from . import firstuse
     with contextlib.suppress(ValueError, OSError):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     err("\n" + message)
+    if firstuse.compiling:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+        os._exit(130)
     raise typer.Exit(130)
 
 
@@ -358,6 +366,7 @@ class Loaded:
         first = not firstuse.is_compiled()
         if first:
             firstuse.note()
+            firstuse.compiling = True
         if self.run.options.routing_trace is not None:     # a warm-up would write trace rows
             return
         if first or self.run.stats:
@@ -365,6 +374,7 @@ class Loaded:
             self.warm_s = warm_up(self.model, batch=True)
             if first:
                 firstuse.mark(self.warm_s)
+                firstuse.compiling = False
                 err(f"note: kernels ready in {self.warm_s:.1f} s")
             if self.run.stats:
                 err(f"stats: warm-up (kernel {'compile' if first else 'load'}) {self.warm_s:.2f} s, "

@@ -18,6 +18,7 @@ def warmup(run: Run):
     import grokcpu
     from . import firstuse
     t0 = time.perf_counter()
+    firstuse.compiling = True
     paths = [("demo", demo_path())]
     if run.model is not None:
         paths.append((str(run.model), run.model))
@@ -40,6 +41,7 @@ def warmup(run: Run):
             err(f"{time.perf_counter() - t:.1f} s")
     total = time.perf_counter() - t0
     firstuse.mark(total)
+    firstuse.compiling = False
     out(f"warmup: kernels compiled and cached in {total:.1f} s; later runs start at once\n")
 
 
