@@ -516,8 +516,9 @@ class Conversation:
             d = json.loads(p.read_text(encoding="utf-8"))
         except OSError as e:
             raise GrokError(f"cannot read {str(p)!r}: {e.strerror or e}") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise GrokError(f"{str(p)!r} is not a saved conversation: {e}", hint="use a file written by /save") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise GrokError(f"{str(p)!r} is not a saved conversation: {why}", hint="use a file written by /save") from None
         ok = (isinstance(d, dict) and d.get("format") == "grokcpu-chat" and isinstance(d.get("turns"), list)
               and all(isinstance(t, dict) and isinstance(t.get("user"), str) and isinstance(t.get("assistant"), str)
                       for t in d["turns"]))

@@ -274,3 +274,14 @@ def test_batch_size_is_checked_in_one_place(model, tok, n):
         check_batch_size(n)
     with pytest.raises(GrokError, match="--batch-size"):
         list(generate_batch(model, tok, [], batch_size=n))
+
+
+def test_load_refuses_hostile_files(model, tok, tmp_path):
+    conv = Conversation(model, tok)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000)
+    with pytest.raises(GrokError, match="nested too deeply"):
+        conv.load(deep)
+    (tmp_path / "bytes.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(GrokError, match="is not a saved conversation"):
+        conv.load(tmp_path / "bytes.json")
