@@ -1,8 +1,6 @@
 """Sizes and speeds: the memory plan of a checkpoint, and the pp/tg benchmark.
 
-`memory_plan(ckpt, context)` says, from the file headers alone, what a run will hold and read:
-dense bytes (used by every token), expert bytes, the KV cache, the expert budget `auto` picks
-on this machine, and the bytes read per generated token.
+The memory plan (what a run holds, and the bytes read per token) is in plan.py.
 
 `run_bench(model_path, prompt_tokens, gen_tokens, threads, reps)` measures prompt processing
 (pp: one prefill of `prompt_tokens`) and token generation (tg: `gen_tokens` greedy decode
@@ -21,65 +19,7 @@ import numpy as np
 from .errors import GrokError
 
 
-def _expert_bytes(ckpt) -> int:
-    """Bytes of one expert: its slices of moe/linear, linear_v, linear_1, int8 + scales."""
-    from .checkpoint import file_index
-    L = ckpt.config.num_layers
-    total = 0
-    for off in (0, 1, 2):
-        q = ckpt.refs[file_index(0, off, L)]
-        E = q.weight.shape[0]
-        total += (q.weight.nbytes + q.scales.nbytes) // E
-    return total
-
-
-def _ref_bytes(ref) -> int:
-    if hasattr(ref, "weight"):
-        return ref.weight.nbytes + ref.scales.nbytes
-    return ref.nbytes
-
-
-def memory_plan(ckpt, context: int | None = None, expert_cache_gb=None) -> dict:
-    """What a run of this checkpoint holds and reads, in bytes (no weights are touched)."""
-    import psutil
-
-    from .expert_cache import budget_bytes
-    from .options import expert_cache_gb as check_gb
-
-    c = ckpt.config
-    context = c.sequence_len if context is None else int(context)
-    payload = sum(_ref_bytes(r) for r in ckpt.refs)
-    one_expert = _expert_bytes(ckpt)
-    experts = one_expert * c.num_layers * c.num_experts
-    dense = payload - experts
-    embedding = ckpt.refs[0].nbytes
-    vm = psutil.virtual_memory()
-    gb = check_gb(expert_cache_gb)
-    budget = budget_bytes("auto" if gb == "off" else gb, ckpt, context)
-    slot = c.expert_bytes                        # what a cache slot holds: the int8 weights
-    held = min(budget // slot, c.num_layers * c.num_experts)
-    # per token: all dense weights but the embedding (attention, norms, routers), one embedding
-    # row in, the whole table out (the logits), and k experts in every layer
-    per_token = (dense - embedding) + 2 * c.emb_size * 4 + embedding \
-        + c.num_layers * c.num_selected_experts * one_expert
-    return {
-        "context": context,
-        "file_bytes": ckpt.nbytes,
-        "payload_bytes": payload,
-        "dense_bytes": dense,
-        "embedding_bytes": embedding,
-        "expert_bytes": experts,
-        "one_expert_bytes": one_expert,
-        "kv_cache_bytes": c.kv_cache_bytes(context),
-        "ram_total_bytes": vm.total,
-        "ram_available_bytes": vm.available,
-        "expert_budget_bytes": budget,
-        "expert_budget_auto": expert_cache_gb is None or str(expert_cache_gb).strip().lower() == "auto",
-        "experts_held": int(held),
-        "experts_total": c.num_layers * c.num_experts,
-        "read_per_token_bytes": per_token,
-        "kv_read_per_token_bytes_at_full_context": c.kv_cache_bytes(context),
-    }
+from .plan import memory_plan, read_per_token  # noqa: F401  (memory_plan: its old home)
 
 
 def _summary(xs: list[float]) -> dict:
@@ -98,8 +38,6 @@ def run_bench(model_path, prompt_tokens: int = 128, gen_tokens: int = 32, thread
     import grokcpu
 
     checks = [("--prompt-tokens", prompt_tokens, 1), ("--gen-tokens", gen_tokens, 1), ("--reps", reps, 1)]
-    if threads is not None:
-        checks.append(("--threads", threads, 1))
     for name, v, lo in checks:
         if int(v) != v or v < lo:
             raise GrokError(f"{name} {v} is out of range", hint=f"use an integer >= {lo}")
@@ -132,7 +70,12 @@ def run_bench(model_path, prompt_tokens: int = 128, gen_tokens: int = 32, thread
     t0 = perf_counter()
     once(prompt_tokens, min(gen_tokens, 8))   # warm-up: compile both paths, page in the experts
     warmup_s = perf_counter() - t0
-    per_token = decode_bytes_per_token(model)
+    unembed = model.stats().get("unembed", "f32")
+    ckpt = getattr(model, "ckpt", None)
+    if ckpt is None:
+        from .checkpoint import Checkpoint
+        ckpt = Checkpoint(model_path)
+    per_token = read_per_token(ckpt, unembed)["total"]
     # The read ceiling is measured before and after every repetition: on a shared machine it
     # moves by 1.5x within minutes, so each run's fraction is taken against its own neighbours.
     probe = ReadProbe(getattr(model, "threads", threads))
@@ -145,8 +88,6 @@ def run_bench(model_path, prompt_tokens: int = 128, gen_tokens: int = 32, thread
         tg_runs.append(gen_tokens / tg)
         fractions.append(per_token * tg_runs[-1] / 1e9 / ((ceilings[-2] + ceilings[-1]) / 2))
     probe.close()
-    experts = getattr(model, "experts", None)
-    plan = memory_plan(model.ckpt, model.context, experts.budget_bytes / 1e9 if experts is not None else None)
     tg = _summary(tg_runs)
     pp = _summary(pp_runs)
     stats = model.stats()
@@ -162,7 +103,7 @@ def run_bench(model_path, prompt_tokens: int = 128, gen_tokens: int = 32, thread
         # median over repetitions of (that run's GB/s) / (the ceiling measured just before and after it)
         "decode_fraction_of_read": statistics.median(fractions),
         "decode_fraction_runs": fractions,
-        "unembed": getattr(model, "unembed", "f32"),
+        "unembed": unembed,
         "model": str(model_path),
         "threads": getattr(model, "threads", threads),
         "prompt_tokens": prompt_tokens,
@@ -171,8 +112,8 @@ def run_bench(model_path, prompt_tokens: int = 128, gen_tokens: int = 32, thread
         "warmup_s": warmup_s,
         "pp_tps": _summary(pp_runs),
         "tg_tps": tg,
-        "read_per_token_bytes": plan["read_per_token_bytes"],
-        "tg_gb_s": plan["read_per_token_bytes"] * tg["median"] / 1e9,
+        "read_per_token_bytes": per_token,
+        "tg_gb_s": per_token * tg["median"] / 1e9,
         "peak_rss_bytes": _peak_rss(psutil),
         "expert_cache": {k: v for k, v in stats.get("expert_cache", {}).items() if k != "per_layer"},
     }
@@ -205,22 +146,6 @@ class ReadProbe:
 
     def close(self) -> None:
         self.a = None
-
-
-def decode_bytes_per_token(model) -> int:
-    """Weight bytes one decode step streams: attention, norms and routers of every layer, k experts
-    per layer (int8 weights + scales), one embedding row in and the output table (float32, or
-    the int8 copy with its row scales)."""
-    c = model.config
-    lw = model.layers[0]
-    attn = sum(q.w.nbytes + q.s.nbytes for q in (lw.wq, lw.wk, lw.wv, lw.wo))
-    small = lw.router.nbytes + 4 * lw.attn_norm.nbytes
-    expert = sum((q.w.nbytes + q.s.nbytes) // c.num_experts for q in (lw.w_gate, lw.w_up, lw.w_down))
-    if getattr(model, "unembed_q", None) is not None:
-        table = model.unembed_q[0].nbytes + model.unembed_q[1].nbytes
-    else:
-        table = c.vocab_size * c.emb_size * 4
-    return c.num_layers * (attn + small + c.num_selected_experts * expert) + table + c.emb_size * 4
 
 
 def _peak_rss(psutil) -> int:

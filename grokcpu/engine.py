@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from .errors import ContextFullError, GrokError
-from .sampling import Sampler
+from .sampling import Sampler, check_settings
 from .tokenizer import Tokenizer
 
 
@@ -61,6 +61,7 @@ class Result:
     decode_s: float
     decode_steps: int
     ttft_s: float             # from the call to the first token (prefill + first sample)
+    context_full: bool = False  # stopped because the KV cache was full (before max_tokens)
 
     @property
     def generated_tokens(self) -> int:
@@ -79,7 +80,8 @@ class Result:
         return {"finish_reason": self.finish_reason, "prompt_tokens": self.prompt_tokens,
                 "generated_tokens": self.generated_tokens, "ttft_s": round(self.ttft_s, 4),
                 "prefill_s": round(self.prefill_s, 4), "prefill_tps": round(self.prefill_tps, 2),
-                "decode_s": round(self.decode_s, 4), "decode_tps": round(self.decode_tps, 2)}
+                "decode_s": round(self.decode_s, 4), "decode_tps": round(self.decode_tps, 2),
+                **({"context_full": True} if self.context_full else {})}
 
 
 # -- stop strings ---------------------------------------------------------------------------------
@@ -124,8 +126,7 @@ class _Stream:
 
     def __init__(self, tokenizer: Tokenizer, sampler: Sampler, max_tokens: int, stop: Iterable[str],
                  eos_id: int | None, history: list[int]):
-        if max_tokens < 1:
-            raise GrokError(f"--max-tokens {max_tokens} is out of range", hint="use an integer >= 1")
+        check_settings(max_tokens=max_tokens)
         self.sampler = sampler
         self.max_tokens = max_tokens
         self.eos_id = eos_id
@@ -208,13 +209,14 @@ def generate(model, tokenizer: Tokenizer, prompt_ids, sampler: Sampler, max_toke
     st = _Stream(tokenizer, sampler, max_tokens, stop, _eos(model, tokenizer, stop_on_eos), list(session.tokens) + ids)
     logits = session.prefill(ids, logits="last")
     prefill_s = perf_counter() - t0
-    decode_s, steps, ttft = 0.0, 0, None
+    decode_s, steps, ttft, full = 0.0, 0, None, False
     while True:
         out = st.accept(logits)
         if ttft is None:
             ttft = perf_counter() - t0
         if st.finish is None and session.pos >= model.context:
             out += st.end("length")
+            full = True
         yield from out
         if st.finish is not None:
             break
@@ -222,7 +224,7 @@ def generate(model, tokenizer: Tokenizer, prompt_ids, sampler: Sampler, max_toke
         logits = session.decode(st.tokens[-1])
         decode_s += perf_counter() - t
         steps += 1
-    yield Result(st.text, list(st.tokens), st.kept, st.finish, len(ids), prefill_s, decode_s, steps, ttft)
+    yield Result(st.text, list(st.tokens), st.kept, st.finish, len(ids), prefill_s, decode_s, steps, ttft, full)
 
 
 # -- batch ----------------------------------------------------------------------------------------
@@ -247,6 +249,12 @@ def _decode_many(sessions, tokens) -> list[np.ndarray]:
     return [s.decode(t) for s, t in zip(sessions, tokens)]
 
 
+def check_batch_size(n) -> None:
+    """The one check of a batch size (the CLI calls it before loading the model)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise GrokError(f"--batch-size {n} is out of range", hint="use an integer >= 1")
+
+
 def generate_batch(model, tokenizer: Tokenizer, requests: Iterable[Request],
                    batch_size: int = 8) -> Iterator[tuple[Request, Result | GrokError]]:
     """Run many requests, up to `batch_size` at once; yields (request, Result) as each finishes.
@@ -256,8 +264,7 @@ def generate_batch(model, tokenizer: Tokenizer, requests: Iterable[Request],
     yields (request, GrokError) and the others carry on. Sessions are reused (reset) across
     requests, so at most `batch_size` KV caches exist.
     """
-    if batch_size < 1:
-        raise GrokError(f"--batch-size {batch_size} is out of range", hint="use an integer >= 1")
+    check_batch_size(batch_size)
     pending = iter(requests)
     free_sessions: list = []
     n_sessions = 0
@@ -267,7 +274,7 @@ def generate_batch(model, tokenizer: Tokenizer, requests: Iterable[Request],
     def finish(job) -> tuple[Request, Result]:
         st = job["stream"]
         res = Result(st.text, list(st.tokens), st.kept, st.finish, len(job["req"].prompt_ids),
-                     job["prefill_s"], job["decode_s"], job["steps"], job["ttft"])
+                     job["prefill_s"], job["decode_s"], job["steps"], job["ttft"], job.get("full", False))
         return job["req"], res
 
     while True:
@@ -299,6 +306,7 @@ def generate_batch(model, tokenizer: Tokenizer, requests: Iterable[Request],
             job["ttft"] = perf_counter() - t0
             if st.finish is None and s.pos >= model.context:
                 st.end("length")
+                job["full"] = True
             if st.finish is not None:
                 free_sessions.append(s)
                 yield finish(job)
@@ -317,12 +325,35 @@ def generate_batch(model, tokenizer: Tokenizer, requests: Iterable[Request],
             st.accept(logits)
             if st.finish is None and job["session"].pos >= model.context:
                 st.end("length")
+                job["full"] = True
             if st.finish is None:
                 still.append(job)
             else:
                 free_sessions.append(job["session"])
                 yield finish(job)
         running = still
+
+
+# -- warm-up --------------------------------------------------------------------------------------
+
+def warm_up(model, batch: bool = False) -> float:
+    """Run every kernel the engine uses once (prefill, decode, and with `batch` decode_batch) on
+    throwaway sessions, so numba compiles them (or loads them from its cache) now, not inside a
+    timed step. Returns the seconds it took."""
+    t0 = perf_counter()
+    c = model.config
+    tok = [min(4 + i, c.vocab_size - 1) for i in range(4)]
+    n = max(1, min(len(tok), model.context - 2))
+    sessions = [model.new_session() for _ in range(2 if batch else 1)]
+    for s in sessions:
+        s.prefill(tok[:n], logits="last")
+    if model.context > n:
+        sessions[0].decode(tok[0])
+        if batch and model.context > n + 1:
+            _decode_many(sessions, [tok[1]] * len(sessions))
+    for s in sessions:
+        s.reset()
+    return perf_counter() - t0
 
 
 # -- chat -----------------------------------------------------------------------------------------
@@ -485,8 +516,9 @@ class Conversation:
             d = json.loads(p.read_text(encoding="utf-8"))
         except OSError as e:
             raise GrokError(f"cannot read {str(p)!r}: {e.strerror or e}") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise GrokError(f"{str(p)!r} is not a saved conversation: {e}", hint="use a file written by /save") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise GrokError(f"{str(p)!r} is not a saved conversation: {why}", hint="use a file written by /save") from None
         ok = (isinstance(d, dict) and d.get("format") == "grokcpu-chat" and isinstance(d.get("turns"), list)
               and all(isinstance(t, dict) and isinstance(t.get("user"), str) and isinstance(t.get("assistant"), str)
                       for t in d["turns"]))

@@ -15,6 +15,7 @@ routing trace, expert prefetch, finite checks and statistics are the same on eve
 
 from __future__ import annotations
 
+import math
 import threading
 
 import numpy as np
@@ -213,6 +214,8 @@ def forward(model: Model, step: Step) -> np.ndarray:
         try:
             if cache is not None:
                 cache.next_step()
+            else:           # experts come from the memory map: a shrunk file would be a SIGBUS
+                model.ckpt.check_intact()
             h = be.embed(step)
             for li in range(L):
                 be.attention(li, h, step)                       # h += RMSNorm_1(Attn(RMSNorm_0(h)))
@@ -248,15 +251,15 @@ def _fetch_experts(model: Model, li: int, idx: np.ndarray, h, step: Step) -> Non
     """Start reading every expert layer li needs (all misses in flight at once) and, with
     prefetch on, guess layer li+1's from the residual h and start reading those too."""
     cache = model.experts
-    cache.request([(li, e) for e in np.unique(idx).tolist()])
+    cache.request([(li, e) for e in sorted(set(idx.ravel().tolist()))])
     if cache.prefetch_enabled and li + 1 < model.config.num_layers:
         guess = model.backend.guess(li + 1, h, step)
-        cache.prefetch([(li + 1, e) for e in np.unique(guess).tolist()], only_if_idle=step.decode)
+        cache.prefetch([(li + 1, e) for e in sorted(set(guess.ravel().tolist()))], only_if_idle=step.decode)
 
 
 def _check_finite(model: Model, x: np.ndarray, li: int, step: Step) -> None:
     """A NaN or Inf in the activations is a damaged checkpoint: name the tensor it came from."""
-    if np.isfinite(x).all():
+    if math.isfinite(x.sum(dtype=np.float64)):      # NaN and Inf survive a float64 sum
         return
     where = "the final layer" if li == model.config.num_layers else f"layer {li}"
     culprit = _nonfinite_weight(model, li, step)

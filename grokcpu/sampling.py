@@ -141,8 +141,10 @@ def draw(p: np.ndarray, u: float) -> int:
 
 
 def check_settings(*, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
-                   repeat_last_n=64, **_ignored) -> None:
-    """Raise GrokError for a sampling value outside its range (the flags' names in the message)."""
+                   repeat_last_n=64, max_tokens=None, **_ignored) -> None:
+    """Raise GrokError for a sampling value outside its range (the flags' names in the message).
+    The one check of these settings (and of max_tokens): the CLI, batch records, /set and the
+    engine all come here."""
     from .errors import GrokError
 
     def bad(flag, value, want):
@@ -160,6 +162,17 @@ def check_settings(*, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_pen
         bad("repeat-penalty", repeat_penalty, "a value > 0 (1 = off)")
     if int(repeat_last_n) != repeat_last_n or repeat_last_n < -1:
         bad("repeat-last-n", repeat_last_n, "an integer >= 0, or -1 for the whole history")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or int(max_tokens) != max_tokens or max_tokens < 1):
+        bad("max-tokens", max_tokens, "an integer >= 1")
+
+
+def settings(*, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, repeat_last_n=64,
+             seed=None, max_tokens=256) -> dict:
+    """Checked settings as a dict (a negative seed means a random one, as in llama.cpp)."""
+    check_settings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                   repeat_last_n=repeat_last_n, max_tokens=max_tokens)
+    return dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                repeat_last_n=repeat_last_n, seed=None if seed is None or seed < 0 else seed, max_tokens=max_tokens)
 
 
 def make_sampler(temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,

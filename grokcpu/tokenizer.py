@@ -14,6 +14,7 @@ and concatenating the ids does not insert a space at each boundary.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from .errors import TokenizerError
@@ -33,6 +34,9 @@ class Tokenizer:
         except OSError as e:
             raise TokenizerError(f"cannot read tokenizer {str(path)!r}: {e.strerror or e}",
                                  hint="pass --tokenizer PATH to a SentencePiece tokenizer.model") from None
+        if not proto.strip():
+            raise TokenizerError(f"tokenizer {str(path)!r} is empty",
+                                 hint="pass --tokenizer PATH to a SentencePiece tokenizer.model") from None
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=proto)
             self._sp_cont = spm.SentencePieceProcessor(model_proto=_without_dummy_prefix(proto))
@@ -40,6 +44,9 @@ class Tokenizer:
             raise TokenizerError(f"{str(path)!r} is not a SentencePiece model",
                                  hint="pass --tokenizer PATH to a SentencePiece tokenizer.model") from None
         self.vocab_size: int = self.sp.vocab_size()
+        if self.vocab_size < 1:            # SentencePiece loads some junk as an empty model
+            raise TokenizerError(f"{str(path)!r} is not a SentencePiece model (no pieces)",
+                                 hint="pass --tokenizer PATH to a SentencePiece tokenizer.model")
         self.eos_id: int = self.sp.eos_id()
         self.bos_id: int = self.sp.bos_id()
         self.pad_id: int = self.sp.pad_id()
@@ -47,11 +54,11 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = False) -> list[int]:
         """Token ids of `text`, SentencePiece defaults (dummy prefix, no BOS/EOS), as run.py.
         bos=True puts [BOS] first (the reference runner does not)."""
-        return list(self.sp.encode(text, add_bos=bos))
+        return list(self.sp.encode(check_text(text), add_bos=bos))
 
     def encode_continuation(self, text: str) -> list[int]:
         """Token ids of `text` that follows earlier text: no dummy-prefix space is added."""
-        return list(self._sp_cont.encode(text))
+        return list(self._sp_cont.encode(check_text(text)))
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -123,6 +130,30 @@ class StreamingDetokenizer:
         self._tail_sent = len(full)
         self.text += new
         return new
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str) -> str:
+    """`text` if it is valid Unicode; a lone surrogate (which SentencePiece cannot take) is a
+    TokenizerError naming where it is."""
+    if not isinstance(text, str):
+        raise TokenizerError(f"expected text, not {type(text).__name__}")
+    m = _SURROGATE.search(text)
+    if m:
+        raise TokenizerError(f"the text is not valid Unicode: a lone surrogate U+{ord(m.group()):04X} at "
+                             f"character {m.start()}", hint="send UTF-8 text")
+    return text
+
+
+def replace_invalid(text: str) -> str:
+    """`text` with undecodable bytes (surrogate escapes, as in argv) and lone surrogates as U+FFFD."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        pass
+    return _SURROGATE.sub(REPLACEMENT, text)
 
 
 def find_tokenizer(model_dir: str | os.PathLike | None, explicit: str | os.PathLike | None = None) -> Path:

@@ -35,8 +35,14 @@ def test_bench_json_figures():
                                                                lw.moe_norm, lw.moe_post_norm))
         layers += c.num_selected_experts * sum(q.w[0].nbytes + q.s[0].nbytes
                                                   for q in (lw.w_gate, lw.w_up, lw.w_down))
-    want = layers + m.ckpt.embeddings.nbytes + c.emb_size * 4
+    # + the final norm, one embedding row in, the output table (plan.read_per_token's parts)
+    want = layers + m.ckpt.final_norm.nbytes + c.emb_size * 4 + m.ckpt.embeddings.nbytes
     assert r["decode_bytes_per_token"] == want
+    from grokcpu.plan import read_per_token
+    parts = read_per_token(m.ckpt)
+    assert parts["total"] == want == sum(v for k, v in parts.items() if k != "total")
+    q8 = read_per_token(m.ckpt, "int8")       # the int8 output table: V x D int8 + a float32 scale per row
+    assert q8["total"] == want - m.ckpt.embeddings.nbytes + c.vocab_size * (c.emb_size + 4)
     assert r["decode_gb_s"] == pytest.approx(want * r["decode_tok_s"] / 1e9)
     # a ceiling before and after each of the 2 runs; each run's fraction against its neighbours
     assert len(r["read_gb_s_runs"]) == 3 and len(r["decode_fraction_runs"]) == 2

@@ -56,14 +56,28 @@ def test_every_file_maps_to_the_manifest_path_shape_and_payload(fixture):
         assert [a.offset for a in arrays] == payloads
 
 
-def test_arrays_are_read_only_views_of_the_files(fixture):
+def test_arrays_are_read_only_and_expert_weights_are_views_of_the_files(fixture):
     ck = Checkpoint(fixture.path)
     lw = ck.layers[0]
     for a in (ck.embeddings, lw.wq.w, lw.w_gate.w, lw.w_down.w):
-        assert not a.flags.writeable and not a.flags.owndata
+        assert not a.flags.writeable
+    for a in (lw.w_gate.w, lw.w_up.w, lw.w_down.w):      # mapped, zero copy
+        assert not a.flags.owndata and _backed_by_mmap(a)
+    assert not _backed_by_mmap(ck.embeddings) and not _backed_by_mmap(lw.wq.w)
+    ref = ck.refs[0]
+    with open(ck.files[0], "rb") as f:                   # the dense copy holds the file's bytes
+        f.seek(ref.offset)
+        assert f.read(ref.nbytes) == ck.embeddings.tobytes()
     # scales: bf16 widened exactly
     raw = ck.array(ck.refs[file_index(0, 1, ck.config.num_layers)].scales)
     np.testing.assert_array_equal(lw.w_down.s.view(np.uint32), raw.astype(np.uint32) << 16)
+
+
+def _backed_by_mmap(a) -> bool:
+    import mmap
+    while a is not None and not isinstance(a, mmap.mmap):
+        a = a.obj if isinstance(a, memoryview) else getattr(a, "base", None)
+    return a is not None
 
 
 def test_expert_byte_ranges_are_the_expert_slices(fixture):

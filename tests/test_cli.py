@@ -121,7 +121,7 @@ def corrupt_copy(tmp_path, how):
     (["--temperature", "-1"], "error: --temperature -1.0 is out of range"),
     (["--max-tokens", "0"], "error: --max-tokens 0 is out of range"),
     (["--expert-cache-policy", "bogus"], "error: --expert-cache-policy 'bogus' is not known (hint: use one of: lru, lfu)"),
-    (["--expert-cache-gb", "lots"], "error: --expert-cache-gb 'lots' is not a number"),
+    (["--expert-cache-gb", "lots"], "error: --expert-cache-gb 'lots' is not a size"),
     (["--threads", "0"], "error: --threads 0 is out of range"),
     (["--context", "8"], "error: the prompt has 15 tokens but the context holds 8 (hint: shorten the prompt"),
     (["--context", "99999"], "error: context 99999 is outside 1..2048"),
@@ -148,18 +148,49 @@ def test_corrupt_checkpoint_messages(tmp_path):
     assert r.exit_code == 1 and error_lines(r.stderr)[0].startswith("error: ") and "tensor00005_000" in r.stderr
 
 
-def test_prompt_is_required_once():
-    r = cli("generate")
-    assert r.exit_code == 1 and error_lines(r.stderr) == ["error: give exactly one of --prompt TEXT and --prompt-file FILE"]
+def test_prompt_sources(model, tok, tmp_path):
+    """The prompt: an argument, -p/--prompt, --prompt-file, or stdin when none is given; once."""
+    want = tok.decode(greedy_direct(model, tok.encode("Memory bandwidth"), 4)) + "\n"
+    assert cli("generate", "Memory bandwidth", "-n", 4, *GREEDY).stdout == want
+    assert cli("generate", "-n", 4, *GREEDY, input="Memory bandwidth").stdout == want     # stdin, not a tty
+    r = cli("generate", input="")
+    assert r.exit_code == 1 and error_lines(r.stderr) == ["error: the prompt is empty (hint: give at least one token of text)"]
+    r = cli("generate", "x", "-p", "y")
+    assert r.exit_code == 1 and error_lines(r.stderr)[0].startswith("error: give the prompt once")
     r = cli("generate", "-p", "x", "-f", "y")
     assert r.exit_code == 1
 
 
-def test_debug_shows_the_traceback_and_usage_errors_stay_typers():
+def test_debug_shows_the_traceback():
     r = cli("generate", "-p", "x", "--top-p", "2", "--debug")
     assert r.exit_code == 1 and "Traceback" in r.stderr and "error: --top-p 2.0 is out of range" in r.stderr
-    r = cli("generate", "--no-such-flag")
-    assert r.exit_code == 2
+
+
+@pytest.mark.parametrize("args, line", [
+    (["generate", "--no-such-flag"], "error: no such option: --no-such-flag (hint: see grok-cli generate --help)"),
+    (["generate", "--tmp", "1"], "error: no such option: --tmp (hint: did you mean"),
+    (["generate", "-p", "x", "--threads", "abc"], "error: invalid value for '--threads'"),
+    (["generate", "-p", "x", "-n", "1.5"], "error: invalid value for '--max-tokens'"),
+    (["generate", "-p"], "error: option '-p' requires an argument"),
+    (["genrate"], "error: no such command 'genrate' (hint: did you mean generate?"),
+    (["batch"], "error: missing option '--input'"),
+    (["info", "extra"], "error: got unexpected extra argument"),
+])
+def test_usage_errors_are_one_line(args, line):
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.splitlines() == [r.stderr.strip()] and r.stderr.startswith(line), r.stderr
+    assert "╭" not in r.output and "Traceback" not in r.output and r.stdout == ""
+
+
+def test_version_and_help():
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.startswith(f"grok-cli {grokcpu.__version__}")
+    r = CliRunner().invoke(app, [])
+    assert r.exit_code == 0 and "generate" in r.stdout and "warmup" in r.stdout
+    for cmd in ("chat", "generate", "batch", "info", "bench", "warmup"):
+        r = CliRunner().invoke(app, [cmd, "--help"])
+        assert r.exit_code == 0 and "--model" in r.stdout and "--threads" in r.stdout, cmd
 
 
 def test_errors_in_a_subprocess(demo_path):
@@ -339,7 +370,15 @@ def test_info_on_a_fixture(tmp_path):
     assert p["embedding_bytes"] == V * D * 4
     assert p["kv_cache_bytes"] == 2 * L * 32 * 8 * 8 * 4       # K and V, layers, context, kv heads x head size, f32
     assert p["expert_budget_bytes"] == 100000 and p["experts_held"] == 100000 // (3 * D * F)
-    assert p["read_per_token_bytes"] == p["dense_bytes"] + 2 * D * 4 + L * 2 * one
+    # per token: attention (int8 + float32 scales), 4 norms, router per layer; final norm; one
+    # embedding row in; the output table; 2 experts per layer (scales as float32 in the engine)
+    attn = 2 * D * D + 2 * D * 64 + 4 * (D + 64 + 64 + 8 * D)
+    layer = attn + 4 * D * 4 + D * 8 * 4
+    one_held = 3 * D * F + 4 * (F + F + 8 * D)
+    parts = p["read_per_token_parts"]
+    assert parts == {"layers_dense": L * layer, "final_norm": D * 4, "embedding_row": D * 4,
+                     "output_table": V * D * 4, "experts": L * 2 * one_held}
+    assert p["read_per_token_bytes"] == sum(parts.values())
     assert d["files"] == 26 and d["config"]["transformer"]["num_layers"] == 2
     assert d["checksums"] == "not verified (pass --verify)"
     r = cli("info", "--model", corrupt_copy(tmp_path, "flip"), "--verify")

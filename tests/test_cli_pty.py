@@ -131,10 +131,54 @@ def test_chat_in_a_terminal(env):
         assert b"conversation: 0 turns, 0 of 2048" in t.expect(b"context tokens in the cache")
         t.expect(b"> ")
         # Ctrl-C at the prompt only gives a fresh prompt; Ctrl-D on an empty line exits 0
-        t.send(b"half a line\x03")
+        t.send(b"half a line")
+        time.sleep(0.3)                                     # readline (CPython) misses a SIGINT that
+        t.send(b"\x03")                                     # lands while it handles a key: type first
         t.expect(b"> ")
         t.send(b"\x04")
         assert t.wait() == 0
         assert b"Traceback" not in t.buf
     finally:
         t.close()
+
+
+def test_chat_line_editing_history_and_multiline(env, tmp_path):
+    """readline on a terminal: the up arrow recalls the last message, the history file persists,
+    a line ending in \\ continues, and Ctrl-C in a continuation drops the whole message."""
+    env = dict(env, GROKCPU_CACHE=env["GROKCPU_CACHE"])
+    history = os.path.join(env["GROKCPU_CACHE"], "chat_history")
+    if os.path.exists(history):
+        os.unlink(history)
+    t = Term(["chat", "--temperature", "0", "--ignore-eos", "-n", "2", "--threads", "1"], env)
+    try:
+        t.expect(b"Ctrl-D exits.")
+        t.expect(b"> ")
+        t.send(b"/stats\r")
+        t.expect(b"context tokens in the cache")
+        t.expect(b"> ")
+        t.send(b"\x1b[A\r")                                 # up arrow: /stats again
+        assert b"conversation: 0 turns" in t.expect(b"context tokens in the cache")
+        t.expect(b"> ")
+        t.send(b"first part \\\r")
+        t.expect(b"... ")
+        t.send(b"second part\r")
+        t.expect(b"> ")
+        t.send(b"/stats\r")
+        assert b"conversation: 1 turns" in t.expect(b"context tokens in the cache")
+        t.expect(b"> ")
+        t.send(b"dropped \\\r")
+        t.expect(b"... ")
+        t.send(b"half")
+        time.sleep(0.3)
+        t.send(b"\x03")                                     # Ctrl-C in a continuation: nothing sent
+        t.expect(b"> ")
+        t.send(b"/stats\r")
+        assert b"conversation: 1 turns" in t.expect(b"context tokens in the cache")
+        t.expect(b"> ")
+        t.send(b"\x04")
+        assert t.wait() == 0
+        assert b"Traceback" not in t.buf
+    finally:
+        t.close()
+    with open(history, encoding="utf-8") as f:
+        assert "/stats" in f.read()

@@ -102,7 +102,10 @@ def test_generation_stops_when_the_context_is_full(demo_path, tok):
     s = m16.new_session()
     _, res, _ = run(generate(m16, tok, ids, make_sampler(temperature=0), 100, session=s, stop_on_eos=False))
     assert res.finish_reason == "length" and res.generated_tokens == 7 and s.pos == 16
+    assert res.context_full and res.summary()["context_full"] is True
     assert res.tokens == greedy_direct(m16, ids, 7)
+    _, res, _ = run(generate(m16, tok, ids, make_sampler(temperature=0), 3, stop_on_eos=False))
+    assert not res.context_full and "context_full" not in res.summary()       # max_tokens, not the context
     with pytest.raises(ContextFullError, match="the prompt has 17 tokens but the context holds 16"):
         run(generate(m16, tok, list(range(5, 22)), make_sampler(temperature=0), 5))
     with pytest.raises(GrokError, match="the prompt is empty"):
@@ -253,3 +256,32 @@ def test_openblas_threads_sleep_after_a_call_unless_the_user_says(preset):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == (preset or "4")
+
+
+def test_warm_up_leaves_no_trace(demo_path, tok):
+    from grokcpu.engine import warm_up
+    m = grokcpu.load(demo_path, context=16, threads=1)
+    assert warm_up(m, batch=True) > 0
+    ids = tok.encode("one two three")
+    _, res, _ = run(generate(m, tok, ids, make_sampler(temperature=0), 4, stop_on_eos=False))
+    assert res.tokens == greedy_direct(m, ids, 4)
+
+
+@pytest.mark.parametrize("n", [0, -1, 1.5, True, "2"])
+def test_batch_size_is_checked_in_one_place(model, tok, n):
+    from grokcpu.engine import check_batch_size, generate_batch
+    with pytest.raises(GrokError, match="--batch-size"):
+        check_batch_size(n)
+    with pytest.raises(GrokError, match="--batch-size"):
+        list(generate_batch(model, tok, [], batch_size=n))
+
+
+def test_load_refuses_hostile_files(model, tok, tmp_path):
+    conv = Conversation(model, tok)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000)
+    with pytest.raises(GrokError, match="nested too deeply"):
+        conv.load(deep)
+    (tmp_path / "bytes.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(GrokError, match="is not a saved conversation"):
+        conv.load(tmp_path / "bytes.json")

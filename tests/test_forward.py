@@ -199,3 +199,30 @@ def test_nan_weights_are_named(medium_ckpt, tmp_path):
             s.decode(5)
         assert s.pos == 0
         m.close()
+
+
+def test_expert_file_truncated_while_mapped_is_an_error(medium_ckpt, tmp_path):
+    """With the experts read from the memory map, a file cut short after load is a one-line
+    error at the next step, not a SIGBUS (run in a child: a crash must not take pytest down)."""
+    import shutil
+    import subprocess
+    import sys
+
+    path = tmp_path / "m"
+    shutil.copytree(medium_ckpt, path)
+    code = f"""
+import os, grokcpu
+from grokcpu.checkpoint import Checkpoint
+m = grokcpu.load({str(path)!r}, expert_cache_gb="off")
+s = m.new_session()
+s.prefill([5, 6])
+w = m.layers[1].w_down.ref.weight
+os.truncate(w.path, w.offset + 10)
+try:
+    s.decode(7)
+except grokcpu.GrokError as e:
+    print("ERROR", e)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ERROR" in r.stdout and "tensor" in r.stdout

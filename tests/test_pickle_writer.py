@@ -284,3 +284,24 @@ def test_float32_to_bf16_bits():
     r = np.random.default_rng(1).standard_normal(10_000).astype(np.float32)
     rb = (pw.float32_to_bf16_bits(r).astype(np.uint32) << 16).view(np.float32)
     assert np.max(np.abs(rb - r) / np.abs(r)) <= 2 ** -8
+
+
+def test_written_files_parse_with_the_loader(tmp_path):
+    """What the writer emits, the loader's safe parser reads: same shapes, dtypes and payloads."""
+    from grokcpu.formats.grok1_pickle import ArrayRef, QuantizedRef, parse_tensor_file
+    rng = np.random.default_rng(1)
+    w = rng.integers(-127, 128, size=(4, 32, 16), dtype=np.int8)
+    s = pw.float32_to_bf16_bits(rng.random((4, 8, 16), dtype=np.float32))
+    pw.write_quantized(tmp_path / "q", w.shape, [w], s)
+    big = np.arange(40_000, dtype=np.float32)          # payload outside a frame
+    pw.write_ndarray(tmp_path / "a", big.shape, "<f4", [big.tobytes()])
+    q = parse_tensor_file(tmp_path / "q")
+    a = parse_tensor_file(tmp_path / "a")
+    assert isinstance(q, QuantizedRef) and isinstance(a, ArrayRef)
+    assert (q.weight.shape, q.weight.dtype, q.scales.shape, q.scales.dtype) == (w.shape, "i1", s.shape, "bf16")
+    assert (a.shape, a.dtype) == (big.shape, "f4")
+    data = (tmp_path / "q").read_bytes()
+    assert data[q.weight.offset:q.weight.offset + w.nbytes] == w.tobytes()
+    assert data[q.scales.offset:q.scales.offset + s.nbytes] == s.tobytes()
+    data = (tmp_path / "a").read_bytes()
+    assert data[a.offset:a.offset + big.nbytes] == big.tobytes()

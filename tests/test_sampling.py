@@ -145,3 +145,16 @@ def test_draws_follow_the_filtered_distribution():
 def test_bad_settings(kw, flag):
     with pytest.raises(GrokError, match=flag):
         make_sampler(**kw)
+
+
+@pytest.mark.parametrize("n", [0, -3, 1.5, True])
+def test_max_tokens_is_checked_with_the_settings(n):
+    from grokcpu.sampling import settings
+    with pytest.raises(GrokError, match="--max-tokens"):
+        settings(max_tokens=n)
+
+
+def test_settings_negative_seed_is_random():
+    from grokcpu.sampling import settings
+    assert settings(seed=-1)["seed"] is None and settings(seed=5)["seed"] == 5
+    assert settings(temperature=0, max_tokens=3)["max_tokens"] == 3

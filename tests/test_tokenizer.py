@@ -141,3 +141,27 @@ def test_demo_tokenizer_is_deterministic_and_grok_shaped(tmp_path):
     assert [tok.id_to_piece(i) for i in range(4)] == ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
     assert tok.decode(tok.encode("Grok runs on 2 cores 😀")) == "Grok runs on 2 cores 😀"   # byte fallback
     assert [tok.id_to_piece(i) for i in tok.encode("2024")] == ["▁", "2", "0", "2", "4"]     # split digits
+
+
+def test_empty_or_junk_tokenizer_file_is_a_tokenizer_error(tmp_path):
+    empty = tmp_path / "empty.model"
+    empty.write_bytes(b"")
+    with pytest.raises(TokenizerError, match="is empty"):
+        Tokenizer(empty)
+    blank = tmp_path / "blank.model"
+    blank.write_bytes(b"\n\n")
+    with pytest.raises(TokenizerError):
+        Tokenizer(blank)
+
+
+def test_lone_surrogates_are_refused_and_replaceable(demo_path):
+    from grokcpu.tokenizer import replace_invalid
+    tok = Tokenizer(demo_path / "tokenizer.model")
+    for bad in ("x\ud800y", "\udcff"):
+        with pytest.raises(TokenizerError, match="lone surrogate"):
+            tok.encode(bad)
+        with pytest.raises(TokenizerError, match="lone surrogate"):
+            tok.encode_continuation(bad)
+    assert replace_invalid("caf\udce9") == "caf\ufffd"           # argv's surrogate escape of byte 0xe9
+    assert replace_invalid("a\ud800b") == "a\ufffdb"
+    assert tok.encode(replace_invalid("a\ud800b"))

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grokcpu.bench import run_bench  # noqa: E402
 from grokcpu.errors import GrokError  # noqa: E402
+from grokcpu.options import OptionError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,6 +36,9 @@ def main(argv=None) -> int:
     try:
         r = run_bench(a.model, a.prompt_tokens, a.gen_tokens, a.threads, a.reps,
                       unembed=a.unembed, expert_cache_gb=a.expert_cache_gb)
+    except OptionError as e:
+        print(f"error: {e.render('--' + e.param.replace('_', '-'))}", file=sys.stderr)
+        return 2
     except GrokError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

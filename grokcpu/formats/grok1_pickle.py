@@ -2,17 +2,21 @@
 
 We never call `pickle.load`. A small stack machine walks each file's opcodes, accepts only the
 globals on ALLOW below, and records where each array's raw bytes lie in the file instead of
-reading them. The arrays are then numpy views of a read-only memory map: zero copy, so opening
-the 300 GB release takes as long as reading 770 short pickle headers.
+reading them; the header is read with pread through a small window, never through a memory map,
+so a file that shrinks while it is parsed is an error, not a SIGBUS. Opening the 300 GB release
+takes as long as reading 770 short pickle headers.
+
+Every quantity a hostile file controls is bounded: header bytes, opcodes, array rank and size
+(against the payload that holds them), and names are only ever compared as strings.
 """
 
 from __future__ import annotations
 
-import mmap
+import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -35,6 +39,13 @@ ALLOW = {
         "tensorflow.python.framework.dtypes", "bfloat16")},
 }
 
+# A released tensor file's pickle opcodes take ~200 bytes around its payloads; these caps are
+# thousands of times that and still reject an opcode flood in milliseconds.
+MAX_HEADER_BYTES = 1 << 20      # non-payload bytes of one file
+MAX_OPS = 10_000                # opcodes of one file
+MAX_NDIM = 8
+_WINDOW = 1 << 14               # bytes fetched per pread while walking the header
+
 _DTYPES = {"f4": np.dtype("<f4"), "i1": np.dtype("i1"), "u1": np.dtype("u1"),
            "f2": np.dtype("<f2"), "u2": np.dtype("<u2"), "bf16": np.dtype("<u2")}
 
@@ -49,7 +60,7 @@ class ArrayRef:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * _DTYPES[self.dtype].itemsize
+        return math.prod(self.shape) * _DTYPES[self.dtype].itemsize
 
 
 @dataclass(frozen=True)
@@ -97,44 +108,132 @@ class _QWStub:
 _MARK = object()
 
 
+def open_regular(path: str, what: str = "tensor file") -> tuple[int, int]:
+    """Open `path` read-only as a regular file: (fd, size). FIFOs, sockets, devices, folders,
+    dangling links and link loops are refused before (or without) blocking on them."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: is {_kind(st.st_mode)}, not a regular {what}",
+                                  hint=f"replace it with the real {what}")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open {what}: {e.strerror or e}",
+                              hint=f"check that the {what} exists and is readable") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):      # swapped between stat and open
+            raise CheckpointError(f"{path}: is {_kind(st.st_mode)}, not a regular {what}",
+                                  hint=f"replace it with the real {what}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 def parse_tensor_file(path: str | os.PathLike, buf=None) -> ArrayRef | QuantizedRef:
     """Walk one released tensor pickle without executing it; return where its arrays lie.
 
-    Raises UnsafePickleError for any global outside ALLOW and CheckpointError for anything
-    malformed or truncated, always naming the file.
+    `buf`: the file's bytes (bytes, mmap, memoryview) if already at hand; otherwise the file is
+    opened (regular files only) and its header read with pread. Raises UnsafePickleError for any
+    global outside ALLOW and CheckpointError for anything malformed or truncated, always naming
+    the file.
     """
     path = str(path)
-    if buf is None:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise CheckpointError(f"{path}: empty file", hint="re-download this file")
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if buf is not None:
+        return _parse(path, _Source(path, None, len(buf), buf))
+    fd, size = open_regular(path)
     try:
-        return _Machine(path, buf).run()
+        return _parse(path, _Source(path, fd, size))
+    finally:
+        os.close(fd)
+
+
+def parse_fd(path: str, fd: int, size: int) -> ArrayRef | QuantizedRef:
+    """parse_tensor_file on a descriptor the caller opened (with open_regular) and keeps."""
+    return _parse(path, _Source(path, fd, size))
+
+
+def _parse(path: str, src: "_Source"):
+    if src.size == 0:
+        raise CheckpointError(f"{path}: empty file", hint="re-download this file")
+    try:
+        return _Machine(path, src).run()
     except (CheckpointError, UnsafePickleError):
         raise
-    except (IndexError, struct.error, ValueError, TypeError, KeyError, AttributeError) as e:
+    except (IndexError, struct.error, ValueError, TypeError, KeyError, AttributeError,
+            OverflowError, RecursionError, MemoryError) as e:
         raise CheckpointError(f"{path}: not a valid Grok-1 tensor file ({type(e).__name__}: {e})",
                               hint="re-download this file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read tensor file: {e.strerror or e}",
+                              hint="check the file and the disk") from None
+
+
+class _Source:
+    """Random access to a file's bytes: pread through one cached window (or a buffer in memory)."""
+
+    __slots__ = ("path", "fd", "size", "win", "ws")
+
+    def __init__(self, path: str, fd: int | None, size: int, buf=None):
+        self.path, self.fd, self.size = path, fd, size
+        self.win, self.ws = (buf, 0) if buf is not None else (b"", 0)
+
+    def get(self, pos: int, n: int) -> bytes:
+        """n bytes at pos; the caller has checked pos + n <= size."""
+        i = pos - self.ws
+        if not (0 <= i and i + n <= len(self.win)):
+            self.fill(pos, n)
+            i = 0
+        return bytes(self.win[i:i + n])
+
+    def byte(self, pos: int) -> int:
+        i = pos - self.ws
+        if not (0 <= i < len(self.win)):
+            self.fill(pos, 1)
+            i = 0
+        return self.win[i]
+
+    def fill(self, pos: int, n: int) -> None:
+        if self.fd is None:
+            raise CheckpointError(f"{self.path}: truncated at byte {pos}", hint="re-download this file")
+        data = os.pread(self.fd, max(n, _WINDOW), pos)
+        if len(data) < n:
+            raise CheckpointError(f"{self.path}: the file shrank while it was read (byte {pos})",
+                                  hint="another program is changing the checkpoint; wait for it, then retry")
+        self.win, self.ws = data, pos
 
 
 class _Machine:
     """Just enough of the pickle virtual machine for numpy arrays and QuantizedWeight8bit."""
 
-    def __init__(self, path: str, buf):
-        self.path, self.buf, self.pos, self.size = path, buf, 0, len(buf)
+    def __init__(self, path: str, src: _Source):
+        self.path, self.src, self.pos, self.size = path, src, 0, src.size
         self.stack: list = []
         self.marks: list = []
         self.memo: dict = {}
+        self.header = 0           # non-payload bytes read
+        self.payloads = 0
 
     def fail(self, what: str):
         raise CheckpointError(f"{self.path}: {what}", hint="this is not an intact Grok-1 tensor file; re-download it")
 
     def take(self, n: int) -> bytes:
+        self.header += n
+        if self.header > MAX_HEADER_BYTES:
+            self.fail(f"pickle header exceeds {MAX_HEADER_BYTES} bytes at byte {self.pos}")
         if n < 0 or self.pos + n > self.size:
             self.fail(f"truncated at byte {self.pos} (needs {n} more bytes, file has {self.size})")
-        b = self.buf[self.pos:self.pos + n]
+        b = self.src.get(self.pos, n)
         self.pos += n
         return b
 
@@ -142,6 +241,9 @@ class _Machine:
         if n < 0 or self.pos + n > self.size:
             self.fail(f"truncated: a {n}-byte array payload at byte {self.pos} runs past the end "
                       f"of the {self.size}-byte file")
+        self.payloads += 1
+        if self.payloads > 16:
+            self.fail("too many byte strings for a tensor file")
         p = _Payload(self.pos, n)
         self.pos += n
         return p
@@ -159,10 +261,16 @@ class _Machine:
 
     def run(self):
         st = self.stack
+        ops = 0
         while True:
             if self.pos >= self.size:
                 self.fail("truncated (no STOP opcode)")
-            op = self.buf[self.pos]
+            ops += 1
+            self.header += 1
+            if ops > MAX_OPS or self.header > MAX_HEADER_BYTES:
+                self.fail(f"pickle header exceeds {MAX_OPS} opcodes or {MAX_HEADER_BYTES} bytes "
+                          f"(at byte {self.pos})")
+            op = self.src.byte(self.pos)
             self.pos += 1
             if op == 0x80:            # PROTO
                 proto = self.uint(1)
@@ -187,9 +295,9 @@ class _Machine:
             elif op == 0x72:          # LONG_BINPUT
                 self.memo[self.uint(4)] = st[-1]
             elif op == 0x68:          # BINGET
-                st.append(self.memo[self.uint(1)])
+                st.append(self.memo_get(self.uint(1)))
             elif op == 0x6A:          # LONG_BINGET
-                st.append(self.memo[self.uint(4)])
+                st.append(self.memo_get(self.uint(4)))
             elif op == 0x93:          # STACK_GLOBAL
                 name = st.pop()
                 module = st.pop()
@@ -266,20 +374,30 @@ class _Machine:
             else:
                 self.fail(f"unsupported pickle opcode 0x{op:02x} at byte {self.pos - 1}")
 
+    def memo_get(self, key: int):
+        if key not in self.memo:
+            self.fail(f"malformed pickle (memo entry {key} was never stored)")
+        return self.memo[key]
+
     def readline(self) -> str:
-        end = self.buf.find(b"\n", self.pos, min(self.size, self.pos + 256))
+        n = min(self.size - self.pos, 256)
+        chunk = self.src.get(self.pos, n)
+        end = chunk.find(b"\n")
         if end < 0:
             self.fail("malformed GLOBAL opcode")
-        s = self.buf[self.pos:end].decode("utf-8")
-        self.pos = end + 1
-        return s
+        self.take(end + 1)
+        return chunk[:end].decode("utf-8")
 
     def find_class(self, module, name) -> _Global:
+        # Only strings are names: anything else (a tuple nested a million deep) is never hashed,
+        # compared or printed.
+        if not (isinstance(module, str) and isinstance(name, str)):
+            self.fail(f"malformed pickle (a global named by {_brief(module)} and {_brief(name)})")
         kind = ALLOW.get((module, name))
         if kind is None:
             raise UnsafePickleError(
-                f"{self.path}: refused to load the Python global {module}.{name}, which is not on "
-                "the allow-list of a Grok-1 tensor file; nothing was executed",
+                f"{self.path}: refused to load the Python global {module[:100]}.{name[:100]}, which "
+                "is not on the allow-list of a Grok-1 tensor file; nothing was executed",
                 hint="this file is not part of the released checkpoint, and may be hostile; delete it "
                      "and re-download")
         return _Global(kind)
@@ -301,7 +419,7 @@ class _Machine:
             return _DtypeStub("bf16")
         if isinstance(spec, str) and spec.lstrip("<|=") in _DTYPES:
             return _DtypeStub(spec.lstrip("<|="))
-        self.fail(f"unsupported array dtype {spec!r} (expected float32, int8 or bfloat16)")
+        self.fail(f"unsupported array dtype {_brief(spec)} (expected float32, int8 or bfloat16)")
 
     def reduce(self, func, args):
         if not isinstance(func, _Global) or not isinstance(args, tuple):
@@ -322,15 +440,17 @@ class _Machine:
         self.fail(f"unexpected call of {func.kind}")
 
     def array_ref(self, shape, dt: _DtypeStub, payload) -> ArrayRef:
-        if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)):
-            self.fail("bad array shape")
+        if not (isinstance(shape, tuple) and len(shape) <= MAX_NDIM
+                and all(type(n) is int and 0 <= n <= self.size for n in shape)):
+            self.fail(f"bad array shape ({_brief(shape)})")
         if dt.order == ">":
             self.fail("big-endian arrays are not supported")
         if not isinstance(payload, _Payload):
             self.fail("array data is not raw bytes")
         ref = ArrayRef(self.path, payload.offset, tuple(shape), dt.name)
-        if ref.nbytes != payload.length:
-            self.fail(f"array of shape {tuple(shape)} {dt.name} needs {ref.nbytes} bytes, file holds {payload.length}")
+        need = ref.nbytes             # exact Python int: no overflow however large the dims
+        if need != payload.length:
+            self.fail(f"array of shape {list(shape)} {dt.name} needs {need} bytes, file holds {payload.length}")
         return ref
 
     def build(self, obj, state):
@@ -344,6 +464,8 @@ class _Machine:
             _, shape, dt, fortran, payload = state
             if not isinstance(dt, _DtypeStub):
                 self.fail("bad array dtype")
+            if not isinstance(shape, tuple):
+                self.fail(f"bad array shape ({_brief(shape)})")
             if fortran and len(shape) > 1:
                 self.fail("Fortran-ordered arrays are not supported")
             obj.ref = self.array_ref(shape, dt, payload)
@@ -367,3 +489,14 @@ class _Machine:
                 self.fail("QuantizedWeight8bit without weight and scales arrays")
             return QuantizedRef(w, s)
         self.fail("the pickle holds neither an array nor a QuantizedWeight8bit")
+
+
+def _brief(obj) -> str:
+    """A short, safe description of a value from a hostile file (never its full repr)."""
+    if isinstance(obj, str):
+        return repr(obj[:40]) + ("..." if len(obj) > 40 else "")
+    if isinstance(obj, (int, float, bool)) or obj is None:
+        return repr(obj) if not isinstance(obj, int) or abs(obj) < 10 ** 30 else "a huge int"
+    if isinstance(obj, tuple):
+        return f"a {len(obj)}-tuple"
+    return f"a {type(obj).__name__.lstrip('_')}"

@@ -1,0 +1,303 @@
+"""grok-cli batch: complete many prompts from JSON lines; resumable; one bad line never stops it."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import engine
+from ..errors import GrokError
+from ..sampling import settings as check_settings
+from .app import Loaded, Run, command, err, interrupted, print_stats, sampler
+
+REQUEST_FIELDS = {"temperature": (int, float), "top_k": (int,), "top_p": (int, float), "min_p": (int, float),
+                  "repeat_penalty": (int, float), "repeat_last_n": (int,), "seed": (int,), "max_tokens": (int,),
+                  "stop": (str, list), "ignore_eos": (bool,)}
+FIELDS = ("id", "prompt", *REQUEST_FIELDS)
+
+
+@command(sampling=True)
+def batch(
+    run: Run,
+    input: Annotated[Path, typer.Option("--input", "-i", help="prompts, one JSON object per line: {\"id\":..., \"prompt\":...} ('-' = stdin)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="results, one JSON object per line (appended; rerun to resume; '-' = stdout)")],
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="sequences decoded together")] = 8,
+):
+    """Complete many prompts; resumable.
+
+    Input lines: {"id": ..., "prompt": ..., optional "temperature", "top_k", "top_p", "min_p",
+    "repeat_penalty", "repeat_last_n", "seed", "max_tokens", "stop", "ignore_eos"}; an id is a
+    string or an integer. Output lines: {"id", "text", "finish_reason", token counts, timings,
+    "line"} or, for a line that cannot run, {"id", "error", "line"}: a bad line never stops the
+    batch. Each result is appended as one complete line and synced to disk; rerunning with the
+    same --output skips what is already there (with -o -, results go to stdout and nothing is
+    resumed). With --seed, each prompt's seed is derived from it and the prompt's id, so results
+    do not depend on batching or resuming.
+    """
+    engine.check_batch_size(batch_size)
+    lines = read_input(input)
+    to_stdout = str(output) == "-"
+    if not to_stdout and str(input) != "-" and output.exists() and output.resolve() == input.resolve():
+        raise GrokError("--output is the same file as --input", hint="write the results to another file")
+    done_ids, done_lines = (set(), set()) if to_stdout else resume_state(output)
+    L = Loaded(run)
+    BatchRun(L, run, lines, None if to_stdout else output, done_ids, done_lines, batch_size).run()
+
+
+def read_input(path: Path) -> list[bytes]:
+    """The input's lines as bytes (each decoded on its own, so one bad line stays one error)."""
+    try:
+        data = sys.stdin.buffer.read() if str(path) == "-" else path.read_bytes()
+    except OSError as e:
+        raise GrokError(f"cannot read --input {str(path)!r}: {e.strerror or e}") from None
+    return [line.rstrip(b"\r") for line in data.split(b"\n")] if data else []
+
+
+def resume_state(path: Path) -> tuple[set, set]:
+    """Ids already answered and input lines already reported as errors; drops a torn last line."""
+    if not path.exists():
+        return set(), set()
+    try:
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            keep = data.rfind(b"\n") + 1
+            with open(path, "r+b") as f:
+                f.truncate(keep)
+                f.flush()
+                os.fsync(f.fileno())
+            err(f"note: dropped a partial last line of {path} (an interrupted run)")
+            data = data[:keep]
+    except OSError as e:
+        raise GrokError(f"cannot read --output {str(path)!r}: {e.strerror or e}") from None
+    done_ids, done_lines = set(), set()
+    for raw in data.splitlines():
+        try:
+            rec = json.loads(raw)
+        except (ValueError, RecursionError):
+            continue
+        if not isinstance(rec, dict):
+            continue
+        if "error" in rec:
+            if isinstance(rec.get("line"), int):
+                done_lines.add(rec["line"])
+        elif valid_id(rec.get("id")):
+            done_ids.add(key(rec["id"]))
+    return done_ids, done_lines
+
+
+def valid_id(id_) -> bool:
+    if isinstance(id_, bool):
+        return False
+    if isinstance(id_, int):
+        return True
+    if isinstance(id_, str):
+        try:
+            id_.encode("utf-8")
+            return True
+        except UnicodeEncodeError:
+            return False
+    return False
+
+
+def key(id_) -> str:
+    return json.dumps(id_, sort_keys=True)
+
+
+def encode_record(rec: dict) -> bytes:
+    """One output line: valid JSON (never NaN/Infinity), UTF-8; text that is not valid Unicode
+    is written with \\u escapes."""
+    try:
+        return (json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(rec, ensure_ascii=True, allow_nan=False) + "\n").encode("ascii")
+
+
+def check_record(rec) -> str | None:
+    """What is wrong with one parsed input line, or None."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    for k in rec:
+        if k not in FIELDS:
+            near = difflib.get_close_matches(k, FIELDS, n=1)
+            hint = f" (hint: did you mean \"{near[0]}\"?)" if near else f" (hint: fields are {', '.join(FIELDS)})"
+            return f"unknown field {json.dumps(k)}{hint}"
+    if "id" not in rec:
+        return "no \"id\""
+    id_ = rec["id"]
+    if not valid_id(id_):
+        if isinstance(id_, float) and not math.isfinite(id_):
+            return "\"id\" is not a finite number; use a string or an integer"
+        if isinstance(id_, str):
+            return "\"id\" is not valid Unicode (a lone surrogate)"
+        return "\"id\" must be a string or an integer"
+    if not isinstance(rec.get("prompt"), str):
+        return "no \"prompt\" string"
+    for k, types in REQUEST_FIELDS.items():
+        if k in rec:
+            v = rec[k]
+            if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+                return f"\"{k}\" has a bad value {json.dumps(v, ensure_ascii=True)[:60]}"
+            if k == "stop" and isinstance(v, list) and not all(isinstance(x, str) for x in v):
+                return "\"stop\" must be a string or a list of strings"
+    return None
+
+
+def parse_line(raw: bytes, n: int):
+    """(record, problem): the parsed line, and what is wrong with it (None if nothing)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, f"line {n} is not UTF-8 text"
+    try:
+        rec = json.loads(text)
+    except RecursionError:
+        return None, f"line {n} is nested too deeply"
+    except ValueError as e:
+        return None, f"line {n} is not valid JSON: {e}"
+    return rec, check_record(rec)
+
+
+class BatchRun:
+    def __init__(self, L: Loaded, run: Run, lines: list[bytes], output: Path | None, done_ids, done_lines,
+                 batch_size: int):
+        self.L, self.run_opts, self.lines, self.output = L, run, lines, output
+        self.done_ids, self.done_lines = done_ids, done_lines
+        self.batch_size = batch_size
+        self.written = self.errors = self.tokens = self.full = 0
+        self.t0 = time.perf_counter()
+        self.last_bar = 0.0
+        self.tty = sys.stderr.isatty()
+        self.total = 0
+        self.where = "stdout" if output is None else str(output)
+
+    def run(self) -> None:
+        self.fd = None
+        if self.output is not None:
+            try:
+                self.fd = os.open(self.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise GrokError(f"cannot write --output {str(self.output)!r}: {e.strerror or e}") from None
+        try:
+            requests, skipped = self.plan()
+            self.total = len(requests) + self.written
+            err(f"batch: {len(self.lines)} input lines, {skipped} already done, {len(requests)} to run "
+                f"(up to {self.batch_size} at once)")
+            if requests:
+                self.L.warm(batch=True)
+            self.t0 = time.perf_counter()
+            self.bar()
+            for req, outcome in engine.generate_batch(self.L.model, self.L.tok, requests, self.batch_size):
+                if isinstance(outcome, GrokError):
+                    self.error(req.id, str(outcome), req.tag)
+                else:
+                    self.write({"id": req.id, "text": outcome.text, **outcome.summary(), "line": req.tag})
+                    self.tokens += outcome.generated_tokens
+                    self.full += outcome.context_full
+                self.bar()
+            self.bar(final=True)
+        except KeyboardInterrupt:
+            resume = "" if self.output is None else "; rerun the same command to resume"
+            interrupted(f"interrupted: {self.written} records are safely in {self.where}{resume}")
+        except OSError as e:
+            raise GrokError(f"cannot write --output {self.where!r}: {e.strerror or e}") from None
+        finally:
+            if self.fd is not None:
+                os.close(self.fd)
+        if self.full:
+            err(f"note: {self.full} prompt(s) stopped early because the context ({self.L.model.context} tokens) "
+                "was full (\"context_full\": true; pass a larger --context)")
+        err(f"batch: wrote {self.written} records to {self.where} ({self.errors} errors); "
+            f"{self.tokens} tokens in {time.perf_counter() - self.t0:.1f} s")
+        if self.run_opts.stats:
+            print_stats(None, self.L.model)
+
+    def plan(self):
+        """Input lines -> requests still to run; error records for bad lines are written now."""
+        requests, seen, skipped = [], set(), 0
+        for n, raw in enumerate(self.lines, 1):
+            if not raw.strip():
+                continue
+            id_ = None
+            try:
+                rec, problem = parse_line(raw, n)
+                id_ = rec.get("id") if isinstance(rec, dict) else None
+                if problem is None and key(id_) in seen:
+                    problem = f"duplicate id {id_!r} (line {n})"
+                if problem is not None:
+                    if n in self.done_lines:
+                        skipped += 1
+                    else:
+                        self.error(id_, problem, n)
+                    continue
+                seen.add(key(id_))
+                if key(id_) in self.done_ids or n in self.done_lines:
+                    skipped += 1
+                    continue
+                requests.append(self.request(rec, n))
+            except GrokError as e:
+                self.error(id_, str(e), n)
+            except (ArithmeticError, ValueError, TypeError, RecursionError, UnicodeError) as e:
+                if self.run_opts.debug:          # a line no check above foresaw: still only that line
+                    traceback.print_exc()
+                self.error(id_ if valid_id(id_) else None, f"line {n} cannot run: {type(e).__name__}: {e}", n)
+        return requests, skipped
+
+    def request(self, rec: dict, line: int) -> engine.Request:
+        s = dict(self.run_opts.settings)
+        for k in REQUEST_FIELDS:
+            if k in rec and k not in ("stop", "ignore_eos"):
+                s[k] = rec[k]
+        if "seed" not in rec and s["seed"] is not None:     # one stream per id, independent of order
+            digest = hashlib.sha256(f"{s['seed']}:{key(rec['id'])}".encode()).digest()
+            s["seed"] = int.from_bytes(digest[:8], "little")
+        s = check_settings(**s)
+        stop = rec.get("stop", self.run_opts.stop)
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        ids = self.L.tok.encode(rec["prompt"])
+        return engine.Request(rec["id"], ids, sampler(s), s["max_tokens"], stop,
+                              not rec.get("ignore_eos", not self.run_opts.stop_on_eos), tag=line)
+
+    def error(self, id_, message: str, line: int) -> None:
+        self.write({"id": id_ if valid_id(id_) else None, "error": message, "line": line})
+        self.errors += 1
+
+    def write(self, rec: dict) -> None:
+        data = encode_record(rec)
+        if self.fd is None:
+            sys.stdout.write(data.decode("utf-8"))
+            sys.stdout.flush()
+        else:
+            view = memoryview(data)
+            while view:                    # one write for a regular file; loop only if the OS splits it
+                n = os.write(self.fd, view)
+                view = view[n:]
+            os.fsync(self.fd)
+        self.written += 1
+
+    def bar(self, final: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.total:
+            return
+        if not final and (now - self.last_bar < (0.2 if self.tty else 5.0) or self.written >= self.total):
+            return
+        self.last_bar = now
+        done, total = self.written, max(self.total, 1)
+        width = 24
+        fill = int(width * done / total)
+        dt = max(now - self.t0, 1e-9)
+        line = (f"[{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} records, {self.errors} errors, "
+                f"{self.tokens} tokens, {self.tokens / dt:.1f} tok/s")
+        if self.tty:
+            err("\r" + line + "\x1b[K", end="\n" if final else "")
+        elif final or done:
+            err(line)
