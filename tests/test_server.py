@@ -33,12 +33,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args, env=None):
+    def __init__(self, *args, env=None, cmd=("-m", "grokcpu.server")):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(os.devnull, "w")
         e = dict(os.environ, **(env or {}))
-        self.proc = subprocess.Popen([sys.executable, "-m", "grokcpu.server", "--port", str(self.port),
+        self.proc = subprocess.Popen([sys.executable, *cmd, "--port", str(self.port),
                                       "--threads", "1", *args], cwd=ROOT, env=e,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.out = []
@@ -369,3 +369,13 @@ def test_a_tokenizer_that_does_not_fit_stops_the_server_with_one_line(demo_path)
         s.stop()
     errors = [line for line in s.out if line.startswith("error:")]
     assert len(errors) == 1 and "tokenizer does not fit" in errors[0], s.out
+
+
+def test_grok_cli_serve(demo_path):
+    s = Server("--model", str(demo_path), cmd=(str(ROOT / "grok-cli.py"), "serve"))
+    try:
+        s.wait_ready()
+        r = s.post("/v1/completions", {"prompt": "hi", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        s.stop()
