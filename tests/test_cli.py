@@ -124,7 +124,7 @@ def corrupt_copy(tmp_path, how):
     (["--expert-cache-gb", "lots"], "error: --expert-cache-gb 'lots' is not a size"),
     (["--threads", "0"], "error: --threads 0 is out of range"),
     (["--context", "8"], "error: the prompt has 15 tokens but the context holds 8 (hint: shorten the prompt"),
-    (["--context", "99999"], "error: context 99999 is outside 1..2048"),
+    (["--context", "99999"], "error: --context 99999 is longer than the model's sequence_len 2048"),
 ])
 def test_generate_errors(demo_path, tmp_path, args, message):
     need_shared()
