@@ -25,19 +25,22 @@ class OptionError(GrokError):
 
     def __init__(self, param: str, message: str, hint: str | None = None):
         self.param = param
-        self.template = message
-        super().__init__(message.format(name=param), hint)
+        self.template, self.hint_template = message, hint
+        super().__init__(_named(message, param), hint and _named(hint, param))
 
     def render(self, name: str) -> "OptionError":
         """The same error, naming the option `name` (a CLI flag) instead of the parameter."""
-        return OptionError._named(self.param, self.template.format(name=name), self.hint)
-
-    @classmethod
-    def _named(cls, param: str, message: str, hint: str | None) -> "OptionError":
-        e = cls.__new__(cls)
-        GrokError.__init__(e, message, hint)
-        e.param, e.template = param, message
+        e = OptionError.__new__(OptionError)
+        GrokError.__init__(e, _named(self.template, name), self.hint_template and _named(self.hint_template, name))
+        e.param, e.template, e.hint_template = self.param, self.template, self.hint_template
         return e
+
+
+def _named(template: str, name: str) -> str:
+    """The template with {name} filled in; {{ and }} (how `quote` escapes a value's braces)
+    become single braces."""
+    t = template.replace("{{", "\0l").replace("}}", "\0r").replace("{name}", name)
+    return t.replace("\0l", "{").replace("\0r", "}")
 
 
 def _short(value) -> str:
@@ -47,7 +50,11 @@ def _short(value) -> str:
     except Exception:           # a hostile __repr__, or one too deep to print
         r = f"<{type(value).__name__}>"
     r = r.replace("\n", "\\n").replace("\r", "\\r")
-    return r if len(r) <= 60 else r[:57] + "..."
+    r = r if len(r) <= 60 else r[:57] + "..."
+    return r.replace("{", "{{").replace("}", "}}")      # safe inside an OptionError template
+
+
+quote = _short
 
 
 def positive_int(param: str, value, upper: int, allow_none: bool = True) -> int | None:

@@ -18,9 +18,9 @@ class TraceWriter:
         try:
             self._f = open(path, "a", encoding="utf-8")
         except OSError as e:
-            from .options import OptionError
-            raise OptionError("routing_trace", f"{{name}}: cannot open {path!r} for writing: {e.strerror}",
-                              hint="give a writable file path") from None
+            from .options import OptionError, quote
+            raise OptionError("routing_trace", f"{{name}} {quote(path)}: cannot write: {e.strerror}",
+                              hint="give a writable file path, or leave {name} out") from None
         self._lock = threading.Lock()
 
     def write(self, positions, layer: int, idx) -> None:

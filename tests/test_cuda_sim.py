@@ -105,7 +105,7 @@ def test_importing_grokcpu_does_not_import_numba_cuda():
 
 
 def test_no_gpu_is_a_clear_error():
-    r = _python("from grokcpu.backends.cuda import cuda_status, CudaDense\n"
+    r = _python("from grokcpu.backends.cuda import cuda_status, CudaBackend\n"
                 "from grokcpu.errors import GrokError\n"
                 "ok, why = cuda_status()\n"
                 "assert isinstance(why, str) and why\n"
@@ -113,7 +113,7 @@ def test_no_gpu_is_a_clear_error():
                 "    print('GPU', why)\n"
                 "else:\n"
                 "    try:\n"
-                "        CudaDense(None)\n"
+                "        CudaBackend(None)\n"
                 "    except GrokError as e:\n"
                 "        print('ERR', e.message, '|', e.hint)\n",
                 NUMBA_ENABLE_CUDASIM="0")

@@ -6,9 +6,8 @@
 Prints the GPU found (or why there is none; then only the CPU half runs), then per path the
 median tok/s of one prefill of --prompt random tokens and of --decode greedy decode steps,
 after a warm-up that compiles the kernels. `offload` runs attention, norms, router and the
-unembedding on the GPU (grokcpu/backends/cuda.py: CudaDense) and the experts on the CPU; its
-decode line also says how much of a step the CPU experts took. Both paths start from the same
-prompt; the largest logit difference between them is printed as a check.
+unembedding on the GPU (grokcpu/backends/cuda.py) and the experts on the CPU. Both paths start
+from the same prompt; the largest logit difference between them is printed as a check.
 """
 
 from __future__ import annotations
@@ -27,70 +26,32 @@ import grokcpu  # noqa: E402
 from grokcpu.errors import GrokError  # noqa: E402
 
 
-def cpu_path(model):
-    def prefill(s, toks):
-        return s.prefill(toks, logits="last")
-
-    def decode(s, tok):
-        return s.decode(tok)
-    return prefill, decode, None
-
-
-def offload_path(dense, chunk=512):
-    moe_s = [0.0]
-
-    def prefill(s, toks):
-        h = None
-        for i in range(0, len(toks), chunk):
-            h = dense.session_forward(s, toks[i:i + chunk], moe_fn=timed(dense.cpu_moe_fn()))
-        return dense.logits(h[-1:])[0]
-
-    def decode(s, tok):
-        return dense.logits(dense.session_forward(s, [tok], decode=True, moe_fn=timed(dense.cpu_moe_fn())))[0]
-
-    def timed(fn):
-        def moe_fn(*a):
-            t = perf_counter()
-            out = fn(*a)
-            moe_s[0] += perf_counter() - t
-            return out
-        return moe_fn
-    return prefill, decode, moe_s
-
-
-def measure(model, path, prompt, n_decode, repeats):
-    prefill, decode, moe_s = path
-
+def measure(model, prompt, n_decode, repeats):
+    """Median prefill and decode tok/s over `repeats` runs after a warm-up; the first run's
+    last-position prefill logits, to compare the paths."""
     def once(n_prompt, n_gen):
         s = model.new_session()
         t = perf_counter()
-        logits = prefill(s, prompt[:n_prompt])
+        logits = s.prefill(prompt[:n_prompt], logits="last")
         pp = perf_counter() - t
         first = logits
         tok = int(np.argmax(logits))
-        if moe_s is not None:
-            moe_s[0] = 0.0
         t = perf_counter()
         for _ in range(n_gen):
-            tok = int(np.argmax(decode(s, tok)))
+            tok = int(np.argmax(s.decode(tok)))
         return pp, perf_counter() - t, first
 
     t = perf_counter()
     once(min(len(prompt), 8), min(n_decode, 2))         # warm-up: compiles every kernel
     warm = perf_counter() - t
-    pp, tg, moe_share = [], [], []
+    pp, tg = [], []
     first = None
     for _ in range(repeats):
         a, b, first = once(len(prompt), n_decode)
         pp.append(len(prompt) / a)
         tg.append(n_decode / b)
-        if moe_s is not None:
-            moe_share.append(moe_s[0] / b)
-    out = {"warmup_s": warm, "prefill_tps": statistics.median(pp), "decode_tps": statistics.median(tg),
-           "prefill_runs": pp, "decode_runs": tg}
-    if moe_share:
-        out["decode_expert_share"] = statistics.median(moe_share)
-    return out, first
+    return {"warmup_s": warm, "prefill_tps": statistics.median(pp), "decode_tps": statistics.median(tg),
+            "prefill_runs": pp, "decode_runs": tg}, first
 
 
 def main(argv=None) -> int:
@@ -124,24 +85,22 @@ def main(argv=None) -> int:
               "threads": model.threads, "prompt": a.prompt, "decode": a.decode, "repeats": a.repeats}
 
     def line(name, r):
-        extra = f"   experts (CPU) {100 * r['decode_expert_share']:.0f}% of a decode step" \
-            if "decode_expert_share" in r else ""
         say(f"{name:8s} prefill {r['prefill_tps']:9.2f} tok/s   decode {r['decode_tps']:8.2f} tok/s"
-            f"   (warm-up {r['warmup_s']:.1f} s){extra}")
+            f"   (warm-up {r['warmup_s']:.1f} s)")
 
     say(f"model: {a.model}  D={c.emb_size} L={c.num_layers} E={c.num_experts} V={c.vocab_size}  "
         f"threads={model.threads}  prompt={a.prompt} decode={a.decode} repeats={a.repeats}")
-    result["cpu"], cpu_first = measure(model, cpu_path(model), prompt, a.decode, a.repeats)
+    result["cpu"], cpu_first = measure(model, prompt, a.decode, a.repeats)
     line("cpu", result["cpu"])
     if ok:
         t = perf_counter()
-        dense = gc.CudaDense(model)
+        gpu = grokcpu.load(a.model, threads=a.threads, context=context, offload="dense")
         result["upload_s"] = perf_counter() - t
-        result["gpu_dense_bytes"] = dense.nbytes
-        result["offload"], gpu_first = measure(model, offload_path(dense), prompt, a.decode, a.repeats)
+        result["gpu_dense_bytes"] = nbytes = gpu.stats()["gpu"]["bytes"]
+        result["offload"], gpu_first = measure(gpu, prompt, a.decode, a.repeats)
         result["max_abs_logit_diff"] = float(np.abs(gpu_first - cpu_first).max())
         line("offload", result["offload"])
-        say(f"upload {result['upload_s']:.1f} s ({dense.nbytes / 1e9:.2f} GB of dense weights on the GPU); "
+        say(f"load + upload {result['upload_s']:.1f} s ({nbytes / 1e9:.2f} GB of dense weights on the GPU); "
             f"last prompt position, offload vs cpu: max |logit diff| {result['max_abs_logit_diff']:.2e}")
     if a.json:
         print(json.dumps(result, indent=1))

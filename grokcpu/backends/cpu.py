@@ -382,9 +382,8 @@ def unembed(h: np.ndarray, emb: np.ndarray, scale: float, threads: int) -> np.nd
     """h[T, D] @ emb[V, D].T * scale -> [T, V] float32 (the exact, float32 tied output layer)."""
     T, V = h.shape[0], emb.shape[0]
     out = np.empty((T, V), np.float32)
-    if T < GEMM_MIN_ROWS:           # a decode batch: a pass per row (numpy's matmul into the
-        for t in range(T):          # strided out slices below skips BLAS: 20x slower at T=2)
-            M.dot_rows(np.ascontiguousarray(h[t]), emb, np.float32(scale), out[t], threads)
+    if T < GEMM_MIN_ROWS:           # a decode step or batch: the table read once for all rows
+        M.dot_rows(np.ascontiguousarray(h), emb, np.float32(scale), out, threads)
         return out
     rows = max(256, TILE_ELEMS // emb.shape[1])
     for v0 in range(0, V, rows):

@@ -274,20 +274,23 @@ def _out_group(x, wt, s, out, j):
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def dot_rows(x, a, scale, out, parts):
-    """out[C] = scale * (a[C, R] @ x[R]) for a float32 table a (the exact unembedding).
+    """out[T, C] = scale * (x[T, R] @ a[C, R].T) for a float32 table a (the exact unembedding)
+    and a few rows T (a decode step or batch): each table row is read once for all T.
 
     Row by row, each of `parts` contiguous row ranges one sequential stream: with no int8 to
     widen, the extra loads of x cost less than the streams of an eight-row step.
     """
     C, R = a.shape
+    T = x.shape[0]
     per = (C + parts - 1) // parts
     for p in prange(parts):
         for c in range(p * per, min(C, (p + 1) * per)):
             row = a[c]
-            acc = np.float32(0.0)
-            for r in range(R):
-                acc += x[r] * row[r]
-            out[c] = scale * acc
+            for t in range(T):
+                acc = np.float32(0.0)
+                for r in range(R):
+                    acc += x[t, r] * row[r]
+                out[t, c] = scale * acc
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
