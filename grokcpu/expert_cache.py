@@ -168,10 +168,23 @@ class ExpertCache:
             raise s.error
         return self._views(i)
 
-    def slot(self, layer: int, expert: int) -> int:
-        """The pool slot of an acquired expert (its weights: pool_view[slot], slot_shape)."""
+    def acquire_resident(self, layer: int, experts: list) -> list | None:
+        """Pool slots of these experts, pinned until release_all(), if every one is loaded;
+        else None and nothing is pinned. One lock for all: acquire()'s accounting, in order."""
         with self.lock:
-            return self.where[(layer, expert)]
+            slots = [self.where.get((layer, e)) for e in experts]
+            if any(i is None or not self.slots[i].ready.is_set() or self.slots[i].error is not None for i in slots):
+                return None
+            for e, i in zip(experts, slots):
+                self._account((layer, e), i).refs += 1
+            return slots
+
+    def release_all(self, layer: int, experts: list) -> None:
+        with self.lock:
+            for e in experts:
+                i = self.where.get((layer, e))
+                if i is not None and self.slots[i].refs > 0:
+                    self.slots[i].refs -= 1
 
     def _account(self, key, i: int) -> "_Slot":
         """A use of `key` in slot i: hit or miss statistics and recency. Caller holds the lock."""

@@ -185,13 +185,14 @@ class CpuBackend:
         return np.asarray(self.emb[step.toks], dtype=np.float32) * mult
 
     def attention(self, li: int, h: np.ndarray, step) -> None:
-        if step.T == 1:
+        if step.T == 1:         # one call: the block, then the router's input and top-k (see route)
             kv, _, _, key_ok = step.segments[0]
             dw = step.ws.decode()
             kc, vc = kv.storage
-            KD.attn_block(h, dw.x, *self.attn_args[li], dw.cos, dw.sin, kc[li], vc[li], kv.pos, key_ok,
-                          self.config.rms_norm_eps, self.consts, dw.q, dw.kv, dw.attn, dw.a, dw.scores,
-                          dw.part_q, dw.part_kv, dw.part_o)
+            x, idx, gate, probs = step.ws.routing("", 1)
+            KD.attn_route(h, dw.x, *self.attn_args[li], self.layers[li].router, dw.cos, dw.sin, kc[li], vc[li],
+                          kv.pos, key_ok, self.config.rms_norm_eps, self.consts, dw.q, dw.kv, dw.attn, dw.a,
+                          dw.scores, dw.part_q, dw.part_kv, dw.part_o, x, idx, gate, probs)
             return
         self._attention_rows(li, h, step)
 
@@ -219,6 +220,8 @@ class CpuBackend:
         K.add_rmsnorm(h, a, lw.attn_post_norm, c.rms_norm_eps)
 
     def route(self, li: int, h: np.ndarray, step):
+        if step.T == 1:         # computed by attention()'s fused call for this layer
+            return step.ws.routing("", 1)
         return self._route(self.layers[li], h, step, "")
 
     def guess(self, li: int, h: np.ndarray, step) -> np.ndarray:
@@ -249,18 +252,14 @@ class CpuBackend:
             for j, e in enumerate(experts):
                 KD.expert(x[0], lw.w_gate.w[e], sg[e], lw.w_up.w[e], su[e], lw.w_down.w[e], sd[e], False,
                           dw.gu, dw.ys[j], dw.part_f, dw.part_d)
-        elif dw.whole and all(cache.ready(li, e) for e in experts):
+        elif dw.whole and (slots := cache.acquire_resident(li, experts)) is not None:
             # every expert resident: one thread per expert, whole (bitwise `expert`'s result)
-            slots = dw.slots
-            for j, e in enumerate(experts):
-                cache.acquire(li, e)
-                slots[j] = cache.slot(li, e)
-                dw.es[j] = e
+            dw.slots[:] = slots
+            dw.es[:] = experts
             try:
-                KD.experts_whole(x[0], cache.pool_view, slots, dw.es, sg, su, sd, dw.gus, dw.ys)
+                KD.experts_whole(x[0], cache.pool_view, dw.slots, dw.es, sg, su, sd, dw.gus, dw.ys)
             finally:
-                for e in experts:
-                    cache.release(li, e)
+                cache.release_all(li, experts)
         else:
             for e in cache.ready_first(li, experts):
                 j = experts.index(e)

@@ -1,15 +1,15 @@
 """One decode token's blocks in a few compiled calls on a preallocated workspace (the CPU
-backend's one-row path): the attention block in one call, each routed expert in one (or, with 1
-or 2 threads and the experts resident, all of them in one region: `experts_whole`), and one
-call to finish the MoE block. A token's many short products otherwise pay Python's argument
-checks and small allocations per call. The arithmetic is the kernels of the many-row path in
-the same order, or kernels bitwise theirs.
+backend's one-row path): the attention block and the router in one call, each routed expert in
+one (or, with 1 or 2 threads and the experts resident, all of them in one region:
+`experts_whole`), and one call to finish the MoE block. A token's many short products would
+otherwise pay Python's argument checks and small allocations per call. The arithmetic is the
+kernels of the many-row path in the same order, or kernels bitwise theirs.
 """
 
 import numpy as np
 from numba import njit, prange
 
-from .layers import add_rmsnorm, attention, gelu_mul, rmsnorm, rope
+from .layers import add_rmsnorm, attention, gelu_mul, rmsnorm, rope, route
 from .matvec import _out_group, _range_into, _split, qmatvec, qmatvec_multi, qmatvec_qkv, qmatvec_t
 
 
@@ -37,6 +37,17 @@ def attn_block(h, x, norms, wq, sq, wk, sk, wv, sv, wo, so, cos, sin, kc, vc, po
     attention(q, kc, vc, pos, key_ok, mult, cap, n_uniform, attn, scores, part_q.shape[0])
     qmatvec(attn.reshape(H * d), wo, so, a[0], part_o)
     add_rmsnorm(h, a, norms[1], eps)
+
+
+@njit(cache=True, nogil=True)
+def attn_route(h, x, norms, wq, sq, wk, sk, wv, sv, wo, so, router, cos, sin, kc, vc, pos, key_ok, eps, consts,
+               q, kv, attn, a, scores, part_q, part_kv, part_o, xr, idx, gate, probs):
+    """attn_block, then xr = RMSNorm_2(h) and the router's top-k into idx/gate (probs: the
+    softmax): a decode layer's attention and routing in one call."""
+    attn_block(h, x, norms, wq, sq, wk, sk, wv, sv, wo, so, cos, sin, kc, vc, pos, key_ok, eps, consts,
+               q, kv, attn, a, scores, part_q, part_kv, part_o)
+    rmsnorm(h, norms[2], eps, xr)
+    route(xr, router, idx.shape[1], idx, gate, probs)
 
 
 @njit(cache=True, nogil=True)
