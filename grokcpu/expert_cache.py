@@ -134,6 +134,12 @@ class ExpertCache:
         self.pool_view = self.pool.view()             # what kernels read: the mapped weights' type
         self.pool_view.flags.writeable = False
         self.slots = [_Slot() for _ in range(self.nslots)]
+        # slot_of[layer, expert]: its slot once loaded, -1 otherwise, for kernels that find
+        # resident experts themselves (kernels.decode.moe_resident). Set by the reader when a
+        # load is done, cleared when the slot is claimed for another expert: claims happen in
+        # the model's thread, so nothing a kernel sees as resident goes away during its call.
+        self.slot_of = np.full((self.L, self.E), -1, np.int64)
+        self._used: list = []            # note_used's uses not yet counted
         self._slot_views: list = [None] * self.nslots     # a slot's matrices (fixed views of the pool)
         self.where: dict = {}            # (layer, expert) -> slot index
         self.pinned: set = set()
@@ -168,26 +174,29 @@ class ExpertCache:
             raise s.error
         return self._views(i)
 
-    def acquire_resident(self, layer: int, experts: list) -> list | None:
-        """Pool slots of these experts, pinned until release_all(), if every one is loaded;
-        else None and nothing is pinned. One lock for all: acquire()'s accounting, in order."""
-        with self.lock:
-            slots = [self.where.get((layer, e)) for e in experts]
-            if any(i is None or not self.slots[i].ready.is_set() or self.slots[i].error is not None for i in slots):
-                return None
-            for e, i in zip(experts, slots):
-                self._account((layer, e), i).refs += 1
-            return slots
+    def note_used(self, layer: int, experts: list) -> None:
+        """A kernel read these resident experts of `layer` without acquire() (see slot_of). They
+        are counted, with acquire()'s statistics and recency in the order of use, before the
+        cache next claims a slot or accounts a use, or on flush_used()."""
+        self._used.append((layer, experts))          # (list.append is atomic)
 
-    def release_all(self, layer: int, experts: list) -> None:
+    def flush_used(self) -> None:
         with self.lock:
+            self._flush_used()
+
+    def _flush_used(self) -> None:
+        """Caller holds the lock."""
+        while self._used:
+            layer, experts = self._used.pop(0)
             for e in experts:
-                i = self.where.get((layer, e))
-                if i is not None and self.slots[i].refs > 0:
-                    self.slots[i].refs -= 1
+                self._account_now((layer, e), self.where[(layer, e)])
 
     def _account(self, key, i: int) -> "_Slot":
         """A use of `key` in slot i: hit or miss statistics and recency. Caller holds the lock."""
+        self._flush_used()
+        return self._account_now(key, i)
+
+    def _account_now(self, key, i: int) -> "_Slot":
         s = self.slots[i]
         st, layer = self.stats, key[0]
         if s.used:
@@ -220,6 +229,9 @@ class ExpertCache:
     def request(self, keys) -> None:
         """Start reading every missing expert a layer needs now, all at once (they overlap)."""
         keys = list(keys)
+        where = self.where
+        if all(key in where for key in keys):     # all resident or on their way: nothing to do
+            return
         with self.lock:
             for key in keys:
                 if key not in self.where and self._claim(key, prefetched=False, wait=False,
@@ -292,6 +304,7 @@ class ExpertCache:
     def _claim(self, key, prefetched: bool, wait: bool = True, stale_before: int | None = None,
                protect=()):
         """Give `key` a slot (free, or evicted) and start its read. Caller holds the lock."""
+        self._flush_used()              # recency first: the victim is chosen from it
         i = self._free_slot(wait, stale_before, protect)
         if i is None:
             return None
@@ -299,6 +312,7 @@ class ExpertCache:
         if s.key is not None:
             old = s.key
             del self.where[old]
+            self.slot_of[old] = -1
             self.policy.remove(old)
             self.stats.evictions[old[0]] += 1
             if s.prefetched and not s.used:
@@ -411,6 +425,8 @@ class ExpertCache:
                 self.stats.inflight -= 1
                 if self.stats.inflight == 0:
                     self.stats.io_busy_seconds += now - self.stats.busy_since
+            if s.error is None:
+                self.slot_of[key] = i
             s.ready.set()
             if s.error is not None:
                 with self.lock:
@@ -437,6 +453,7 @@ class _Stats:
         self.busy_since = 0.0
 
     def as_dict(self, cache: ExpertCache) -> dict:
+        cache.flush_used()
         per_layer = [{"hits": self.hits[i], "misses": self.misses[i], "prefetch_hits": self.prefetch_hits[i],
                       "prefetch_issued": self.prefetch_issued[i], "prefetch_wasted": self.prefetch_wasted[i],
                       "evictions": self.evictions[i], "bytes_read": self.bytes_read[i]}

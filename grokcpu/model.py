@@ -112,7 +112,7 @@ class Session:
     def __init__(self, model: Model):
         self.model = model
         self.kv = KVCache(model.backend, model.config, model.context)
-        self.ws = model.backend.workspace()
+        self.ws = model.backend.workspace(self.kv)
         self.trace: list | None = None   # set to [] to record (layer, expert ids [T, k], probs [T, E])
 
     @property
@@ -220,13 +220,16 @@ def forward(model: Model, step: Step) -> np.ndarray:
             for li in range(L):
                 be.attention(li, h, step)                       # h += RMSNorm_1(Attn(RMSNorm_0(h)))
                 x, idx, gate, probs = be.route(li, h, step)      # x = RMSNorm_2(h); top-k experts
-                _check_finite(model, x, li, step)
+                experts = sorted(set(idx.ravel().tolist()))
+                if experts[0] < 0:                              # NaN/Inf in x: no expert wins
+                    _not_finite(model, li, step)
                 _note_routing(model, step, li, idx, probs)
                 if cache is not None:
-                    _fetch_experts(model, li, idx, h, step)
+                    _fetch_experts(model, li, experts, h, step)
                 be.moe(li, h, x, idx, gate, step)              # h += RMSNorm_3(MoE(x))
             hf = be.final(h, step)
-            _check_finite(model, hf, L, step)
+            if not math.isfinite(hf.sum(dtype=np.float64)):     # NaN and Inf survive the sum
+                _not_finite(model, L, step)
         except BaseException:
             for kv, _, n, _ in step.segments:                   # keep rows past the fill empty
                 kv.discard(n)
@@ -247,24 +250,23 @@ def _note_routing(model: Model, step: Step, li: int, idx: np.ndarray, probs: np.
         model.trace.write(step.pos, li, idx)
 
 
-def _fetch_experts(model: Model, li: int, idx: np.ndarray, h, step: Step) -> None:
+def _fetch_experts(model: Model, li: int, experts: list, h, step: Step) -> None:
     """Start reading every expert layer li needs (all misses in flight at once) and, with
     prefetch on, guess layer li+1's from the residual h and start reading those too."""
     cache = model.experts
-    cache.request([(li, e) for e in sorted(set(idx.ravel().tolist()))])
+    cache.request([(li, e) for e in experts])
     if cache.prefetch_enabled and li + 1 < model.config.num_layers:
         guess = model.backend.guess(li + 1, h, step)
         cache.prefetch([(li + 1, e) for e in sorted(set(guess.ravel().tolist()))], only_if_idle=step.decode)
 
 
-def _check_finite(model: Model, x: np.ndarray, li: int, step: Step) -> None:
-    """A NaN or Inf in the activations is a damaged checkpoint: name the tensor it came from."""
-    if math.isfinite(x.sum(dtype=np.float64)):      # NaN and Inf survive a float64 sum
-        return
-    where = "the final layer" if li == model.config.num_layers else f"layer {li}"
+def _not_finite(model: Model, li: int, step: Step) -> None:
+    """NaN or Inf in the activations before layer li's experts (li = L: after the last layer)
+    means a damaged checkpoint: raise, naming the tensor it came from."""
+    where = "after the last layer" if li == model.config.num_layers else f"before layer {li}'s experts"
     culprit = _nonfinite_weight(model, li, step)
     raise CheckpointError(
-        f"the activations became NaN/Inf before {where}'s experts"
+        f"the activations became NaN/Inf {where}"
         + (f": {culprit} holds NaN or Inf values" if culprit else " (they overflowed float32)"),
         hint="the checkpoint is damaged: verify it (grok-cli info --verify) or download it again")
 

@@ -92,11 +92,13 @@ class Scratch:
 class Workspace:
     """A session's buffers: named scratch for many-row passes, the decode workspace for one row."""
 
-    def __init__(self, backend: "CpuBackend"):
+    def __init__(self, backend: "CpuBackend", kv):
         self.backend = backend
+        self.kv = kv
         self.scratch = Scratch()
         self._decode: KD.DecodeWorkspace | None = None
         self._routing: dict = {}
+        self.attn_args: list | None = None      # attn_route's arguments by layer, around (pos, key mask)
 
     def routing(self, prefix: str, T: int):
         """x [T, D], idx [T, k], gate [T, k], probs [T, E] for a router's output."""
@@ -112,7 +114,12 @@ class Workspace:
     def decode(self) -> KD.DecodeWorkspace:
         if self._decode is None:
             b = self.backend
-            self._decode = KD.DecodeWorkspace(b.config, b.context, b.threads, b.pair_parts)
+            dw = self._decode = KD.DecodeWorkspace(b.config, b.context, b.threads, b.pair_parts)
+            kc, vc = self.kv.storage
+            routing = self.routing("", 1)
+            self.attn_args = [((dw.h, dw.x, *b.attn_args[li], b.layers[li].router, dw.cos, dw.sin, kc[li], vc[li]),
+                               (b.config.rms_norm_eps, b.consts, dw.q, dw.kv, dw.attn, dw.a, dw.scores, dw.part_q,
+                                dw.part_kv, dw.part_o, *routing)) for li in range(b.config.num_layers)]
         return self._decode
 
 
@@ -151,19 +158,22 @@ class CpuBackend:
     def kv_bytes(self, context: int) -> int:
         return self.config.kv_cache_bytes(context)
 
-    def workspace(self) -> Workspace:
-        return Workspace(self)
+    def workspace(self, kv) -> Workspace:
+        return Workspace(self, kv)
 
     @contextlib.contextmanager
     def running(self, step):
-        """Around one forward: this thread's numba pool size, and BLAS's. With many rows, numba's
-        kernels run on one thread, since its idle OpenMP workers spin and would fight OpenBLAS's
-        threads for the cores (2x slower prefill)."""
-        blas = _blas_set_threads()
-        if blas is not None:
-            blas(ctypes.c_int(self.threads))
+        """Around one forward: this thread's numba pool size, and with many rows BLAS's. Then
+        numba's kernels run on one thread, since its idle OpenMP workers spin and would fight
+        OpenBLAS's threads for the cores (2x slower prefill). A decode step leaves BLAS alone:
+        setting its thread count wakes its pool, which then spins on a core decode needs."""
+        many = step.T >= GEMM_MIN_ROWS
+        if many:
+            blas = _blas_set_threads()
+            if blas is not None:
+                blas(ctypes.c_int(self.threads))
         saved = numba.get_num_threads()
-        numba.set_num_threads(1 if step.T >= GEMM_MIN_ROWS else self.threads)
+        numba.set_num_threads(1 if many else self.threads)
         try:
             yield
         finally:
@@ -175,6 +185,7 @@ class CpuBackend:
         mult = np.float32(c.embedding_multiplier_scale)
         if step.T == 1:
             dw = step.ws.decode()
+            dw.ahead = -1
             np.multiply(self.emb[step.toks[0]], mult, out=dw.h[0])
             dw.pos[0] = step.pos[0]
             K.rope_tables(self.inv_freq, dw.pos, dw.cos, dw.sin)
@@ -186,13 +197,13 @@ class CpuBackend:
 
     def attention(self, li: int, h: np.ndarray, step) -> None:
         if step.T == 1:         # one call: the block, then the router's input and top-k (see route)
-            kv, _, _, key_ok = step.segments[0]
             dw = step.ws.decode()
-            kc, vc = kv.storage
-            x, idx, gate, probs = step.ws.routing("", 1)
-            KD.attn_route(h, dw.x, *self.attn_args[li], self.layers[li].router, dw.cos, dw.sin, kc[li], vc[li],
-                          kv.pos, key_ok, self.config.rms_norm_eps, self.consts, dw.q, dw.kv, dw.attn, dw.a,
-                          dw.scores, dw.part_q, dw.part_kv, dw.part_o, x, idx, gate, probs)
+            if dw.ahead == li:  # already run by the previous layer's MoE call (_moe_one)
+                dw.ahead = -1
+                return
+            kv, _, _, key_ok = step.segments[0]
+            before, after = step.ws.attn_args[li]
+            KD.attn_route(*before, kv.pos, key_ok, *after)
             return
         self._attention_rows(li, h, step)
 
@@ -237,29 +248,37 @@ class CpuBackend:
     def moe(self, li: int, h: np.ndarray, x: np.ndarray, idx: np.ndarray, gate: np.ndarray, step) -> None:
         lw, cache, eps = self.layers[li], self.model.experts, self.config.rms_norm_eps
         if step.T == 1:
-            self._moe_one(li, lw, h, x, idx, gate, cache, step.ws.decode())
+            self._moe_one(li, lw, h, x, idx, gate, cache, step)
             return
         K.add_rmsnorm(h, self.moe_rows(li, x, idx, gate, step.ws.scratch), lw.moe_post_norm, eps)
 
-    def _moe_one(self, li, lw, h, x, idx, gate, cache, dw) -> None:
-        """One token's MoE block: resident experts first (overlapping the others' reads),
-        summed in expert order by moe_finish."""
+    def _moe_one(self, li, lw, h, x, idx, gate, cache, step) -> None:
+        """One token's MoE block: all in one call when every expert is resident (1 or 2 threads),
+        with the next layer's attention and routing (attention() then finds them done); else
+        resident experts first (overlapping the others' reads), summed in expert order."""
+        dw = step.ws.decode()
+        sg, su, sd, eps = lw.w_gate.s, lw.w_up.s, lw.w_down.s, self.config.rms_norm_eps
+        if cache is not None and dw.whole:
+            args = (x[0], idx[0], gate[0], cache.pool_view, cache.slot_of[li], sg, su, sd, dw.gus, dw.ys, dw.es,
+                    dw.gates, dw.slots, h, lw.moe_post_norm, eps, dw.moe)
+            if li + 1 < len(self.layers):
+                kv, _, _, key_ok = step.segments[0]
+                before, after = step.ws.attn_args[li + 1]
+                done = KD.moe_resident_attn(*args, *before, kv.pos, key_ok, *after)
+                if done:
+                    dw.ahead = li + 1
+            else:
+                done = KD.moe_resident(*args)
+            if done:
+                cache.note_used(li, dw.es.tolist())
+                return
         chosen = sorted(zip(idx[0].tolist(), gate[0].tolist()))
         experts = [e for e, _ in chosen]
         dw.gates[:] = [g for _, g in chosen]
-        sg, su, sd = lw.w_gate.s, lw.w_up.s, lw.w_down.s
         if cache is None:
             for j, e in enumerate(experts):
                 KD.expert(x[0], lw.w_gate.w[e], sg[e], lw.w_up.w[e], su[e], lw.w_down.w[e], sd[e], False,
                           dw.gu, dw.ys[j], dw.part_f, dw.part_d)
-        elif dw.whole and (slots := cache.acquire_resident(li, experts)) is not None:
-            # every expert resident: one thread per expert, whole (bitwise `expert`'s result)
-            dw.slots[:] = slots
-            dw.es[:] = experts
-            try:
-                KD.experts_whole(x[0], cache.pool_view, dw.slots, dw.es, sg, su, sd, dw.gus, dw.ys)
-            finally:
-                cache.release_all(li, experts)
         else:
             for e in cache.ready_first(li, experts):
                 j = experts.index(e)
@@ -268,7 +287,7 @@ class CpuBackend:
                     KD.expert(x[0], wg, sg[e], wu, su[e], wd, sd[e], True, dw.gu, dw.ys[j], dw.part_f, dw.part_d)
                 finally:
                     cache.release(li, e)
-        KD.moe_finish(h, dw.ys, dw.gates, lw.moe_post_norm, self.config.rms_norm_eps, dw.moe)
+        KD.moe_finish(h, dw.ys, dw.gates, lw.moe_post_norm, eps, dw.moe)
 
     def moe_rows(self, li, x, idx, gate, scratch) -> np.ndarray:
         """sum_j gate[t, j] * expert_{idx[t, j]}(x[t]); each expert runs once over its tokens,

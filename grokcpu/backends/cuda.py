@@ -726,9 +726,9 @@ class CudaWorkspace:
     """A session's device buffers by row count (few sizes: a prefill chunk, its tail, decode)
     and its host workspace for the experts."""
 
-    def __init__(self, backend: "CudaBackend"):
+    def __init__(self, backend: "CudaBackend", kv):
         self.backend = backend
-        self.host = backend.cpu.workspace()
+        self.host = backend.cpu.workspace(kv)
         self._bufs: dict[int, SimpleNamespace] = {}
 
     def buffers(self, T: int) -> SimpleNamespace:
@@ -811,8 +811,8 @@ class CudaBackend:
     def kv_bytes(self, context: int) -> int:
         return self.config.kv_cache_bytes(context)
 
-    def workspace(self) -> CudaWorkspace:
-        return CudaWorkspace(self)
+    def workspace(self, kv) -> CudaWorkspace:
+        return CudaWorkspace(self, kv)
 
     def running(self, step):
         return self.cpu.running(step)

@@ -89,6 +89,44 @@ def experts_whole(x, pool, slots, es, sg, su, sd, gus, ys):
 
 
 @njit(cache=True, nogil=True)
+def moe_resident(x, idx, gate, pool, slot_of, sg, su, sd, gus, ys, es, gates, slots, h, norm, eps, out):
+    """A decode layer's MoE block, h[1, D] += RMSNorm_3(sum_j gate[j] * expert_idx[j](x)), when
+    every routed expert is in the expert cache (slot_of [E]: a layer's slots, -1 if absent):
+    experts_whole, then moe_finish, experts in id order. Returns False, with nothing done, when
+    one is not resident. es, gates: the experts and their gates in id order; slots: theirs."""
+    k = idx.shape[0]
+    for j in range(k):                       # insertion sort by expert id
+        e, g = idx[j], gate[j]
+        i = j
+        while i > 0 and es[i - 1] > e:
+            es[i] = es[i - 1]
+            gates[i] = gates[i - 1]
+            i -= 1
+        es[i] = e
+        gates[i] = g
+    for j in range(k):
+        slots[j] = slot_of[es[j]]
+        if slots[j] < 0:
+            return False
+    experts_whole(x, pool, slots, es, sg, su, sd, gus, ys)
+    moe_finish(h, ys, gates, norm, eps, out)
+    return True
+
+
+@njit(cache=True, nogil=True)
+def moe_resident_attn(x, idx, gate, pool, slot_of, sg, su, sd, gus, ys, es, gates, slots, h, norm, eps, out,
+                      hn, xn, norms, wq, sq, wk, sk, wv, sv, wo, so, router, cos, sin, kc, vc, pos, key_ok, eps_n,
+                      consts, q, kv, attn, a, scores, part_q, part_kv, part_o, xr, idx_n, gate_n, probs_n):
+    """moe_resident for one layer and, when it ran, attn_route for the next (its arguments
+    after `out`) in the same call: one call per decode layer while the experts are resident."""
+    if not moe_resident(x, idx, gate, pool, slot_of, sg, su, sd, gus, ys, es, gates, slots, h, norm, eps, out):
+        return False
+    attn_route(hn, xn, norms, wq, sq, wk, sk, wv, sv, wo, so, router, cos, sin, kc, vc, pos, key_ok, eps_n,
+               consts, q, kv, attn, a, scores, part_q, part_kv, part_o, xr, idx_n, gate_n, probs_n)
+    return True
+
+
+@njit(cache=True, nogil=True)
 def moe_finish(h, ys, gate, norm, eps, out):
     """h[1, D] += RMSNorm_3(sum_j gate[j] * ys[j]); ys in expert order (as the general path sums)."""
     out[:] = 0.0
@@ -128,3 +166,4 @@ class DecodeWorkspace:
         self.consts = np.array([c.attn_output_multiplier, c.attn_logit_cap, c.sequence_len], f32)
         self.slots = np.empty(k, np.int64)      # experts_whole's pool slots and expert ids
         self.es = np.empty(k, np.int64)
+        self.ahead = -1                          # a layer whose attention already ran (moe_resident_attn)
