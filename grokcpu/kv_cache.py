@@ -64,7 +64,3 @@ class KVCache:
 
     def reset(self) -> None:
         self.truncate(0)
-
-    @property
-    def nbytes(self) -> int:
-        return self.backend.kv_bytes(self.context)

@@ -23,17 +23,15 @@ MAX_CONTEXT = 1 << 24
 class OptionError(GrokError):
     """A bad value for one option; `param` is its parameter name (the CLI maps it to a flag)."""
 
-    def __init__(self, param: str, message: str, hint: str | None = None):
+    def __init__(self, param: str, message: str, hint: str | None = None, name: str | None = None):
         self.param = param
         self.template, self.hint_template = message, hint
-        super().__init__(_named(message, param), hint and _named(hint, param))
+        name = param if name is None else name
+        super().__init__(_named(message, name), hint and _named(hint, name))
 
     def render(self, name: str) -> "OptionError":
         """The same error, naming the option `name` (a CLI flag) instead of the parameter."""
-        e = OptionError.__new__(OptionError)
-        GrokError.__init__(e, _named(self.template, name), self.hint_template and _named(self.hint_template, name))
-        e.param, e.template, e.hint_template = self.param, self.template, self.hint_template
-        return e
+        return OptionError(self.param, self.template, self.hint_template, name=name)
 
 
 def _named(template: str, name: str) -> str:
@@ -43,7 +41,7 @@ def _named(template: str, name: str) -> str:
     return t.replace("\0l", "{").replace("\0r", "}")
 
 
-def _short(value) -> str:
+def quote(value) -> str:
     """A value for an error message: repr, one line, at most 60 characters."""
     try:
         r = repr(value)
@@ -53,8 +51,6 @@ def _short(value) -> str:
     r = r if len(r) <= 60 else r[:57] + "..."
     return r.replace("{", "{{").replace("}", "}}")      # safe inside an OptionError template
 
-
-quote = _short
 
 
 def positive_int(param: str, value, upper: int, allow_none: bool = True) -> int | None:
@@ -69,10 +65,10 @@ def positive_int(param: str, value, upper: int, allow_none: bool = True) -> int 
             else:
                 raise TypeError
         except TypeError:
-            raise OptionError(param, f"{{name}} must be a whole number, not {_short(value)}",
+            raise OptionError(param, f"{{name}} must be a whole number, not {quote(value)}",
                               hint=f"use an integer from 1 to {upper}") from None
     if not 1 <= value <= upper:
-        raise OptionError(param, f"{{name}} {_short(value)} is out of range", hint=f"use an integer from 1 to {upper}")
+        raise OptionError(param, f"{{name}} {quote(value)} is out of range", hint=f"use an integer from 1 to {upper}")
     return value
 
 
@@ -87,18 +83,18 @@ def expert_cache_gb(value) -> str | float:
         try:
             x = float(v)
         except ValueError:
-            raise OptionError("expert_cache_gb", f"{{name}} {_short(value)} is not a size",
+            raise OptionError("expert_cache_gb", f"{{name}} {quote(value)} is not a size",
                               hint="give a size in GB (e.g. 64), 'auto', or 'off' (read experts from the "
                                    "memory map)") from None
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise OptionError("expert_cache_gb", f"{{name}} must be a number of GB, 'auto' or 'off', not {_short(value)}")
+        raise OptionError("expert_cache_gb", f"{{name}} must be a number of GB, 'auto' or 'off', not {quote(value)}")
     else:
         try:
             x = float(value)
         except OverflowError:
             x = math.inf
     if not (0 < x < 1e9):
-        raise OptionError("expert_cache_gb", f"{{name}} {_short(value)} is out of range",
+        raise OptionError("expert_cache_gb", f"{{name}} {quote(value)} is out of range",
                           hint="give a positive size in GB, 'auto', or 'off'")
     return x
 
@@ -106,13 +102,13 @@ def expert_cache_gb(value) -> str | float:
 def _choice(param: str, value, choices: tuple) -> str:
     v = value.strip().lower() if isinstance(value, str) else value
     if v not in choices:
-        raise OptionError(param, f"{{name}} {_short(value)} is not known", hint=f"use one of: {', '.join(choices)}")
+        raise OptionError(param, f"{{name}} {quote(value)} is not known", hint=f"use one of: {', '.join(choices)}")
     return v
 
 
 def _bool(param: str, value) -> bool:
     if not isinstance(value, bool):
-        raise OptionError(param, f"{{name}} must be True or False, not {_short(value)}")
+        raise OptionError(param, f"{{name}} must be True or False, not {quote(value)}")
     return value
 
 
@@ -128,7 +124,7 @@ def pin_list(value) -> tuple:
     try:
         pairs = tuple(value)
     except TypeError:
-        raise OptionError("pin_experts", f"{{name}} must be (layer, expert) pairs, not {_short(value)}") from None
+        raise OptionError("pin_experts", f"{{name}} must be (layer, expert) pairs, not {quote(value)}") from None
     out = []
     for p in pairs:
         try:
@@ -139,7 +135,7 @@ def pin_list(value) -> tuple:
             if (layer, e) != tuple(p):
                 raise TypeError
         except (TypeError, ValueError, OverflowError):
-            raise OptionError("pin_experts", f"{{name}}: {_short(p)} is not a (layer, expert) pair of integers") from None
+            raise OptionError("pin_experts", f"{{name}}: {quote(p)} is not a (layer, expert) pair of integers") from None
         out.append((layer, e))
     return tuple(out)
 
@@ -162,14 +158,14 @@ def _parse_pin_string(value: str) -> list[tuple[int, int]]:
         try:
             n = int(tail)
         except ValueError:
-            raise OptionError("pin_experts", f"{{name}} {_short(value)}: expected TRACE:N with N a number") from None
+            raise OptionError("pin_experts", f"{{name}} {quote(value)}: expected TRACE:N with N a number") from None
         return most_used(read_trace(head), n)
     pins = []
     for part in value.split(","):
         try:
             layer, e = (int(v) for v in part.strip().split(":"))
         except ValueError:
-            raise OptionError("pin_experts", f"{{name}}: {_short(part)} is not LAYER:EXPERT",
+            raise OptionError("pin_experts", f"{{name}}: {quote(part)} is not LAYER:EXPERT",
                               hint="e.g. 0:3,0:5, or trace.jsonl:16 for the 16 most used in a routing trace") from None
         pins.append((layer, e))
     return pins
@@ -199,14 +195,14 @@ class Options:
         trace = d.get("routing_trace")
         if trace is not None:
             if not isinstance(trace, (str, os.PathLike)):
-                raise OptionError("routing_trace", f"{{name}} must be a file path, not {_short(trace)}")
+                raise OptionError("routing_trace", f"{{name}} must be a file path, not {quote(trace)}")
             trace = os.fspath(trace)
             folder = os.path.dirname(os.path.abspath(trace))
             if not os.path.isdir(folder):
-                raise OptionError("routing_trace", f"{{name}}: folder {_short(folder)} does not exist",
+                raise OptionError("routing_trace", f"{{name}}: folder {quote(folder)} does not exist",
                                   hint="create it, or give another path")
             if os.path.isdir(trace):
-                raise OptionError("routing_trace", f"{{name}}: {_short(trace)} is a folder", hint="give a file path")
+                raise OptionError("routing_trace", f"{{name}}: {quote(trace)} is a folder", hint="give a file path")
         return cls(
             threads=positive_int("threads", d.get("threads"), MAX_THREADS),
             context=positive_int("context", d.get("context"), MAX_CONTEXT),

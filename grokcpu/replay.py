@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from .errors import GrokError
 from .expert_cache import POLICIES
-from .trace import most_used, read_trace  # noqa: F401  (re-exported for tools)
 
 
 def replay(accesses: list, slots: int, policy: str) -> dict:

@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 import grokcpu
-from grokcpu.replay import most_used, read_trace, replay
+from grokcpu.replay import replay
+from grokcpu.trace import most_used, read_trace
 
 A, B, C, D = (0, 0), (0, 1), (0, 2), (0, 3)
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from grokcpu.errors import GrokError  # noqa: E402
-from grokcpu.replay import most_used, read_trace, replay  # noqa: E402
+from grokcpu.replay import replay  # noqa: E402
+from grokcpu.trace import most_used, read_trace  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,7 @@
 """The CPU backend: the blocks of `model.forward` as numba kernels, numpy's BLAS for many rows.
 
 Block interface (the CUDA backend implements the same):
-    new_kv(context) / clear_kv(storage, a, b) / kv_bytes(context)   a session's K/V storage
+    new_kv(context) / clear_kv(storage, a, b)     a session's K/V storage
     workspace()                                    a session's buffers
     running(step)                                  context manager around one forward
     embed(step) -> h                               h [T, D] = Emb[toks] * embedding multiplier
@@ -155,8 +155,6 @@ class CpuBackend:
         k[:, :, a:b] = 0.0          # rows past the fill must read as zeros (see K.attention)
         v[:, :, a:b] = 0.0
 
-    def kv_bytes(self, context: int) -> int:
-        return self.config.kv_cache_bytes(context)
 
     def workspace(self, kv) -> Workspace:
         return Workspace(self, kv)

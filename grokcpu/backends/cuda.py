@@ -808,8 +808,6 @@ class CudaBackend:
     def clear_kv(self, storage, a: int, b: int) -> None:
         """Nothing to clear: rows at or past a session's position are never read."""
 
-    def kv_bytes(self, context: int) -> int:
-        return self.config.kv_cache_bytes(context)
 
     def workspace(self, kv) -> CudaWorkspace:
         return CudaWorkspace(self, kv)

@@ -163,7 +163,6 @@ class DecodeWorkspace:
         self.part_o = np.empty((parts, D), f32)
         self.part_f = np.empty((2, pair_parts, F), f32)
         self.part_d = np.empty((parts, D), f32)
-        self.consts = np.array([c.attn_output_multiplier, c.attn_logit_cap, c.sequence_len], f32)
         self.slots = np.empty(k, np.int64)      # experts_whole's pool slots and expert ids
         self.es = np.empty(k, np.int64)
         self.ahead = -1                          # a layer whose attention already ran (moe_resident_attn)
