@@ -12,8 +12,10 @@ NARROW_COLS = 2048
 # Wider ones take eight rows per step over up to COL_CHUNK columns (eight streams, each up to
 # 32 KB long; the accumulator, up to 128 KB, stays in L2).
 COL_CHUNK = 32768
-# Columns per work item of qmatmul_small, whose accumulator holds T rows of them.
-SMALL_CHUNK = 4096
+# qmatmul_small: columns per work item (its accumulators hold T rows of them, in L1/L2), and
+# weight rows per pass (their chunk stays in L2 while each pair of rows x uses it).
+SMALL_CHUNK = 2048
+SMALL_ROWS = 64
 
 
 @njit(cache=True, fastmath=True, nogil=True, inline="always")
@@ -146,10 +148,13 @@ def qmatvec(x, w, s, out, part):
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def qmatmul_small(x, w, s, out, part):
-    """out[T, C] = x[T, R] @ (w[R, C] * s[block, C]) for a few rows T: the weights are read once.
+    """out[T, C] = x[T, R] @ (w[R, C] * s[block, C]) for a few rows T: the weights come from
+    memory once for all rows.
 
-    part [P, T, C] float32 scratch, as in qmatvec. Four weight rows at a time are widened to
-    float32 once into a small buffer and reused for every one of the T rows.
+    part [P, T, C] float32 scratch, as in qmatvec. Each pass widens four weight rows and adds
+    them into two rows of accumulators (eight x values in registers); a block of SMALL_ROWS
+    weight rows serves every pair of rows of x while it sits in L2. An odd T pairs its last
+    row with a zero row.
     """
     T, R = x.shape
     C = w.shape[1]
@@ -158,15 +163,16 @@ def qmatmul_small(x, w, s, out, part):
     P = part.shape[0]
     nch = (C + SMALL_CHUNK - 1) // SMALL_CHUNK
     rows_per = ((R + P - 1) // P + 3) // 4 * 4
+    Tp = T + (T & 1)
     for j in prange(P * nch):
         p = j // nch
         c0 = (j % nch) * SMALL_CHUNK
         c1 = min(C, c0 + SMALL_CHUNK)
         n = c1 - c0
+        acc = np.zeros((Tp, n), np.float32)
+        xp = np.zeros((Tp, 4), np.float32)
         for t in range(T):
             part[p, t, c0:c1] = 0.0
-        acc = np.empty((T, n), np.float32)
-        wf = np.empty((4, n), np.float32)
         r = p * rows_per
         r1 = min(R, r + rows_per)
         while r < r1:
@@ -174,27 +180,31 @@ def qmatmul_small(x, w, s, out, part):
             bend = min(r1, (b + 1) * rb)
             acc[:] = 0.0
             while r < bend:
-                m = min(4, bend - r)
-                for i in range(m):
-                    wr = w[r + i, c0:c1]
-                    wfi = wf[i]
-                    for c in range(n):
-                        wfi[c] = np.float32(wr[c])
-                for i in range(m, 4):
-                    wf[i, :] = 0.0
-                w0 = wf[0]
-                w1 = wf[1]
-                w2 = wf[2]
-                w3 = wf[3]
-                for t in range(T):
-                    x0 = x[t, r]
-                    x1 = x[t, r + 1] if m > 1 else np.float32(0.0)
-                    x2 = x[t, r + 2] if m > 2 else np.float32(0.0)
-                    x3 = x[t, r + 3] if m > 3 else np.float32(0.0)
-                    a = acc[t]
-                    for c in range(n):
-                        a[c] += x0 * w0[c] + x1 * w1[c] + x2 * w2[c] + x3 * w3[c]
-                r += m
+                rend = min(bend, r + SMALL_ROWS)
+                for t0 in range(0, Tp, 2):
+                    a0 = acc[t0]
+                    a1 = acc[t0 + 1]
+                    q = r
+                    while q < rend:
+                        m = min(4, rend - q)
+                        for t in range(t0, min(T, t0 + 2)):
+                            for i in range(4):
+                                xp[t, i] = x[t, q + i] if i < m else np.float32(0.0)
+                        x00, x01, x02, x03 = xp[t0, 0], xp[t0, 1], xp[t0, 2], xp[t0, 3]
+                        x10, x11, x12, x13 = xp[t0 + 1, 0], xp[t0 + 1, 1], xp[t0 + 1, 2], xp[t0 + 1, 3]
+                        w0 = w[q, c0:c1]
+                        w1 = w[min(q + 1, R - 1), c0:c1]
+                        w2 = w[min(q + 2, R - 1), c0:c1]
+                        w3 = w[min(q + 3, R - 1), c0:c1]
+                        for c in range(n):
+                            f0 = np.float32(w0[c])
+                            f1 = np.float32(w1[c])
+                            f2 = np.float32(w2[c])
+                            f3 = np.float32(w3[c])
+                            a0[c] += x00 * f0 + x01 * f1 + x02 * f2 + x03 * f3
+                            a1[c] += x10 * f0 + x11 * f1 + x12 * f2 + x13 * f3
+                        q += m
+                r = rend
             sb = s[b, c0:c1]
             for t in range(T):
                 o = part[p, t, c0:c1]
@@ -207,6 +217,7 @@ def qmatmul_small(x, w, s, out, part):
             for p in range(1, P):
                 v += part[p, t, c]
             out[t, c] = v
+
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
@@ -295,11 +306,8 @@ def dot_rows(x, a, scale, out, parts):
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
 def qmatmul_small_t(x, wt, s, out):
-    """out[T, C] = x[T, R] @ (wt[C, R] * s[block, c]).T for a few rows T, wt output-major.
-
-    Four weight rows of a scale block are widened to float32 once into a small buffer and
-    reused for every one of the T rows.
-    """
+    """out[T, C] = x[T, R] @ (wt[C, R] * s[block, c]).T for a few rows T, wt output-major:
+    four outputs x two rows at a time, their eight sums in registers."""
     T, R = x.shape
     C = wt.shape[0]
     nb = s.shape[0]
@@ -308,35 +316,44 @@ def qmatmul_small_t(x, wt, s, out):
     for j in prange(ng):
         c = j * 4
         m = min(4, C - c)
-        wf = np.zeros((4, rb), np.float32)
-        acc = np.zeros((T, 4), np.float32)
-        for b in range(nb):
-            r0 = b * rb
-            for i in range(m):
-                wr = wt[c + i, r0:r0 + rb]
-                wfi = wf[i]
+        ca, cb, cc, cd = c, min(c + 1, C - 1), min(c + 2, C - 1), min(c + 3, C - 1)
+        for t0 in range(0, T, 2):
+            t1 = min(t0 + 1, T - 1)
+            o = np.zeros(8, np.float32)
+            for b in range(nb):
+                r0 = b * rb
+                r1 = r0 + rb
+                xa = x[t0, r0:r1]
+                xb = x[t1, r0:r1]
+                w0, w1, w2, w3 = wt[ca, r0:r1], wt[cb, r0:r1], wt[cc, r0:r1], wt[cd, r0:r1]
+                a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
                 for r in range(rb):
-                    wfi[r] = np.float32(wr[r])
-            w0, w1, w2, w3 = wf[0], wf[1], wf[2], wf[3]
-            for t in range(T):
-                xt = x[t, r0:r0 + rb]
-                a0 = a1 = a2 = a3 = np.float32(0.0)
-                for r in range(rb):
-                    xr = xt[r]
-                    a0 += xr * w0[r]
-                    a1 += xr * w1[r]
-                    a2 += xr * w2[r]
-                    a3 += xr * w3[r]
-                acc[t, 0] += s[b, c] * a0
-                if m > 1:
-                    acc[t, 1] += s[b, c + 1] * a1
-                if m > 2:
-                    acc[t, 2] += s[b, c + 2] * a2
-                if m > 3:
-                    acc[t, 3] += s[b, c + 3] * a3
-        for t in range(T):
+                    f0 = np.float32(w0[r])
+                    f1 = np.float32(w1[r])
+                    f2 = np.float32(w2[r])
+                    f3 = np.float32(w3[r])
+                    u = xa[r]
+                    v = xb[r]
+                    a0 += u * f0
+                    a1 += u * f1
+                    a2 += u * f2
+                    a3 += u * f3
+                    b0 += v * f0
+                    b1 += v * f1
+                    b2 += v * f2
+                    b3 += v * f3
+                o[0] += s[b, ca] * a0
+                o[1] += s[b, cb] * a1
+                o[2] += s[b, cc] * a2
+                o[3] += s[b, cd] * a3
+                o[4] += s[b, ca] * b0
+                o[5] += s[b, cb] * b1
+                o[6] += s[b, cc] * b2
+                o[7] += s[b, cd] * b3
             for i in range(m):
-                out[t, c + i] = acc[t, i]
+                out[t0, c + i] = o[i]
+                if t1 != t0:
+                    out[t1, c + i] = o[4 + i]
 
 
 @njit(parallel=True, cache=True, nogil=True)
