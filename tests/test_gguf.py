@@ -333,3 +333,190 @@ def test_tokenizer_round_trip_through_gguf(tmp_path):
         assert tok.encode(text) == ref.encode(text), repr(text)
         ids = [rng.randrange(131072) for _ in range(12)]
         assert tok.decode(ids) == ref.decode(ids)
+
+
+# -- hostile files ----------------------------------------------------------------------------------
+# The Talos reports on llama.cpp's gguf.c (CVE-2024-21802, -21825, -21836, -23496, -23605, -25664,
+# -25665, -25666) and the later GHSA fixes are all of these classes: a count (tensors, keys, array
+# elements) or a length (string, dims product, nbytes) that overflows or exceeds the file, and
+# tensor offsets out of bounds; each class has a case below, and the fuzz mixes them.
+
+U8, U32, STR, ARR, U64, BOOL = 0, 4, 8, 9, 10, 7
+
+
+def s(text) -> bytes:
+    b = text if isinstance(text, bytes) else text.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def kv(key, vtype: int, payload: bytes) -> bytes:
+    return s(key) + struct.pack("<I", vtype) + payload
+
+
+def ti(name, dims, ttype: int = 0, offset: int = 0) -> bytes:
+    return s(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims) + \
+        struct.pack("<IQ", ttype, offset)
+
+
+def gguf_file(kvs=(), tensors=(), data=b"", n_kv=None, n_tensors=None, version=3, align=32) -> bytes:
+    head = b"GGUF" + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
+                                 len(kvs) if n_kv is None else n_kv) + b"".join(kvs) + b"".join(tensors)
+    return head + b"\0" * (-len(head) % align) + data
+
+
+GOOD_KV = kv("general.architecture", STR, s("grok"))
+F32_8 = ti("a", [8], 0, 0)          # 8 floats at data offset 0
+
+
+def test_builder_makes_a_valid_file(tmp_path):
+    p = tmp_path / "ok.gguf"
+    p.write_bytes(gguf_file([GOOD_KV], [F32_8, ti("b", [8], 0, 32)], data=np.arange(16, dtype="<f4").tobytes()))
+    with open_gguf(p) as m:
+        np.testing.assert_array_equal(m.data("b").view("<f4"), np.arange(8, 16))
+
+
+HOSTILE = {
+    "bad magic": (b"GGML" + bytes(20), "not a GGUF file"),
+    "big-endian": (b"GGUF" + struct.pack(">IQQ", 3, 0, 0), "big-endian GGUF"),
+    "version 1": (gguf_file(version=1), "GGUF version 1"),
+    "tensor count 2^64-1": (gguf_file(n_tensors=2**64 - 1), "claims 0 metadata entries and 18446744073709551615 tensors"),
+    "key count 2^63": (gguf_file([GOOD_KV], n_kv=2**63), "claims 9223372036854775808 metadata"),
+    "key length 2^64-1": (gguf_file([struct.pack("<Q", 2**64 - 1) + b"k"]), "metadata key #0 at byte 32 claims"),
+    "string value length 2^63": (gguf_file([s("k") + struct.pack("<IQ", STR, 2**63)]), "'k' at byte .* claims 9223372036854775808 bytes"),
+    "u32 array of 2^62 (n*4 wraps in 64 bits)": (gguf_file([s("k") + struct.pack("<IIQ", ARR, U32, 2**62)]), "array of 4611686018427387904 elements"),
+    "string array of 2^60": (gguf_file([s("k") + struct.pack("<IIQ", ARR, STR, 2**60)]), "array of 1152921504606846976 elements"),
+    "nested array": (gguf_file([s("k") + struct.pack("<IIQ", ARR, ARR, 1) + struct.pack("<IQ", U8, 1) + b"\0"]), "arrays of arrays"),
+    "unknown value type": (gguf_file([kv("k", 99, b"\0" * 8)]), "unknown value type 99"),
+    "unknown array element type": (gguf_file([s("k") + struct.pack("<IIQ", ARR, 77, 0)]), "unknown element type 77"),
+    "bool byte 2": (gguf_file([kv("k", BOOL, b"\2")]), "neither 0 nor 1"),
+    "key not UTF-8": (gguf_file([kv(b"\xff\xfe", U8, b"\0")]), "not UTF-8"),
+    "duplicate key": (gguf_file([GOOD_KV, GOOD_KV]), "'general.architecture' appears twice"),
+    "alignment 0": (gguf_file([kv("general.alignment", U32, struct.pack("<I", 0))]), "not a power of two"),
+    "alignment 48": (gguf_file([kv("general.alignment", U32, struct.pack("<I", 48))]), "not a power of two"),
+    "alignment as a string": (gguf_file([kv("general.alignment", STR, s("32"))]), "not a power of two"),
+    "unknown ggml type": (gguf_file(tensors=[ti("a", [8], 999)]), "unknown ggml type 999"),
+    "removed ggml type Q4_2": (gguf_file(tensors=[ti("a", [32], 4)]), "unknown ggml type 4"),
+    "rank 5": (gguf_file(tensors=[ti("a", [1, 1, 1, 1, 1])]), "5 dimensions"),
+    "rank 0": (gguf_file(tensors=[ti("a", [])]), "0 dimensions"),
+    "zero dimension": (gguf_file(tensors=[ti("a", [8, 0])]), "impossible dimensions"),
+    "dims product overflows int64": (gguf_file(tensors=[ti("a", [2**32, 2**32])]), "impossible dimensions"),
+    "dims product = 2^62 (nbytes wraps)": (gguf_file(tensors=[ti("a", [2**31, 2**31])]), "run past the end"),
+    "offset 2^63": (gguf_file(tensors=[ti("a", [8], 0, 2**63)]), "run past the end"),
+    "offset + nbytes wraps": (gguf_file(tensors=[ti("a", [8], 0, 2**64 - 32)], data=bytes(32)), "run past the end"),
+    "misaligned offset": (gguf_file(tensors=[ti("a", [8], 0, 4)], data=bytes(64)), "not a multiple of the alignment 32"),
+    "overlapping tensors": (gguf_file(tensors=[ti("a", [16]), ti("b", [8], 0, 32)], data=bytes(64)), "'a' and 'b' overlap"),
+    "duplicate tensor": (gguf_file(tensors=[F32_8, F32_8], data=bytes(64)), "tensor 'a' appears twice"),
+    "tensor name of 64 characters": (gguf_file(tensors=[ti("x" * 64, [8])], data=bytes(32)), "64 characters"),
+    "row not whole Q8_0 blocks": (gguf_file(tensors=[ti("a", [33], 8)], data=bytes(64)), "not whole Q8_0 blocks"),
+    "data past the end": (gguf_file([GOOD_KV], [F32_8], data=bytes(16)), "run past the end"),
+    "empty": (b"", "empty file"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=list(HOSTILE))
+def test_hostile_file(tmp_path, case):
+    import tracemalloc
+    data, match = HOSTILE[case]
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=match) as e:
+            open_gguf(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    msg = str(e.value)
+    assert msg.startswith(str(p)) and "\n" not in msg
+    assert peak < 4 << 20                  # nothing allocated in proportion to a lying count
+
+
+def test_truncated_anywhere(tmp_path):
+    """Every cut of a valid file (header, metadata, tensor infos, data) is a one-line error."""
+    write_grok(tmp_path / "m.gguf", TINY)
+    full = (tmp_path / "m.gguf").read_bytes()
+    p = tmp_path / "cut.gguf"
+    with open_gguf(tmp_path / "m.gguf") as m:
+        data_start = m.shards[0].data_start
+    cuts = sorted(set(range(0, data_start, 37)) | {data_start, data_start + 1, len(full) - 1})
+    for n in cuts:
+        p.write_bytes(full[:n])
+        with pytest.raises(CheckpointError) as e:
+            open_gguf(p)
+        assert str(e.value).startswith(str(p)), n
+
+
+def test_shard_name_and_metadata_must_agree(tmp_path):
+    write_grok(tmp_path / "grok.gguf", split_max_tensors=7)
+    a, b = tmp_path / "grok-00001-of-00004.gguf", tmp_path / "grok-00002-of-00004.gguf"
+    tmp = tmp_path / "t"
+    a.rename(tmp), b.rename(a), tmp.rename(b)            # shards 1 and 2 swapped by name
+    with pytest.raises(CheckpointError, match="is shard 2 of 4, but its name is not NAME-00002-of-00004.gguf"):
+        open_gguf(a)
+    with pytest.raises(CheckpointError, match=r"grok-00001-of-00004.gguf: its split metadata .* shard 1 of 4"):
+        open_gguf(tmp_path / "grok-00003-of-00004.gguf")
+
+
+def test_not_a_regular_file(tmp_path):
+    import os
+    os.mkfifo(tmp_path / "pipe.gguf")
+    with pytest.raises(CheckpointError, match="named pipe"):
+        open_gguf(tmp_path / "pipe.gguf")
+    (tmp_path / "dir.gguf").mkdir()
+    with pytest.raises(CheckpointError, match="a folder"):
+        open_gguf(tmp_path / "dir.gguf")
+
+
+def test_mutation_fuzz(tmp_path):
+    """Seeded mutations of a valid file (byte flips, lying u64s at field positions, cuts): each
+    opens, or fails with a one-line CheckpointError naming the file; nothing else, quickly."""
+    import signal
+    w = grok_writer(tmp_path / "seed.gguf", TINY)
+    w.add_token_list([f"t{i}" for i in range(16)])
+    w.add_token_scores([float(-i) for i in range(16)])
+    w.add_token_types([1] * 16)
+    w.add_tensor("token_embd.weight", np.ones((16, 64), np.float32))
+    w.add_tensor("blk.0.ffn_gate_exps.weight", gguf.quants.quantize(np.ones((4, 96, 64), np.float32), QT.Q8_0),
+                 raw_dtype=QT.Q8_0)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    seed = (tmp_path / "seed.gguf").read_bytes()
+    with open_gguf(tmp_path / "seed.gguf") as m:
+        header = m.shards[0].data_start
+    rng = random.Random(20261207)
+    p = tmp_path / "mut.gguf"
+    outcomes = {"ok": 0, "error": 0}
+
+    def on_alarm(signum, frame):
+        raise TimeoutError("a mutant took more than 5 s")
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        for i in range(400):
+            b = bytearray(seed)
+            for _ in range(rng.randrange(1, 4)):
+                kind, at = rng.random(), rng.randrange(min(header, len(b)))
+                if kind < 0.5:
+                    b[at] = rng.randrange(256)
+                elif kind < 0.85:
+                    b[at:at + 8] = struct.pack("<Q", rng.choice([0, 1, 2**31, 2**32 - 1, 2**63, 2**64 - 1,
+                                                                 rng.randrange(2**64)]))
+                else:
+                    del b[rng.randrange(len(b)):]
+            p.write_bytes(bytes(b))
+            signal.setitimer(signal.ITIMER_REAL, 5)
+            try:
+                with open_gguf(p) as m:
+                    for name in m.tensors:
+                        m.data(name).sum()
+                    try:
+                        grok_config(m)
+                    except CheckpointError as e:
+                        assert "\n" not in str(e)
+                outcomes["ok"] += 1
+            except CheckpointError as e:
+                assert str(e).startswith(str(p)) and "\n" not in str(e), (i, str(e))
+                outcomes["error"] += 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    assert outcomes["error"] > 200 and outcomes["ok"] > 10, outcomes

@@ -105,6 +105,8 @@ class _Space:
     def __init__(self, paths: list[str]):
         self.label = paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} more pieces)"
         self.paths, self.fds, self.sizes, self.starts = [], [], [], []
+        self._flat = None          # np.uint8 over the whole logical file (adjacent maps)
+        self._maps = None          # one mmap per piece
         total = 0
         try:
             for p in paths:
@@ -120,8 +122,6 @@ class _Space:
             self.close()
             raise
         self.size = total
-        self._flat = None          # np.uint8 over the whole logical file (adjacent maps)
-        self._maps = None          # one mmap per piece
 
     def _piece(self, off: int) -> int:
         i = len(self.starts) - 1
