@@ -684,12 +684,13 @@ def grok_config(m: GGUFModel) -> GrokConfig:
     if kw["num_q_heads"] < 1 or kw["emb_size"] % kw["num_q_heads"]:
         raise _fail(m.label, f"embedding_length {kw['emb_size']} is not a multiple of head_count {kw['num_q_heads']}")
     d = kw["key_size"] = kw["emb_size"] // kw["num_q_heads"]
-    fixed = ((f"{ARCH}.rope.dimension_count", d), (f"{ARCH}.attention.key_length", d),
-             (f"{ARCH}.attention.value_length", d), (f"{ARCH}.final_logit_softcapping", 0.0),
-             (f"{ARCH}.expert_shared_count", 0), (f"{ARCH}.rope.scaling.factor", 1.0))
-    for key, want in fixed:
+    # (key, Grok-1's value, values that mean the same: llama.cpp reads 0 as "no scaling")
+    fixed = ((f"{ARCH}.rope.dimension_count", d, ()), (f"{ARCH}.attention.key_length", d, ()),
+             (f"{ARCH}.attention.value_length", d, ()), (f"{ARCH}.final_logit_softcapping", 0.0, ()),
+             (f"{ARCH}.expert_shared_count", 0, ()), (f"{ARCH}.rope.scaling.factor", 1.0, (0.0,)))
+    for key, want, same in fixed:
         got = m.metadata.get(key, want)
-        if isinstance(got, (str, list, np.ndarray)) or got != want:
+        if isinstance(got, (str, list, np.ndarray)) or (got != want and got not in same):
             raise _fail(m.label, f"metadata {key} = {got!r}, but Grok-1 (spec GROK1.md §2) has {want!r}",
                         "this model is not Grok-1; grokcpu runs Grok-1's architecture only")
     if m.metadata.get(f"{ARCH}.rope.scaling.type", "none") != "none":
