@@ -34,6 +34,12 @@ def load(path: str | os.PathLike, *, config=None, options=None, **kwargs) -> "Mo
     from .checkpoint import Checkpoint
     from .model import Model
     from .options import Options
+    if os.path.isfile(path):          # a folder is a ckpt-0 checkpoint; a file may be a GGUF
+        from .errors import CheckpointError
+        from .formats.gguf import detect_format
+        if detect_format(path) == "gguf":
+            raise CheckpointError(f"{path}: a GGUF model; load() reads the released ckpt-0/ checkpoint only so far",
+                                  hint="pass the folder holding ckpt-0/")
     if options is None:
         options = Options.make(**kwargs)
     elif kwargs:

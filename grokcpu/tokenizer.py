@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from pathlib import Path
 
 from .errors import TokenizerError
@@ -26,26 +27,38 @@ class Tokenizer:
     """A SentencePiece model: encode/decode with the reference's defaults."""
 
     def __init__(self, path: str | os.PathLike):
-        import sentencepiece as spm
-
         self.path = Path(path)
         try:
             proto = self.path.read_bytes()
         except OSError as e:
             raise TokenizerError(f"cannot read tokenizer {str(path)!r}: {e.strerror or e}",
                                  hint="pass --tokenizer PATH to a SentencePiece tokenizer.model") from None
+        self._load(proto)
+
+    @classmethod
+    def from_proto(cls, proto: bytes, name: str) -> "Tokenizer":
+        """From a serialized SentencePiece ModelProto (e.g. rebuilt from a GGUF); `name` labels it."""
+        tok = cls.__new__(cls)
+        tok.path = Path(name)
+        tok._load(proto)
+        return tok
+
+    def _load(self, proto: bytes) -> None:
+        import sentencepiece as spm
+
+        path = str(self.path)
         if not proto.strip():
-            raise TokenizerError(f"tokenizer {str(path)!r} is empty",
+            raise TokenizerError(f"tokenizer {path!r} is empty",
                                  hint="pass --tokenizer PATH to a SentencePiece tokenizer.model") from None
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=proto)
             self._sp_cont = spm.SentencePieceProcessor(model_proto=_without_dummy_prefix(proto))
         except (RuntimeError, ValueError, IndexError, OSError):
-            raise TokenizerError(f"{str(path)!r} is not a SentencePiece model",
+            raise TokenizerError(f"{path!r} is not a SentencePiece model",
                                  hint="pass --tokenizer PATH to a SentencePiece tokenizer.model") from None
         self.vocab_size: int = self.sp.vocab_size()
         if self.vocab_size < 1:            # SentencePiece loads some junk as an empty model
-            raise TokenizerError(f"{str(path)!r} is not a SentencePiece model (no pieces)",
+            raise TokenizerError(f"{path!r} is not a SentencePiece model (no pieces)",
                                  hint="pass --tokenizer PATH to a SentencePiece tokenizer.model")
         self.eos_id: int = self.sp.eos_id()
         self.bos_id: int = self.sp.bos_id()
@@ -243,4 +256,36 @@ def _without_dummy_prefix(proto: bytes) -> bytes:
             out += b"\x1a" + _enc_varint(len(spec)) + spec
         else:
             out += raw
+    return bytes(out)
+
+
+def _len_field(num: int, payload: bytes) -> bytes:
+    return _enc_varint(num << 3 | 2) + _enc_varint(len(payload)) + payload
+
+
+def _int_field(num: int, value: int) -> bytes:
+    return _enc_varint(num << 3) + _enc_varint(value & ((1 << 64) - 1))   # negative: 10-byte two's complement
+
+
+def sentencepiece_proto(pieces: list[bytes], scores, types, *, unk: int, bos: int, eos: int, pad: int,
+                        add_dummy_prefix: bool = True) -> bytes:
+    """A serialized BPE ModelProto from its pieces, scores and types (SentencePiece's numbers:
+    1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte), special ids (-1: none).
+
+    Normalizer: identity, whitespace escaped to U+2581, runs of spaces kept; whitespace-only
+    pieces allowed; byte fallback when there are byte pieces; an unknown token decodes to its
+    own piece.
+    """
+    out = bytearray()
+    for p, s, t in zip(pieces, scores, types):                     # b"\x15": field 2 (score), fixed32
+        out += _len_field(1, _len_field(1, p) + b"\x15" + struct.pack("<f", float(s)) + _int_field(3, int(t)))
+    trainer = (_int_field(3, 2) + _int_field(26, 1) + _int_field(35, int(any(int(t) == 6 for t in types)))
+               + _int_field(40, unk) + _int_field(41, bos) + _int_field(42, eos) + _int_field(43, pad))
+    for num, i in ((45, unk), (46, bos), (47, eos), (48, pad)):    # unk/bos/eos/pad piece names
+        if i >= 0:
+            trainer += _len_field(num, pieces[i])
+    if unk >= 0:
+        trainer += _len_field(44, pieces[unk])                      # unk_surface
+    out += _len_field(2, trainer)
+    out += _len_field(3, _len_field(1, b"identity") + _int_field(3, int(add_dummy_prefix)) + _int_field(4, 0))
     return bytes(out)
