@@ -1,0 +1,252 @@
+"""Products and dequantization on ggml's block formats, with float32 activations.
+
+A matrix is uint8 [N_out, row_bytes]: each row holds K input values as consecutive blocks of
+one ggml type. Every type is decoded the same way: a block becomes its quant values as
+float32 (q) and, per sub-block s of SUB values, a scale and an offset, so that
+value = scale[s] * q - offset[s]. A product applies scale and offset once per sub-block and
+row of x (the offset through precomputed sums of x over each sub-block), so its inner loop
+is a plain float32 dot product over SUB values; the block is decoded once for all T rows.
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+# ggml type ids (ggml.h's enum ggml_type), and the ones these kernels read
+F32, F16, Q4_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, BF16 = (
+    0, 1, 2, 8, 10, 11, 12, 13, 14, 20, 23, 30)
+TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
+              10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
+              17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
+              23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
+              30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+# type id -> (values per block, bytes per block, values per sub-block) for the types read here
+LAYOUT = {F32: (32, 128, 32), F16: (32, 64, 32), BF16: (32, 64, 32), Q8_0: (32, 34, 32),
+          Q4_0: (32, 18, 32), IQ4_NL: (32, 18, 32), Q4_K: (256, 144, 32), Q5_K: (256, 176, 32),
+          Q6_K: (256, 210, 16), Q2_K: (256, 84, 16), Q3_K: (256, 110, 16), IQ4_XS: (256, 136, 32)}
+# IQ4_NL's and IQ4_XS's 16 non-linear levels (ggml-common.h kvalues_iq4nl)
+KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                         np.float32)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _layout(qt):
+    """(values per block, bytes per block, values per sub-block) of type qt (LAYOUT in numba)."""
+    if qt == Q8_0:
+        return 32, 34, 32
+    if qt == Q4_K:
+        return 256, 144, 32
+    if qt == Q6_K:
+        return 256, 210, 16
+    if qt == Q5_K:
+        return 256, 176, 32
+    if qt == Q4_0 or qt == IQ4_NL:
+        return 32, 18, 32
+    if qt == Q2_K:
+        return 256, 84, 16
+    if qt == Q3_K:
+        return 256, 110, 16
+    if qt == IQ4_XS:
+        return 256, 136, 32
+    if qt == F32:
+        return 32, 128, 32
+    return 32, 64, 32                     # F16, BF16
+
+
+@njit(cache=True, nogil=True)
+def f16_to_f32(lo, hi):
+    """The IEEE half with bytes lo, hi (little-endian) as float32, exactly (products of
+    powers of two: no libm call on the hot path)."""
+    h = (np.int32(hi) << 8) | np.int32(lo)
+    e = (h >> 10) & 31
+    m = h & 1023
+    if e == 0:
+        v = np.float32(m) * np.float32(5.9604645e-08)          # subnormal: m * 2**-24
+    elif e == 31:
+        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
+    else:
+        v = np.float32(1024 + m) * np.float32(1 << e) * np.float32(2.9802322e-08)   # * 2**-25
+    return -v if h & 0x8000 else v
+
+
+@njit(cache=True, nogil=True)
+def _k4_scales(r, o, d, dmin, scale, off):
+    """Q4_K/Q5_K's eight 6-bit scales and mins, packed in the 12 bytes r[o:o+12] (ggml's
+    get_scale_min_k4), times the block's d and dmin."""
+    for j in range(8):
+        if j < 4:
+            s = np.int32(r[o + j]) & 63
+            m = np.int32(r[o + j + 4]) & 63
+        else:
+            s = (np.int32(r[o + j + 4]) & 15) | ((np.int32(r[o + j - 4]) >> 6) << 4)
+            m = (np.int32(r[o + j + 4]) >> 4) | ((np.int32(r[o + j]) >> 6) << 4)
+        scale[j] = d * np.float32(s)
+        off[j] = dmin * np.float32(m)
+
+
+@njit(cache=True, nogil=True)
+def _decode(qt, r, o, q, qu, scale, off, kv, n32):
+    """The block at r[o:o+bytes] -> quant values q[QK] (float32; qu is q's uint32 view),
+    scale[nsub] and off[nsub]. Indexing, not slicing: a slice costs a reference count.
+    n32 is 32, passed at run time: LLVM unrolls a literal 32-iteration loop into scalar code
+    rather than vectorizing it (four times slower here)."""
+    n16 = n32 // 2
+    if qt == Q8_0:
+        scale[0] = f16_to_f32(r[o], r[o + 1])
+        off[0] = 0.0
+        for i in range(n32):
+            q[i] = np.float32(np.int8(r[o + 2 + i]))
+    elif qt == Q4_K:
+        _k4_scales(r, o + 4, f16_to_f32(r[o], r[o + 1]), f16_to_f32(r[o + 2], r[o + 3]), scale, off)
+        for j in range(4):
+            for i in range(n32):
+                b = r[o + 16 + 32 * j + i]
+                q[64 * j + i] = np.float32(b & 15)
+                q[64 * j + 32 + i] = np.float32(b >> 4)
+    elif qt == Q5_K:
+        _k4_scales(r, o + 4, f16_to_f32(r[o], r[o + 1]), f16_to_f32(r[o + 2], r[o + 3]), scale, off)
+        for j in range(4):
+            for i in range(n32):
+                b = r[o + 48 + 32 * j + i]
+                h = r[o + 16 + i] >> (2 * j)
+                q[64 * j + i] = np.float32((b & 15) | ((h & 1) << 4))
+                q[64 * j + 32 + i] = np.float32((b >> 4) | ((h & 2) << 3))
+    elif qt == Q6_K:
+        d = f16_to_f32(r[o + 208], r[o + 209])
+        for j in range(16):
+            scale[j] = d * np.float32(np.int8(r[o + 192 + j]))
+            off[j] = 0.0
+        for h in range(2):
+            for i in range(n32):
+                a = np.int32(r[o + 64 * h + i])
+                b = np.int32(r[o + 64 * h + 32 + i])
+                c = np.int32(r[o + 128 + 32 * h + i])
+                q[128 * h + i] = np.float32(((a & 15) | ((c & 3) << 4)) - 32)
+                q[128 * h + 32 + i] = np.float32(((b & 15) | (((c >> 2) & 3) << 4)) - 32)
+                q[128 * h + 64 + i] = np.float32(((a >> 4) | (((c >> 4) & 3) << 4)) - 32)
+                q[128 * h + 96 + i] = np.float32(((b >> 4) | (((c >> 6) & 3) << 4)) - 32)
+    elif qt == Q4_0 or qt == IQ4_NL:
+        scale[0] = f16_to_f32(r[o], r[o + 1])
+        off[0] = 0.0
+        for i in range(n16):
+            b = r[o + 2 + i]
+            if qt == Q4_0:
+                q[i] = np.float32(np.int32(b & 15) - 8)
+                q[16 + i] = np.float32(np.int32(b >> 4) - 8)
+            else:
+                q[i] = kv[b & 15]
+                q[16 + i] = kv[b >> 4]
+    elif qt == IQ4_XS:
+        d = f16_to_f32(r[o], r[o + 1])
+        sh = (np.int32(r[o + 3]) << 8) | np.int32(r[o + 2])
+        for j in range(8):
+            ls = ((np.int32(r[o + 4 + j // 2]) >> (4 * (j % 2))) & 15) | (((sh >> (2 * j)) & 3) << 4)
+            scale[j] = d * np.float32(ls - 32)
+            off[j] = 0.0
+            for i in range(n16):
+                b = r[o + 8 + 16 * j + i]
+                q[32 * j + i] = kv[b & 15]
+                q[32 * j + 16 + i] = kv[b >> 4]
+    elif qt == Q2_K:
+        d = f16_to_f32(r[o + 80], r[o + 81])
+        dmin = f16_to_f32(r[o + 82], r[o + 83])
+        for j in range(16):
+            scale[j] = d * np.float32(r[o + j] & 15)
+            off[j] = dmin * np.float32(r[o + j] >> 4)
+        for h in range(2):
+            for s in range(4):
+                for i in range(n32):
+                    q[128 * h + 32 * s + i] = np.float32((r[o + 16 + 32 * h + i] >> (2 * s)) & 3)
+    elif qt == Q3_K:
+        d = f16_to_f32(r[o + 108], r[o + 109])
+        for j in range(16):
+            lo = (np.int32(r[o + 96 + j % 8]) >> (4 * (j // 8))) & 15
+            hi = (np.int32(r[o + 104 + j % 4]) >> (2 * (j // 4))) & 3
+            scale[j] = d * np.float32((lo | (hi << 4)) - 32)
+            off[j] = 0.0
+        for h in range(2):
+            for s in range(4):
+                for i in range(n32):
+                    v = (np.int32(r[o + 32 + 32 * h + i]) >> (2 * s)) & 3
+                    if not (np.int32(r[o + i]) >> (4 * h + s)) & 1:
+                        v -= 4                  # a clear high bit means minus four
+                    q[128 * h + 32 * s + i] = np.float32(v)
+    elif qt == F16:
+        scale[0] = 1.0
+        off[0] = 0.0
+        for i in range(n32):
+            q[i] = f16_to_f32(r[o + 2 * i], r[o + 2 * i + 1])
+    else:                                 # F32, or BF16: the high half of a float32
+        scale[0] = 1.0
+        off[0] = 0.0
+        for i in range(n32):
+            if qt == F32:
+                qu[i] = (np.uint32(r[o + 4 * i]) | (np.uint32(r[o + 4 * i + 1]) << 8)
+                         | (np.uint32(r[o + 4 * i + 2]) << 16) | (np.uint32(r[o + 4 * i + 3]) << 24))
+            else:
+                qu[i] = (np.uint32(r[o + 2 * i]) << 16) | (np.uint32(r[o + 2 * i + 1]) << 24)
+
+
+@njit(cache=True, nogil=True)
+def _block_values(qt, r, o, q, qu, scale, off, kv, n32, SUB, v):
+    """v[QK] = the values of the block at r[o:]: scale and offset applied per sub-block."""
+    _decode(qt, r, o, q, qu, scale, off, kv, n32)
+    for s in range(q.shape[0] // SUB):
+        sc = scale[s]
+        m = off[s]
+        for i in range(SUB):
+            v[s * SUB + i] = sc * q[s * SUB + i] - m
+
+
+@njit(parallel=True, cache=True, fastmath=True, nogil=True)
+def matvec(qt, w, x, out, kv, n32, parts):
+    """out[T, N] = x[T, K] @ W.T for the ggml matrix w [N, row_bytes] of type qt.
+
+    Each of `parts` threads takes one contiguous range of rows (one stream). A block is
+    decoded once for all T rows of x, into QK float32 values, then added into T x QK lane
+    accumulators summed once per row: a horizontal sum per block or sub-block (applying its
+    scale to a partial dot) measured four times slower here. kv: KVALUES_IQ4NL; n32: 32 (see _decode).
+    """
+    N = w.shape[0]
+    T, K = x.shape
+    QK, BB, SUB = _layout(qt)
+    nb = K // QK
+    parts = max(1, min(N, parts))
+    per = (N + parts - 1) // parts
+    for p in prange(parts):
+        q = np.empty(QK, np.float32)
+        qu = q.view(np.uint32)
+        v = np.empty(QK, np.float32)
+        scale = np.empty(QK // SUB, np.float32)
+        off = np.empty(QK // SUB, np.float32)
+        acc = np.empty((T, QK), np.float32)
+        for n in range(p * per, min(N, (p + 1) * per)):
+            row = w[n]
+            acc[:] = 0.0
+            for b in range(nb):
+                _block_values(qt, row, b * BB, q, qu, scale, off, kv, n32, SUB, v)
+                for t in range(T):
+                    a = acc[t]
+                    x0 = b * QK
+                    for i in range(QK):
+                        a[i] += v[i] * x[t, x0 + i]
+            for t in range(T):
+                out[t, n] = acc[t].sum()
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def dequant_rows(qt, w, r0, r1, out, kv, n32):
+    """out[r1-r0, K] = rows r0..r1-1 of the ggml matrix w of type qt, as float32 (a tile for
+    BLAS). kv: KVALUES_IQ4NL; n32: 32 (see _decode)."""
+    K = out.shape[1]
+    QK, BB, SUB = _layout(qt)
+    for r in prange(r1 - r0):
+        q = np.empty(QK, np.float32)
+        qu = q.view(np.uint32)
+        scale = np.empty(QK // SUB, np.float32)
+        off = np.empty(QK // SUB, np.float32)
+        row = w[r0 + r]
+        o = out[r]
+        for b in range(K // QK):
+            _block_values(qt, row, b * BB, q, qu, scale, off, kv, n32, SUB, o[b * QK:(b + 1) * QK])

@@ -1,0 +1,84 @@
+"""ggml's block formats: which types grokcpu reads, their layout, and the checked entry points
+of the products on them (the numba kernels are in kernels/quants.py)."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .errors import CheckpointError
+from .kernels import quants as kq
+
+TYPE_NAMES = kq.TYPE_NAMES
+LAYOUT = kq.LAYOUT
+SUPPORTED = ", ".join(TYPE_NAMES[t] for t in LAYOUT)
+
+
+def type_name(qtype: int) -> str:
+    return TYPE_NAMES.get(qtype, f"unknown type {qtype}")
+
+
+def layout(qtype: int, name: str = "") -> tuple[int, int]:
+    """(values per block, bytes per block) of a type grokcpu can read, or a CheckpointError
+    naming the tensor and the type."""
+    if qtype not in LAYOUT:
+        what = f"tensor '{name}'" if name else "a tensor"
+        raise CheckpointError(f"{what} has ggml type {type_name(qtype)} (id {qtype}), which grokcpu "
+                              f"cannot read", hint=f"use a file quantized to one of {SUPPORTED}")
+    qk, bb, _ = LAYOUT[qtype]
+    return qk, bb
+
+
+def row_values(qtype: int, row_bytes: int, name: str = "") -> int:
+    """K, the values in a row of row_bytes bytes of type qtype."""
+    qk, bb = layout(qtype, name)
+    if row_bytes % bb:
+        raise CheckpointError(f"tensor '{name}': a row of {row_bytes} bytes is not a whole number of "
+                              f"{type_name(qtype)} blocks ({bb} bytes)", hint="the file is damaged")
+    return row_bytes // bb * qk
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view: memory-mapped weights are read-only, and one array type means one
+    compiled specialization."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def _matrix(qtype: int, w: np.ndarray, name: str) -> tuple[np.ndarray, int]:
+    if w.dtype != np.uint8 or w.ndim != 2 or not w.flags.c_contiguous:
+        raise ValueError(f"{name or 'matrix'}: expected C-contiguous uint8 [N, row_bytes], "
+                         f"got {w.dtype} {w.shape}")
+    return _readonly(w), row_values(qtype, w.shape[1], name)
+
+
+def matvec(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None,
+           name: str = "") -> np.ndarray:
+    """out[T, N] = x[T, K] @ W.T (float32) for the ggml matrix w, uint8 [N, row_bytes] of type
+    qtype, read in place: for one to a few rows of x (decode)."""
+    w, K = _matrix(qtype, w, name)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != K:
+        raise ValueError(f"{name or 'matrix'}: x has shape {x.shape}, expected [T, {K}]")
+    if out is None:
+        out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    elif out.shape != (x.shape[0], w.shape[0]) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"{name or 'matrix'}: out must be float32 {(x.shape[0], w.shape[0])}")
+    kq.matvec(qtype, w, _readonly(x), out, kq.KVALUES_IQ4NL, 32, numba.get_num_threads())
+    return out
+
+
+def dequant_rows(qtype: int, w: np.ndarray, r0: int, r1: int, out: np.ndarray | None = None,
+                 name: str = "") -> np.ndarray:
+    """Rows r0..r1-1 of the ggml matrix w (uint8 [N, row_bytes] of type qtype) as float32
+    [r1-r0, K]: a tile for a BLAS product (prefill)."""
+    w, K = _matrix(qtype, w, name)
+    if not 0 <= r0 <= r1 <= w.shape[0]:
+        raise ValueError(f"{name or 'matrix'}: rows {r0}..{r1} out of 0..{w.shape[0]}")
+    if out is None:
+        out = np.empty((r1 - r0, K), np.float32)
+    elif out.shape != (r1 - r0, K) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"{name or 'matrix'}: out must be float32 {(r1 - r0, K)}")
+    kq.dequant_rows(qtype, w, r0, r1, out, kq.KVALUES_IQ4NL, 32)
+    return out
