@@ -51,16 +51,19 @@ def test_budget_too_small_is_a_clear_error(fixture):
         grokcpu.load(fixture.path, expert_cache_policy="fifo")
 
 
-def test_down_projection_is_transposed_across_read_chunks(medium_ckpt, monkeypatch):
+def test_experts_land_whole_across_concurrent_read_pieces(medium_ckpt, monkeypatch):
+    """Gate and up read in pieces (a short last one), down's pieces transposed by whichever
+    reader thread read them: every byte lands where it belongs."""
     ck = Checkpoint(medium_ckpt)
     D = ck.config.emb_size
-    monkeypatch.setattr(ExpertCache, "DOWN_CHUNK", 24 * D + 100)     # 24 rows a read, a short last one
+    monkeypatch.setattr(ExpertCache, "READ_CHUNK", 24 * D + 100)     # 24 rows a read, a short last one
     cache = ExpertCache(ck, 2 * 3 * D * ck.config.ffn_size, prefetch=False)
     assert cache.down_rows == 24 and ck.config.ffn_size % 24
     for key in [(2, 7), (0, 1), (3, 0)]:
         wg, wu, wd = cache.acquire(*key)
         lw = ck.layers[key[0]]
         assert np.array_equal(wd, lw.w_down.w[key[1]].T) and np.array_equal(wu, lw.w_up.w[key[1]])
+        assert np.array_equal(wg, lw.w_gate.w[key[1]])
         cache.release(*key)
     cache.close()
 
