@@ -31,9 +31,9 @@ TINY = GrokConfig(vocab_size=256, sequence_len=128, emb_size=64, key_size=32, nu
                   embedding_multiplier_scale=8.0, attn_output_multiplier=32 ** -0.5)
 
 
-def write_grok(path, cfg: GrokConfig = TINY, layout: str = "merged", seed: int = 0, **kw):
-    """A tiny Grok GGUF: matrices Q8_0 (quantized by gguf-py), norms and router F32.
-    Returns {name: float32 values as written (dequantized for Q8_0)}."""
+def write_grok(path, cfg: GrokConfig = TINY, layout: str = "merged", seed: int = 0, qtype=QT.Q8_0, **kw):
+    """A tiny Grok GGUF: matrices qtype (quantized by gguf-py), norms and router F32.
+    Returns {name: float32 values as written (dequantized)}."""
     rng = np.random.default_rng(seed)
     w = grok_writer(path, cfg, **kw)
     w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
@@ -44,9 +44,9 @@ def write_grok(path, cfg: GrokConfig = TINY, layout: str = "merged", seed: int =
             w.add_tensor(name, x)
             written[name] = x
         else:
-            q = gguf.quants.quantize(x, QT.Q8_0)
-            w.add_tensor(name, q, raw_dtype=QT.Q8_0)
-            written[name] = gguf.quants.dequantize(q, QT.Q8_0)
+            q = gguf.quants.quantize(x, qtype)
+            w.add_tensor(name, q, raw_dtype=qtype)
+            written[name] = gguf.quants.dequantize(q, qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

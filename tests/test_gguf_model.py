@@ -203,3 +203,38 @@ def test_convert_killed_midway_leaves_no_output(demo_path, tmp_path, sig):
         assert left == [] and "KeyboardInterrupt" in p.stderr
     else:                                # SIGKILL: only the hidden temporary folder can remain
         assert all(n.startswith(".out.gguf.tmp-") for n in left)
+
+
+@pytest.mark.parametrize("qtype,layout", [(QT.Q4_0, "per-expert"), (QT.Q8_0, "merged")])
+def test_gguf_written_by_gguf_py_matches_a_float64_forward(tmp_path, qtype, layout):
+    """A file quantized by gguf-py itself (another type, the older one-tensor-per-expert layout
+    too): prefill and decode against the float64 forward over the values gguf-py wrote."""
+    from test_gguf import TINY, write_grok
+    written = write_grok(tmp_path / "m.gguf", layout=layout, seed=11, qtype=qtype)
+    T = lambda a: np.swapaxes(a, -1, -2).astype(np.float64)       # noqa: E731
+    E = TINY.num_experts
+
+    def experts(n, part):
+        if layout == "merged":
+            return T(written[f"blk.{n}.ffn_{part}_exps.weight"])
+        return np.stack([T(written[f"blk.{n}.ffn_{part}.{e}.weight"]) for e in range(E)])
+
+    layers = [SimpleNamespace(
+        attn_norm=written[f"blk.{n}.attn_norm.weight"], attn_post_norm=written[f"blk.{n}.attn_output_norm.weight"],
+        moe_norm=written[f"blk.{n}.ffn_norm.weight"], moe_post_norm=written[f"blk.{n}.layer_output_norm.weight"],
+        wq=T(written[f"blk.{n}.attn_q.weight"]), wk=T(written[f"blk.{n}.attn_k.weight"]),
+        wv=T(written[f"blk.{n}.attn_v.weight"]), wo=T(written[f"blk.{n}.attn_output.weight"]),
+        router=T(written[f"blk.{n}.ffn_gate_inp.weight"]), w_gate=experts(n, "gate"), w_up=experts(n, "up"),
+        w_down=experts(n, "down")) for n in range(TINY.num_layers)]
+    model = grokcpu.load(tmp_path / "m.gguf", threads=1)
+    ck = SimpleNamespace(config=model.config, embeddings=written["token_embd.weight"].astype(np.float64),
+                         final_norm=written["output_norm.weight"], layers=layers)
+    toks = [5, 17, 200, 3, 99, 42, 7, 128, 250, 1, 64, 33, 90, 11, 180, 77, 240, 2]   # 16+ rows: the BLAS path
+    want = refmodel.forward(ck, toks)
+    s = model.new_session()
+    pre = s.prefill(toks[:-2])
+    dec = np.stack([s.decode(t) for t in toks[-2:]])
+    got = np.concatenate([pre, dec])
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 2e-5 * scale
+    assert (got.argmax(-1) == want.argmax(-1)).all()
