@@ -7,6 +7,7 @@ atomicity and shards; the CLI on a GGUF model.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -142,6 +143,19 @@ def test_gguf_through_the_cli(demo_path, tmp_path):
     assert "layers 4" in r.stdout
     r = cli("bench", "--model", out, "-p", "8", "-g", "4", "-r", "1", "--json")
     assert r.exit_code == 0, r.stderr
+    # batch decodes sessions together (several rows per product): the same texts from the F32
+    # GGUF as from ckpt-0
+    f32 = tmp_path / "demo-f32.gguf"
+    assert cli("convert", "--model", demo_path, "--out", f32, "--type", "f32").exit_code == 0
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "Once upon"}\n{"id": 2, "prompt": "The cat sat on the"}\n')
+    texts = []
+    for model in (demo_path, f32):
+        o = tmp_path / f"out-{model.name}.jsonl"
+        r = cli("batch", "--model", model, "-i", tmp_path / "in.jsonl", "-o", o, "--temperature", "0", "-n", "6",
+                "--ignore-eos")
+        assert r.exit_code == 0, r.stderr
+        texts.append(sorted((d["id"], d["text"]) for d in map(json.loads, o.read_text().splitlines())))
+    assert texts[0] == texts[1] and len(texts[0]) == 2 and all(t for _, t in texts[0])
     for flag, value, match in (("--expert-cache-gb", "2", "--expert-cache-gb is for ckpt-0 models"),
                                ("--offload", "dense", "--offload dense runs ckpt-0 models only"),
                                ("--unembed", "int8", "--unembed int8 is for ckpt-0 models")):
