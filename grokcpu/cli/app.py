@@ -68,9 +68,9 @@ def _opt(*names, help, panel=ENGINE, **kw):
 # (parameter, type, default, option); one line per shared option, in --help order
 ENGINE_PARAMS = [
     ("model", Optional[Path], None, _opt("--model", "-m", show_default=False,
-     help="checkpoint folder (holding ckpt-0/) or ckpt-0/ itself (default: the built-in demo)")),
+     help="checkpoint folder (holding ckpt-0/), ckpt-0/ itself, or a Grok GGUF file (default: the built-in demo)")),
     ("tokenizer", Optional[Path], None, _opt("--tokenizer", show_default=False,
-     help="tokenizer.model (default: the one beside the checkpoint)")),
+     help="tokenizer.model (default: a GGUF's own, or the one beside the checkpoint)")),
     ("threads", Optional[int], None, _opt("--threads", "-t", show_default=False, help="compute threads (default: physical cores)")),
     ("context", Optional[int], None, _opt("--context", "-c", show_default=False,
      help="KV cache length in tokens (default: the model's sequence_len)")),
@@ -336,20 +336,18 @@ class Loaded:
 
     def __init__(self, run: Run, need_tokenizer: bool = True):
         import grokcpu
-        from ..tokenizer import Tokenizer, find_tokenizer
+        from ..tokenizer import model_tokenizer
 
         self.run = run
         self.demo = run.model is None
         self.path = demo_path() if self.demo else Path(run.model)
-        tok_file = None
-        if need_tokenizer:
+        self.tok = None
+        if need_tokenizer:                        # cheap: before the model
             try:
-                tok_file = find_tokenizer(self.path, run.tokenizer)
+                self.tok = model_tokenizer(self.path, run.tokenizer)
             except GrokError:
-                from ..checkpoint import Checkpoint
-                Checkpoint(self.path).close()     # a missing/broken checkpoint is the error to report
+                grokcpu.open_checkpoint(self.path).close()     # a missing/broken model is the error to report
                 raise
-        self.tok = Tokenizer(tok_file) if tok_file is not None else None    # cheap: before the model
         n = run.options.threads
         if n is not None and n > cpu_count():
             err(f"note: --threads {n} is more than the {cpu_count()} cores this process may use; "

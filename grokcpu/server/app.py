@@ -91,9 +91,9 @@ class State:
         try:
             if model is None:
                 import grokcpu
-                from ..tokenizer import Tokenizer, find_tokenizer
+                from ..tokenizer import model_tokenizer
                 path = Path(s.model_path) if s.model_path else _demo_path()
-                tok = Tokenizer(find_tokenizer(path, s.tokenizer_path))
+                tok = model_tokenizer(path, s.tokenizer_path)
                 model = grokcpu.load(path, options=s.options)
                 try:
                     tok.check_fits(model.config.vocab_size)
