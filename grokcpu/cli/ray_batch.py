@@ -160,6 +160,7 @@ class Handle:
     jobs: dict = dataclasses.field(default_factory=dict)    # line -> Job: handed out, not yet written
     tokens: int = 0
     records: int = 0
+    calls: int = 0                      # step() calls: Ray round trips
     alive: bool = True
 
 
@@ -261,6 +262,7 @@ class RayBatchRun(BatchRun):
                     shard = [queue_.popleft() for _ in range(n)]
                     w.jobs.update((j.line, j) for j in shard)
                     busy[w.actor.step.remote(shard, STEP_WAIT_S)] = w
+                    w.calls += 1
             if not busy:
                 if queue_:
                     raise GrokError(f"every Ray worker stopped; {self.written} records are safely in {self.where}",
@@ -325,7 +327,7 @@ class RayBatchRun(BatchRun):
         dt = max(time.perf_counter() - self.t0, 1e-9)
         for w, st in self.worker_stats:
             err(f"stats: {w.name} on {w.node}: {w.records} records, {w.tokens} tokens ({w.tokens / dt:.1f} tok/s), "
-                f"load and warm-up {w.info.get('load_s', 0):.1f} s; {model_stats_line(st)}")
+                f"{w.calls} Ray calls, load and warm-up {w.info.get('load_s', 0):.1f} s; {model_stats_line(st)}")
 
 
 def first_line(e: BaseException) -> str:
