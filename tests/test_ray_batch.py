@@ -173,3 +173,14 @@ def test_bare_ray_takes_no_value():
     assert fill_optional_values(["batch", "--ray", "-i", "x"]) == ["batch", "--ray", "", "-i", "x"]
     assert fill_optional_values(["batch", "--ray", "10.0.0.1:6379"]) == ["batch", "--ray", "10.0.0.1:6379"]
     assert fill_optional_values(["--ray=auto", "--", "--ray"]) == ["--ray=auto", "--", "--ray"]
+
+
+def test_an_address_nothing_answers_is_an_error_at_once():
+    from grokcpu.cli.ray_batch import check_reachable
+    from grokcpu.errors import GrokError
+    t = time.perf_counter()
+    with pytest.raises(GrokError, match=r"cannot reach the Ray cluster at 127\.0\.0\.1:1: .*ray start --head"):
+        check_reachable("127.0.0.1:1")
+    assert time.perf_counter() - t < 10
+    check_reachable("ray://head:10001")                        # Ray Client and Ray's own words are Ray's to check
+    check_reachable("auto")

@@ -10,8 +10,8 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -259,6 +259,8 @@ class BatchRun:
             todo, skipped = self.plan()
             self.total = len(todo) + self.written
             err(f"batch: {len(self.lines)} input lines, {skipped} already done, {len(todo)} to run ({self.how})")
+            if todo:
+                self.ready()
             self.t0 = time.perf_counter()
             self.bar()
             if todo:
@@ -283,6 +285,10 @@ class BatchRun:
     def prepare(self, job: Job):
         """What `execute` takes for one line (may raise one of LINE_ERRORS)."""
         return job
+
+    def ready(self) -> None:
+        """Before the clock starts: the model loaded and its kernels warm."""
+        raise NotImplementedError
 
     def execute(self, todo: list) -> None:
         raise NotImplementedError
@@ -374,9 +380,10 @@ class LocalBatchRun(BatchRun):
     def prepare(self, job: Job) -> engine.Request:
         return job.request(self.L.tok)
 
-    def execute(self, todo: list) -> None:
+    def ready(self) -> None:
         self.L.warm(batch=True)
-        self.t0 = time.perf_counter()
+
+    def execute(self, todo: list) -> None:
         for req, outcome in engine.generate_batch(self.L.model, self.L.tok, todo, self.batch_size):
             self.record(outcome_record(req, outcome))
             self.bar()

@@ -173,25 +173,34 @@ class RayBatchRun(BatchRun):
         self.how = f"up to {self.batch_size} at once on each Ray worker"
         self.workers: list[Handle] = []
         self.worker_stats: list[tuple[Handle, dict]] = []
+        self.ray = None
         self.ray_started = False
 
-    def execute(self, todo: list[Job]) -> None:
-        ray = import_ray()
+    def run(self) -> None:
         try:
-            self.connect(ray)
-            self.start(ray)
-            self.t0 = time.perf_counter()
-            self.drive(ray, deque(todo))
-            if self.run_opts.stats:
-                self.collect_stats(ray)
+            super().run()
         finally:
-            self.stop(ray)
+            if self.ray is not None:
+                self.stop()
 
-    def connect(self, ray) -> None:
+    def ready(self) -> None:
+        self.ray = import_ray()
+        self.connect()
+        self.start()
+
+    def execute(self, todo: list[Job]) -> None:
+        self.drive(deque(todo))
+        if self.run_opts.stats:
+            self.collect_stats()
+
+    def connect(self) -> None:
+        ray = self.ray
         if ray.is_initialized():               # a caller that set Ray up itself (the tests, a notebook)
             return
         kw = dict(log_to_driver=False, logging_level=logging.ERROR)
         where = self.address or "this machine"
+        if self.address is not None:
+            check_reachable(self.address)
         try:
             if self.address is not None:
                 ray.init(address=self.address, **kw)
@@ -205,8 +214,9 @@ class RayBatchRun(BatchRun):
                             hint="start it with `ray start --head` (and `ray start --address HEAD:6379` on the others)") from None
         self.ray_started = True
 
-    def start(self, ray) -> None:
+    def start(self) -> None:
         """One worker per node (or --ray-actors of them, spread evenly), each loading the model."""
+        ray = self.ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         nodes = sorted((n for n in ray.nodes() if n.get("Alive")), key=lambda n: n["NodeID"])
         if not nodes:
@@ -233,7 +243,7 @@ class RayBatchRun(BatchRun):
             try:
                 w.info = ray.get(ref)
             except ray.exceptions.RayError as e:
-                self.lost(w, f"it stopped while loading: {first_line(e)}", ray)
+                self.lost(w, f"it stopped while loading: {first_line(e)}")
                 continue
             w.node = w.info["node"]
             if "error" in w.info:
@@ -251,8 +261,9 @@ class RayBatchRun(BatchRun):
         err(f"batch: {len(live)} Ray workers ready in {time.perf_counter() - t:.1f} s on {len(per_node)} node(s): "
             + ", ".join(f"{node} ({len(th)} x {th[0]} threads)" for node, th in per_node.items()))
 
-    def drive(self, ray, queue_: deque) -> None:
+    def drive(self, queue_: deque) -> None:
         """Hand out shards, write what comes back, until every job has a record."""
+        ray = self.ray
         hold = self.batch_size + max(1, self.batch_size // 2)   # its running jobs and the next few
         busy: dict = {}                       # the one step() call in flight per worker -> worker
         while True:
@@ -274,7 +285,7 @@ class RayBatchRun(BatchRun):
                 try:
                     got = ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    self.lost(w, first_line(e), ray, queue_)
+                    self.lost(w, first_line(e), queue_)
                     continue
                 for rec in got["done"]:
                     if w.jobs.pop(rec["line"], None) is None:     # never written twice
@@ -283,11 +294,12 @@ class RayBatchRun(BatchRun):
                     w.records += 1
                     w.tokens += rec.get("generated_tokens", 0)
                 if got["failed"]:
-                    self.lost(w, got["failed"], ray, queue_)
+                    self.lost(w, got["failed"], queue_)
             self.bar()
 
-    def lost(self, w: Handle, why: str, ray, queue_: deque | None = None) -> None:
+    def lost(self, w: Handle, why: str, queue_: deque | None = None) -> None:
         """A worker that stopped: its unwritten jobs go back to the front of the queue."""
+        ray = self.ray
         w.alive = False
         again = list(w.jobs.values())
         w.jobs.clear()
@@ -300,7 +312,8 @@ class RayBatchRun(BatchRun):
         except Exception:        # already gone
             pass
 
-    def collect_stats(self, ray) -> None:
+    def collect_stats(self) -> None:
+        ray = self.ray
         for w in self.workers:
             if w.alive:
                 try:
@@ -308,7 +321,8 @@ class RayBatchRun(BatchRun):
                 except (ray.exceptions.RayError, TimeoutError):
                     pass
 
-    def stop(self, ray) -> None:
+    def stop(self) -> None:
+        ray = self.ray
         for w in self.workers:
             try:
                 ray.kill(w.actor, no_restart=True)
@@ -328,6 +342,19 @@ class RayBatchRun(BatchRun):
         for w, st in self.worker_stats:
             err(f"stats: {w.name} on {w.node}: {w.records} records, {w.tokens} tokens ({w.tokens / dt:.1f} tok/s), "
                 f"{w.calls} Ray calls, load and warm-up {w.info.get('load_s', 0):.1f} s; {model_stats_line(st)}")
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A HOST:PORT address that nothing answers on is an error now (Ray itself retries for minutes)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise GrokError(f"cannot reach the Ray cluster at {address}: {why}",
+                        hint="start it with `ray start --head --port PORT` there, or check the address") from None
 
 
 def first_line(e: BaseException) -> str:
