@@ -512,9 +512,11 @@ class _Stats:
         }
 
 
-def auto_budget(ckpt, context: int, margin_fraction: float = 0.03, min_margin: float = 1 * GB) -> int:
+def auto_budget(ckpt, context: int, margin_fraction: float = 0.03, min_margin: float = 1 * GB,
+                share: int = 1) -> int:
     """What `auto` picks: available RAM minus dense weights, KV cache and a safety margin
     (3 % of total RAM, at least 1 GB), clamped to [experts one token needs, every expert].
+    With `share` models on the machine (Ray workers), each gets 1/share of (available - margin).
 
     The margin is a share of the machine, not of what is free: 10 % of the free RAM left the
     kernel's page cache 2.4 GB more for experts than the cache on a 24 GB machine (mmap then
@@ -527,7 +529,7 @@ def auto_budget(ckpt, context: int, margin_fraction: float = 0.03, min_margin: f
     avail = mem.available
     kv = c.kv_cache_bytes(context)
     margin = max(min_margin, margin_fraction * mem.total)
-    budget = avail - dense - kv - margin
+    budget = (avail - margin) / share - dense - kv
     return int(max(c.num_selected_experts * expert, min(total_experts, budget)))
 
 

@@ -193,6 +193,23 @@ def test_auto_budget_and_parse(medium_ckpt):
     assert budget_bytes(0.5, ck, 512) == 500_000_000
 
 
+def test_auto_budget_shared_by_workers(demo_path, monkeypatch):
+    """With `share` models on one machine (Ray workers), each gets 1/share of the RAM above the
+    margin, less its own dense weights and KV cache; clamped as before."""
+    import psutil
+    from types import SimpleNamespace
+    ck = Checkpoint(demo_path)
+    c = ck.config
+    dense, kv, every = ck.nbytes - c.all_expert_bytes, c.kv_cache_bytes(64), c.all_expert_bytes
+    margin = 1e9                                                   # 3 % of 10 GB is under the 1 GB floor
+    avail = margin + 2 * (dense + kv) + every                      # two workers: half the experts each
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=10e9, available=avail))
+    assert auto_budget(ck, 64) == every                            # alone: all experts (clamped)
+    assert abs(auto_budget(ck, 64, share=2) - every / 2) <= 1
+    assert auto_budget(ck, 64, share=1000) == c.num_selected_experts * c.expert_bytes   # the floor
+    ck.close()
+
+
 def test_routing_trace_file(medium_ckpt, tmp_path):
     import json
     path = tmp_path / "trace.jsonl"

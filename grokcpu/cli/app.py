@@ -275,6 +275,21 @@ def _usage_line(e: click.exceptions.UsageError) -> str:
     return f"error: {msg} (hint: {hint + ' ' + more if hint else more})"
 
 
+OPTIONAL_VALUE = ("--ray",)      # options whose value may be left out: a bare `--ray` means `--ray ''`
+
+
+def fill_optional_values(args: list[str]) -> list[str]:
+    """`--ray` with no value (last, or before another option) gets the empty value."""
+    out = []
+    for i, a in enumerate(args):
+        if a == "--":
+            return out + args[i:]
+        out.append(a)
+        if a in OPTIONAL_VALUE and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append("")
+    return out
+
+
 class _Group(TyperGroup):
     """The command group; its `main` turns click's usage errors into one line and exit 2."""
 
@@ -285,6 +300,7 @@ class _Group(TyperGroup):
             interrupted()
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = fill_optional_values(sys.argv[1:] if args is None else list(args))
         try:
             rv = super().main(args=args, prog_name=prog_name or "grok-cli", complete_var=complete_var,
                               standalone_mode=False, **extra)
@@ -393,14 +409,18 @@ def print_stats(res, model, extra: str = "") -> None:
         err(f"stats: prompt {res.prompt_tokens} tokens in {res.prefill_s:.3f} s ({res.prefill_tps:.1f} tok/s), "
             f"generated {res.generated_tokens} tokens in {res.decode_s:.3f} s ({res.decode_tps:.1f} tok/s), "
             f"first token after {res.ttft_s:.3f} s, finish: {res.finish_reason}{extra}")
-    st = model.stats()
+    err("stats: " + model_stats_line(model.stats()))
+
+
+def model_stats_line(st: dict) -> str:
+    """Threads, checkpoint size and expert-cache figures from model.stats()."""
     ec = st.get("expert_cache")
-    line = f"stats: threads {st.get('threads')}, checkpoint {gb(st.get('checkpoint_bytes', 0))}"
+    line = f"threads {st.get('threads')}, checkpoint {gb(st.get('checkpoint_bytes', 0))}"
     if isinstance(ec, dict) and ec:
         line += (f", expert cache {ec.get('policy')} {gb(ec.get('budget_bytes', 0))}: hit rate "
                  f"{ec.get('hit_rate', 0):.1%} ({ec.get('lookups', 0)} lookups), read {gb(ec.get('bytes_read', 0))}, "
                  f"{ec.get('evictions', 0)} evictions")
-    err(line)
+    return line
 
 
 def context_note(res, model) -> None:

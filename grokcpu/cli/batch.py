@@ -10,8 +10,9 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -32,6 +33,11 @@ def batch(
     input: Annotated[Path, typer.Option("--input", "-i", help="prompts, one JSON object per line: {\"id\":..., \"prompt\":...} ('-' = stdin)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="results, one JSON object per line (appended; rerun to resume; '-' = stdout)")],
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="sequences decoded together")] = 8,
+    ray: Annotated[Optional[str], typer.Option("--ray", metavar="[ADDRESS]", show_default=False,
+                   help="run on a Ray cluster (ray start ... on each node; the model at the same path on every "
+                        "node); no ADDRESS: the cluster on this machine, else a local Ray instance")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option("--ray-actors", show_default=False,
+                          help="Ray workers, each with its own copy of the model (default: one per node)")] = None,
 ):
     """Complete many prompts; resumable.
 
@@ -42,16 +48,25 @@ def batch(
     batch. Each result is appended as one complete line and synced to disk; rerunning with the
     same --output skips what is already there (with -o -, results go to stdout and nothing is
     resumed). With --seed, each prompt's seed is derived from it and the prompt's id, so results
-    do not depend on batching or resuming.
+    do not depend on batching, resuming or the Ray worker that ran them.
     """
     engine.check_batch_size(batch_size)
+    if ray is None and ray_actors is not None:
+        raise GrokError("--ray-actors needs --ray", hint="add --ray [ADDRESS], or leave --ray-actors out")
+    if ray is not None:
+        from .ray_batch import check_ray
+        check_ray(run, ray_actors)
     lines = read_input(input)
     to_stdout = str(output) == "-"
     if not to_stdout and str(input) != "-" and output.exists() and output.resolve() == input.resolve():
         raise GrokError("--output is the same file as --input", hint="write the results to another file")
     done_ids, done_lines = (set(), set()) if to_stdout else resume_state(output)
-    L = Loaded(run)
-    BatchRun(L, run, lines, None if to_stdout else output, done_ids, done_lines, batch_size).run()
+    args = (run, lines, None if to_stdout else output, done_ids, done_lines, batch_size)
+    if ray is not None:
+        from .ray_batch import RayBatchRun
+        RayBatchRun(*args, address=ray or None, actors=ray_actors).run()
+    else:
+        LocalBatchRun(Loaded(run), *args).run()
 
 
 def read_input(path: Path) -> list[bytes]:
@@ -167,10 +182,61 @@ def parse_line(raw: bytes, n: int):
     return rec, check_record(rec)
 
 
+LINE_ERRORS = (GrokError, ArithmeticError, ValueError, TypeError, RecursionError, UnicodeError)
+
+
+def line_problem(e: Exception, line: int) -> str:
+    """The error record's message for a line whose request cannot be built (one of LINE_ERRORS)."""
+    return str(e) if isinstance(e, GrokError) else f"line {line} cannot run: {type(e).__name__}: {e}"
+
+
+def error_record(id_, message: str, line: int) -> dict:
+    return {"id": id_ if valid_id(id_) else None, "error": message, "line": line}
+
+
+def outcome_record(req: engine.Request, outcome) -> dict:
+    """The output record of one finished request (generate_batch's Result or GrokError)."""
+    if isinstance(outcome, GrokError):
+        return error_record(req.id, str(outcome), req.tag)
+    return {"id": req.id, "text": outcome.text, **outcome.summary(), "line": req.tag}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input line, checked, with the command's options applied: plain data that a worker in
+    another process turns into an engine.Request with its own tokenizer."""
+    id: Any
+    line: int
+    prompt: str
+    settings: dict        # sampling.settings(...), with max_tokens and the per-prompt seed
+    stop: tuple
+    stop_on_eos: bool
+
+    @classmethod
+    def make(cls, rec: dict, line: int, run: Run) -> "Job":
+        s = dict(run.settings)
+        for k in REQUEST_FIELDS:
+            if k in rec and k not in ("stop", "ignore_eos"):
+                s[k] = rec[k]
+        if "seed" not in rec and s["seed"] is not None:     # one stream per id, independent of order
+            digest = hashlib.sha256(f"{s['seed']}:{key(rec['id'])}".encode()).digest()
+            s["seed"] = int.from_bytes(digest[:8], "little")
+        s = check_settings(**s)
+        stop = rec.get("stop", run.stop)
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        return cls(rec["id"], line, rec["prompt"], s, stop, not rec.get("ignore_eos", not run.stop_on_eos))
+
+    def request(self, tok) -> engine.Request:
+        return engine.Request(self.id, tok.encode(self.prompt), sampler(self.settings), self.settings["max_tokens"],
+                              list(self.stop), self.stop_on_eos, tag=self.line)
+
+
 class BatchRun:
-    def __init__(self, L: Loaded, run: Run, lines: list[bytes], output: Path | None, done_ids, done_lines,
-                 batch_size: int):
-        self.L, self.run_opts, self.lines, self.output = L, run, lines, output
+    """One batch command's output: plan the input lines (error records at once), run the rest
+    (`execute`: LocalBatchRun here, RayBatchRun in ray_batch.py), progress bar and summary."""
+
+    def __init__(self, run: Run, lines: list[bytes], output: Path | None, done_ids, done_lines, batch_size: int):
+        self.run_opts, self.lines, self.output = run, lines, output
         self.done_ids, self.done_lines = done_ids, done_lines
         self.batch_size = batch_size
         self.written = self.errors = self.tokens = self.full = 0
@@ -179,6 +245,8 @@ class BatchRun:
         self.tty = sys.stderr.isatty()
         self.total = 0
         self.where = "stdout" if output is None else str(output)
+        self.context: int | None = None          # the model's, once known (for the context-full note)
+        self.how = f"up to {batch_size} at once"
 
     def run(self) -> None:
         self.fd = None
@@ -188,22 +256,15 @@ class BatchRun:
             except OSError as e:
                 raise GrokError(f"cannot write --output {str(self.output)!r}: {e.strerror or e}") from None
         try:
-            requests, skipped = self.plan()
-            self.total = len(requests) + self.written
-            err(f"batch: {len(self.lines)} input lines, {skipped} already done, {len(requests)} to run "
-                f"(up to {self.batch_size} at once)")
-            if requests:
-                self.L.warm(batch=True)
+            todo, skipped = self.plan()
+            self.total = len(todo) + self.written
+            err(f"batch: {len(self.lines)} input lines, {skipped} already done, {len(todo)} to run ({self.how})")
+            if todo:
+                self.ready()
             self.t0 = time.perf_counter()
             self.bar()
-            for req, outcome in engine.generate_batch(self.L.model, self.L.tok, requests, self.batch_size):
-                if isinstance(outcome, GrokError):
-                    self.error(req.id, str(outcome), req.tag)
-                else:
-                    self.write({"id": req.id, "text": outcome.text, **outcome.summary(), "line": req.tag})
-                    self.tokens += outcome.generated_tokens
-                    self.full += outcome.context_full
-                self.bar()
+            if todo:
+                self.execute(todo)
             self.bar(final=True)
         except KeyboardInterrupt:
             resume = "" if self.output is None else "; rerun the same command to resume"
@@ -214,16 +275,30 @@ class BatchRun:
             if self.fd is not None:
                 os.close(self.fd)
         if self.full:
-            err(f"note: {self.full} prompt(s) stopped early because the context ({self.L.model.context} tokens) "
+            err(f"note: {self.full} prompt(s) stopped early because the context ({self.context} tokens) "
                 "was full (\"context_full\": true; pass a larger --context)")
         err(f"batch: wrote {self.written} records to {self.where} ({self.errors} errors); "
             f"{self.tokens} tokens in {time.perf_counter() - self.t0:.1f} s")
         if self.run_opts.stats:
-            print_stats(None, self.L.model)
+            self.print_stats()
+
+    def prepare(self, job: Job):
+        """What `execute` takes for one line (may raise one of LINE_ERRORS)."""
+        return job
+
+    def ready(self) -> None:
+        """Before the clock starts: the model loaded and its kernels warm."""
+        raise NotImplementedError
+
+    def execute(self, todo: list) -> None:
+        raise NotImplementedError
+
+    def print_stats(self) -> None:
+        raise NotImplementedError
 
     def plan(self):
-        """Input lines -> requests still to run; error records for bad lines are written now."""
-        requests, seen, skipped = [], set(), 0
+        """Input lines -> what is still to run (prepared); error records for bad lines are written now."""
+        todo, seen, skipped = [], set(), 0
         for n, raw in enumerate(self.lines, 1):
             if not raw.strip():
                 continue
@@ -237,39 +312,27 @@ class BatchRun:
                     if n in self.done_lines:
                         skipped += 1
                     else:
-                        self.error(id_, problem, n)
+                        self.record(error_record(id_, problem, n))
                     continue
                 seen.add(key(id_))
                 if key(id_) in self.done_ids or n in self.done_lines:
                     skipped += 1
                     continue
-                requests.append(self.request(rec, n))
-            except GrokError as e:
-                self.error(id_, str(e), n)
-            except (ArithmeticError, ValueError, TypeError, RecursionError, UnicodeError) as e:
-                if self.run_opts.debug:          # a line no check above foresaw: still only that line
+                todo.append(self.prepare(Job.make(rec, n, self.run_opts)))
+            except LINE_ERRORS as e:
+                if self.run_opts.debug and not isinstance(e, GrokError):   # a line no check foresaw
                     traceback.print_exc()
-                self.error(id_ if valid_id(id_) else None, f"line {n} cannot run: {type(e).__name__}: {e}", n)
-        return requests, skipped
+                self.record(error_record(id_, line_problem(e, n), n))
+        return todo, skipped
 
-    def request(self, rec: dict, line: int) -> engine.Request:
-        s = dict(self.run_opts.settings)
-        for k in REQUEST_FIELDS:
-            if k in rec and k not in ("stop", "ignore_eos"):
-                s[k] = rec[k]
-        if "seed" not in rec and s["seed"] is not None:     # one stream per id, independent of order
-            digest = hashlib.sha256(f"{s['seed']}:{key(rec['id'])}".encode()).digest()
-            s["seed"] = int.from_bytes(digest[:8], "little")
-        s = check_settings(**s)
-        stop = rec.get("stop", self.run_opts.stop)
-        stop = [stop] if isinstance(stop, str) else list(stop)
-        ids = self.L.tok.encode(rec["prompt"])
-        return engine.Request(rec["id"], ids, sampler(s), s["max_tokens"], stop,
-                              not rec.get("ignore_eos", not self.run_opts.stop_on_eos), tag=line)
-
-    def error(self, id_, message: str, line: int) -> None:
-        self.write({"id": id_ if valid_id(id_) else None, "error": message, "line": line})
-        self.errors += 1
+    def record(self, rec: dict) -> None:
+        """Write one output record and count it."""
+        self.write(rec)
+        if "error" in rec:
+            self.errors += 1
+        else:
+            self.tokens += rec["generated_tokens"]
+            self.full += rec.get("context_full", False)
 
     def write(self, rec: dict) -> None:
         data = encode_record(rec)
@@ -284,6 +347,9 @@ class BatchRun:
             os.fsync(self.fd)
         self.written += 1
 
+    def bar_extra(self, dt: float) -> str:
+        return ""
+
     def bar(self, final: bool = False) -> None:
         now = time.perf_counter()
         if not self.total:
@@ -296,8 +362,31 @@ class BatchRun:
         fill = int(width * done / total)
         dt = max(now - self.t0, 1e-9)
         line = (f"[{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} records, {self.errors} errors, "
-                f"{self.tokens} tokens, {self.tokens / dt:.1f} tok/s")
+                f"{self.tokens} tokens, {self.tokens / dt:.1f} tok/s{self.bar_extra(dt)}")
         if self.tty:
             err("\r" + line + "\x1b[K", end="\n" if final else "")
         elif final or done:
             err(line)
+
+
+class LocalBatchRun(BatchRun):
+    """The batch on this machine: one model, generate_batch over every prompt."""
+
+    def __init__(self, L: Loaded, *args):
+        super().__init__(*args)
+        self.L = L
+        self.context = L.model.context
+
+    def prepare(self, job: Job) -> engine.Request:
+        return job.request(self.L.tok)
+
+    def ready(self) -> None:
+        self.L.warm(batch=True)
+
+    def execute(self, todo: list) -> None:
+        for req, outcome in engine.generate_batch(self.L.model, self.L.tok, todo, self.batch_size):
+            self.record(outcome_record(req, outcome))
+            self.bar()
+
+    def print_stats(self) -> None:
+        print_stats(None, self.L.model)
