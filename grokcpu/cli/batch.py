@@ -31,7 +31,7 @@ FIELDS = ("id", "prompt", *REQUEST_FIELDS)
 @command(sampling=True)
 def batch(
     run: Run,
-    input: Annotated[Path, typer.Option("--input", "-i", help="prompts, one JSON object per line: {\"id\":..., \"prompt\":...} ('-' = stdin)")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="prompts, one JSON object per line: {\"id\":..., \"prompt\":...} or OpenAI's batch lines ('-' = stdin)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="results, one JSON object per line (appended; rerun to resume; '-' = stdout)")],
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="sequences decoded together")] = 8,
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="[ADDRESS]", show_default=False,
