@@ -543,6 +543,20 @@ class Conversation:
         self.last = None
 
 
+class Transcript(Conversation):
+    """A chat's token ids exactly as Conversation writes them, without a model or session (the
+    server's and the batch's chat requests)."""
+
+    def __init__(self, tok, system: str | None, template: str):
+        self.tok, self.system, self.template = tok, system or None, template
+        self.turns = []
+
+    def prompt_ids(self, turns: list[tuple[str, str]], message: str) -> list[int]:
+        self.turns = [Turn(u, a) for u, a in turns]
+        hist = self.history_ids()
+        return hist + self._user_ids(message, not hist)
+
+
 def rewind(session, n: int) -> None:
     """Keep the first n tokens of a session's KV cache, forget the rest.
 

@@ -184,3 +184,28 @@ def test_an_address_nothing_answers_is_an_error_at_once():
     assert time.perf_counter() - t < 10
     check_reachable("ray://head:10001")                        # Ray Client and Ray's own words are Ray's to check
     check_reachable("auto")
+
+
+def test_ray_equals_local_on_openai_lines(cluster, tmp_path):
+    def line(cid, url, body):
+        return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body})
+    lines = [line("c", "/v1/completions", {"prompt": ["The", "memory"], "max_tokens": 5, "n": 2}),
+             line("chat", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                                   "seed": 9, "temperature": 1.0}),
+             line("long", "/v1/completions", {"prompt": "word " * 80}),
+             line("vocab", "/v1/completions", {"prompt": [1, 10 ** 6]})]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args = ["batch", "-i", inp, "--seed", 5, "--batch-size", 3, "--context", 64]
+    assert cli(*args, "-o", tmp_path / "local.jsonl").exit_code == 0
+    r = cli(*args, "-o", tmp_path / "ray.jsonl", "--ray", "--ray-actors", 2)
+    assert r.exit_code == 0, r.stderr
+
+    def answers(path):
+        return {x["custom_id"]: (x["error"], x["response"] and x["response"]["body"].get("choices"),
+                                 x["response"] and x["response"]["body"].get("usage")) for x in read_jsonl(path)}
+    want = answers(tmp_path / "local.jsonl")
+    assert answers(tmp_path / "ray.jsonl") == want
+    assert len(want["c"][1]) == 4 and want["c"][2]["completion_tokens"] <= 20
+    assert want["long"][0]["code"] == "context_length_exceeded"
+    assert want["vocab"][0]["code"] == "invalid_request_error" and "outside the vocabulary" in want["vocab"][0]["message"]

@@ -19,6 +19,7 @@ import typer
 from .. import engine
 from ..errors import GrokError
 from ..sampling import settings as check_settings
+from ..server.protocol import ApiError
 from .app import Loaded, Run, command, err, interrupted, print_stats, sampler
 
 REQUEST_FIELDS = {"temperature": (int, float), "top_k": (int,), "top_p": (int, float), "min_p": (int, float),
@@ -30,7 +31,7 @@ FIELDS = ("id", "prompt", *REQUEST_FIELDS)
 @command(sampling=True)
 def batch(
     run: Run,
-    input: Annotated[Path, typer.Option("--input", "-i", help="prompts, one JSON object per line: {\"id\":..., \"prompt\":...} ('-' = stdin)")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="prompts, one JSON object per line: {\"id\":..., \"prompt\":...} or OpenAI's batch lines ('-' = stdin)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="results, one JSON object per line (appended; rerun to resume; '-' = stdout)")],
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="sequences decoded together")] = 8,
     ray: Annotated[Optional[str], typer.Option("--ray", metavar="[ADDRESS]", show_default=False,
@@ -41,7 +42,9 @@ def batch(
 ):
     """Complete many prompts; resumable.
 
-    Input lines: {"id": ..., "prompt": ..., optional "temperature", "top_k", "top_p", "min_p",
+    Input lines: OpenAI's batch format ({"custom_id", "method": "POST", "url": "/v1/completions" or
+    "/v1/chat/completions", "body"}: output lines as OpenAI's, bodies as `grok-cli serve` answers)
+    or {"id": ..., "prompt": ..., optional "temperature", "top_k", "top_p", "min_p",
     "repeat_penalty", "repeat_last_n", "seed", "max_tokens", "stop", "ignore_eos"}; an id is a
     string or an integer. Output lines: {"id", "text", "finish_reason", token counts, timings,
     "line"} or, for a line that cannot run, {"id", "error", "line"}: a bad line never stops the
@@ -60,8 +63,9 @@ def batch(
     to_stdout = str(output) == "-"
     if not to_stdout and str(input) != "-" and output.exists() and output.resolve() == input.resolve():
         raise GrokError("--output is the same file as --input", hint="write the results to another file")
-    done_ids, done_lines = (set(), set()) if to_stdout else resume_state(output)
-    args = (run, lines, None if to_stdout else output, done_ids, done_lines, batch_size)
+    fmt = detect_format(lines, run)
+    done_ids, done_lines = (set(), set()) if to_stdout else resume_state(output, fmt)
+    args = (run, fmt, lines, None if to_stdout else output, done_ids, done_lines, batch_size)
     if ray is not None:
         from .ray_batch import RayBatchRun
         RayBatchRun(*args, address=ray or None, actors=ray_actors).run()
@@ -78,8 +82,23 @@ def read_input(path: Path) -> list[bytes]:
     return [line.rstrip(b"\r") for line in data.split(b"\n")] if data else []
 
 
-def resume_state(path: Path) -> tuple[set, set]:
-    """Ids already answered and input lines already reported as errors; drops a torn last line."""
+def detect_format(lines: list[bytes], run: Run):
+    """The file's format, from its first non-blank line: OpenAI's batch lines or ours."""
+    from .batch_openai import OpenAIFormat, is_openai
+    for raw in lines:
+        if raw.strip():
+            try:
+                first = json.loads(raw)
+            except (ValueError, RecursionError):
+                break
+            if is_openai(first):
+                return OpenAIFormat(run)
+            break
+    return GrokFormat()
+
+
+def resume_state(path: Path, fmt) -> tuple[set, set]:
+    """Keys (ids) already answered and line marks already reported as errors; drops a torn last line."""
     if not path.exists():
         return set(), set()
     try:
@@ -100,13 +119,8 @@ def resume_state(path: Path) -> tuple[set, set]:
             rec = json.loads(raw)
         except (ValueError, RecursionError):
             continue
-        if not isinstance(rec, dict):
-            continue
-        if "error" in rec:
-            if isinstance(rec.get("line"), int):
-                done_lines.add(rec["line"])
-        elif valid_id(rec.get("id")):
-            done_ids.add(key(rec["id"]))
+        if isinstance(rec, dict):
+            fmt.resume(rec, done_ids, done_lines)
     return done_ids, done_lines
 
 
@@ -126,6 +140,11 @@ def valid_id(id_) -> bool:
 
 def key(id_) -> str:
     return json.dumps(id_, sort_keys=True)
+
+
+def line_seed(seed: int, id_) -> int:
+    """A line's seed from --seed and its id: results do not depend on order, batching or resuming."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key(id_)}".encode()).digest()[:8], "little")
 
 
 def encode_record(rec: dict) -> bytes:
@@ -167,8 +186,8 @@ def check_record(rec) -> str | None:
     return None
 
 
-def parse_line(raw: bytes, n: int):
-    """(record, problem): the parsed line, and what is wrong with it (None if nothing)."""
+def parse_json(raw: bytes, n: int):
+    """(value, problem): one line's JSON, or what stops it from being read."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -179,26 +198,60 @@ def parse_line(raw: bytes, n: int):
         return None, f"line {n} is nested too deeply"
     except ValueError as e:
         return None, f"line {n} is not valid JSON: {e}"
-    return rec, check_record(rec)
+    return rec, None
 
 
-LINE_ERRORS = (GrokError, ArithmeticError, ValueError, TypeError, RecursionError, UnicodeError)
+LINE_ERRORS = (GrokError, ApiError, ArithmeticError, ValueError, TypeError, RecursionError, UnicodeError)
 
 
 def line_problem(e: Exception, line: int) -> str:
     """The error record's message for a line whose request cannot be built (one of LINE_ERRORS)."""
-    return str(e) if isinstance(e, GrokError) else f"line {line} cannot run: {type(e).__name__}: {e}"
+    return str(e) if isinstance(e, (GrokError, ApiError)) else f"line {line} cannot run: {type(e).__name__}: {e}"
 
 
 def error_record(id_, message: str, line: int) -> dict:
     return {"id": id_ if valid_id(id_) else None, "error": message, "line": line}
 
 
-def outcome_record(req: engine.Request, outcome) -> dict:
-    """The output record of one finished request (generate_batch's Result or GrokError)."""
-    if isinstance(outcome, GrokError):
-        return error_record(req.id, str(outcome), req.tag)
-    return {"id": req.id, "text": outcome.text, **outcome.summary(), "line": req.tag}
+class GrokFormat:
+    """Our own lines: {"id", "prompt", ...} in, {"id", "text", ...} or {"id", "error", "line"} out."""
+    name = "grok-cli"
+
+    def parse(self, raw: bytes, n: int):
+        """(entry, key, problem): the line for `job`, its id's key, what is wrong (None: nothing)."""
+        rec, problem = parse_json(raw, n)
+        if problem is None:
+            from .batch_openai import is_openai
+            problem = (f"line {n} is an OpenAI batch line but this file's first line is grok-cli's format: "
+                       "use one format per file") if is_openai(rec) else check_record(rec)
+        id_ = rec.get("id") if isinstance(rec, dict) else None
+        return rec, key(id_), problem
+
+    def duplicate(self, rec, n: int) -> str:
+        return f"duplicate id {rec['id']!r} (line {n})"
+
+    def mark(self, n: int, raw: bytes):
+        return n
+
+    def error(self, rec, problem, n: int, raw: bytes) -> dict:
+        id_ = rec.get("id") if isinstance(rec, dict) else None
+        return error_record(id_, problem if isinstance(problem, str) else line_problem(problem, n), n)
+
+    def job(self, rec: dict, n: int, raw: bytes, run: Run) -> "Job":
+        return Job.make(rec, n, run)
+
+    def resume(self, rec: dict, done_ids: set, done_lines: set) -> None:
+        if "error" in rec:
+            if isinstance(rec.get("line"), int):
+                done_lines.add(rec["line"])
+        elif valid_id(rec.get("id")):
+            done_ids.add(key(rec["id"]))
+
+    def tally(self, rec: dict) -> tuple[bool, int, bool]:
+        """(an error?, tokens generated, stopped by a full context?) of one output record."""
+        if "error" in rec:
+            return True, 0, False
+        return False, rec["generated_tokens"], rec.get("context_full", False)
 
 
 @dataclass(frozen=True)
@@ -219,24 +272,62 @@ class Job:
             if k in rec and k not in ("stop", "ignore_eos"):
                 s[k] = rec[k]
         if "seed" not in rec and s["seed"] is not None:     # one stream per id, independent of order
-            digest = hashlib.sha256(f"{s['seed']}:{key(rec['id'])}".encode()).digest()
-            s["seed"] = int.from_bytes(digest[:8], "little")
+            s["seed"] = line_seed(s["seed"], rec["id"])
         s = check_settings(**s)
         stop = rec.get("stop", run.stop)
         stop = (stop,) if isinstance(stop, str) else tuple(stop)
         return cls(rec["id"], line, rec["prompt"], s, stop, not rec.get("ignore_eos", not run.stop_on_eos))
 
-    def request(self, tok) -> engine.Request:
-        return engine.Request(self.id, tok.encode(self.prompt), sampler(self.settings), self.settings["max_tokens"],
-                              list(self.stop), self.stop_on_eos, tag=self.line)
+    def requests(self, tok, model) -> list[engine.Request]:
+        return [engine.Request(self.id, tok.encode(self.prompt), sampler(self.settings), self.settings["max_tokens"],
+                               list(self.stop), self.stop_on_eos, tag=(self.line, 0))]
+
+    def record(self, outcomes: list) -> dict:
+        """The output record from generate_batch's outcome (Result or GrokError)."""
+        (outcome,) = outcomes
+        if isinstance(outcome, GrokError):
+            return error_record(self.id, str(outcome), self.line)
+        return {"id": self.id, "text": outcome.text, **outcome.summary(), "line": self.line}
+
+    def error_record(self, e: Exception) -> dict:
+        return error_record(self.id, line_problem(e, self.line), self.line)
+
+
+def run_jobs(model, tok, jobs, batch_size: int, emit) -> None:
+    """Run the jobs (an iterable that may yield None, as generate_batch's feed) with generate_batch;
+    emit(job, record) once each job's requests are all done, or at once if they cannot be built."""
+    pending: dict = {}                        # line -> [job, outcomes, still running]
+
+    def feed():
+        for job in jobs:
+            if job is None:
+                yield None
+                continue
+            try:
+                reqs = job.requests(tok, model)
+            except LINE_ERRORS as e:
+                emit(job, job.error_record(e))
+                continue
+            pending[job.line] = [job, [None] * len(reqs), len(reqs)]
+            yield from reqs
+
+    for req, outcome in engine.generate_batch(model, tok, feed(), batch_size):
+        line, i = req.tag
+        p = pending[line]
+        p[1][i] = outcome
+        p[2] -= 1
+        if not p[2]:
+            del pending[line]
+            emit(p[0], p[0].record(p[1]))
 
 
 class BatchRun:
     """One batch command's output: plan the input lines (error records at once), run the rest
     (`execute`: LocalBatchRun here, RayBatchRun in ray_batch.py), progress bar and summary."""
 
-    def __init__(self, run: Run, lines: list[bytes], output: Path | None, done_ids, done_lines, batch_size: int):
-        self.run_opts, self.lines, self.output = run, lines, output
+    def __init__(self, run: Run, fmt, lines: list[bytes], output: Path | None, done_ids, done_lines,
+                 batch_size: int):
+        self.run_opts, self.fmt, self.lines, self.output = run, fmt, lines, output
         self.done_ids, self.done_lines = done_ids, done_lines
         self.batch_size = batch_size
         self.written = self.errors = self.tokens = self.full = 0
@@ -258,7 +349,8 @@ class BatchRun:
         try:
             todo, skipped = self.plan()
             self.total = len(todo) + self.written
-            err(f"batch: {len(self.lines)} input lines, {skipped} already done, {len(todo)} to run ({self.how})")
+            err(f"batch: {len(self.lines)} input lines ({self.fmt.name} format), {skipped} already done, "
+                f"{len(todo)} to run ({self.how})")
             if todo:
                 self.ready()
             self.t0 = time.perf_counter()
@@ -282,10 +374,6 @@ class BatchRun:
         if self.run_opts.stats:
             self.print_stats()
 
-    def prepare(self, job: Job):
-        """What `execute` takes for one line (may raise one of LINE_ERRORS)."""
-        return job
-
     def ready(self) -> None:
         """Before the clock starts: the model loaded and its kernels warm."""
         raise NotImplementedError
@@ -297,42 +385,40 @@ class BatchRun:
         raise NotImplementedError
 
     def plan(self):
-        """Input lines -> what is still to run (prepared); error records for bad lines are written now."""
-        todo, seen, skipped = [], set(), 0
+        """Input lines -> the jobs still to run; error records for bad lines are written now."""
+        todo, seen, skipped, fmt = [], set(), 0, self.fmt
         for n, raw in enumerate(self.lines, 1):
             if not raw.strip():
                 continue
-            id_ = None
+            mark, entry = fmt.mark(n, raw), None
             try:
-                rec, problem = parse_line(raw, n)
-                id_ = rec.get("id") if isinstance(rec, dict) else None
-                if problem is None and key(id_) in seen:
-                    problem = f"duplicate id {id_!r} (line {n})"
+                entry, k, problem = fmt.parse(raw, n)
+                if problem is None and k in seen:
+                    problem = fmt.duplicate(entry, n)
                 if problem is not None:
-                    if n in self.done_lines:
+                    if mark in self.done_lines:
                         skipped += 1
                     else:
-                        self.record(error_record(id_, problem, n))
+                        self.record(fmt.error(entry, problem, n, raw))
                     continue
-                seen.add(key(id_))
-                if key(id_) in self.done_ids or n in self.done_lines:
+                seen.add(k)
+                if k in self.done_ids or mark in self.done_lines:
                     skipped += 1
                     continue
-                todo.append(self.prepare(Job.make(rec, n, self.run_opts)))
+                todo.append(fmt.job(entry, n, raw, self.run_opts))
             except LINE_ERRORS as e:
-                if self.run_opts.debug and not isinstance(e, GrokError):   # a line no check foresaw
+                if self.run_opts.debug and not isinstance(e, (GrokError, ApiError)):   # a line no check foresaw
                     traceback.print_exc()
-                self.record(error_record(id_, line_problem(e, n), n))
+                self.record(fmt.error(entry, e, n, raw))
         return todo, skipped
 
     def record(self, rec: dict) -> None:
         """Write one output record and count it."""
         self.write(rec)
-        if "error" in rec:
-            self.errors += 1
-        else:
-            self.tokens += rec["generated_tokens"]
-            self.full += rec.get("context_full", False)
+        error, tokens, full = self.fmt.tally(rec)
+        self.errors += error
+        self.tokens += tokens
+        self.full += full
 
     def write(self, rec: dict) -> None:
         data = encode_record(rec)
@@ -377,16 +463,14 @@ class LocalBatchRun(BatchRun):
         self.L = L
         self.context = L.model.context
 
-    def prepare(self, job: Job) -> engine.Request:
-        return job.request(self.L.tok)
-
     def ready(self) -> None:
         self.L.warm(batch=True)
 
     def execute(self, todo: list) -> None:
-        for req, outcome in engine.generate_batch(self.L.model, self.L.tok, todo, self.batch_size):
-            self.record(outcome_record(req, outcome))
+        def emit(job, rec):
+            self.record(rec)
             self.bar()
+        run_jobs(self.L.model, self.L.tok, todo, self.batch_size, emit)
 
     def print_stats(self) -> None:
         print_stats(None, self.L.model)

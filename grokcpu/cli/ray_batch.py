@@ -26,7 +26,7 @@ from pathlib import Path
 from .. import engine
 from ..errors import GrokError
 from .app import Loaded, Run, err, model_stats_line
-from .batch import LINE_ERRORS, BatchRun, Job, error_record, line_problem, outcome_record
+from .batch import BatchRun, Job, run_jobs
 
 STEP_WAIT_S = 0.5                 # a worker's step() returns after this long even with nothing finished
 LOCAL_STORE_BYTES = 100 * 2**20   # object store of a Ray instance started here (records are small)
@@ -60,10 +60,10 @@ class Worker:
     def __init__(self, run: Run, batch_size: int, share: int):
         self.run, self.batch_size, self.share = run, batch_size, share
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.done: list[dict] = []               # records not yet handed to the driver
+        self.done: list[tuple] = []              # (line, record) not yet handed to the driver
         self.cond = threading.Condition()
         self.failed: str | None = None
-        self.in_flight = 0                       # jobs inside generate_batch (its thread only)
+        self.in_flight = 0                       # jobs taken and not yet recorded (its thread only)
 
     def load(self) -> dict:
         """Load the model and ready the kernels; where this worker runs and with what, or the
@@ -104,7 +104,7 @@ class Worker:
         return dataclasses.replace(run, options=opts)
 
     def step(self, jobs: list[Job], wait: float) -> dict:
-        """Take `jobs`; return the records finished since the last call (waiting up to `wait`
+        """Take `jobs`; return the (line, record)s finished since the last call (waiting up to `wait`
         seconds for one) and whether the worker failed."""
         for job in jobs:
             self.inbox.put(job)
@@ -117,34 +117,30 @@ class Worker:
         return self.L.model.stats()
 
     def loop(self) -> None:
+        def emit(job, rec):
+            self.in_flight -= 1
+            self.put((job.line, rec))
         try:
-            for req, outcome in engine.generate_batch(self.L.model, self.L.tok, self.feed(), self.batch_size):
-                self.in_flight -= 1
-                self.put(outcome_record(req, outcome))
+            run_jobs(self.L.model, self.L.tok, self.feed(), self.batch_size, emit)
         except BaseException as e:     # not a user's mistake: the driver gives this worker's jobs to others
             with self.cond:
                 self.failed = f"{type(e).__name__}: {e}"
                 self.cond.notify_all()
 
     def feed(self):
-        """The jobs as requests; None ("none yet") while others run, blocking while none does."""
+        """The jobs; None ("none yet") while others run, blocking while none does."""
         while True:
             try:
                 job = self.inbox.get(block=self.in_flight == 0)
             except queue.Empty:
                 yield None
                 continue
-            try:
-                req = job.request(self.L.tok)
-            except LINE_ERRORS as e:
-                self.put(error_record(job.id, line_problem(e, job.line), job.line))
-                continue
             self.in_flight += 1
-            yield req
+            yield job
 
-    def put(self, rec: dict) -> None:
+    def put(self, done: tuple) -> None:
         with self.cond:
-            self.done.append(rec)
+            self.done.append(done)
             self.cond.notify_all()
 
 
@@ -287,12 +283,12 @@ class RayBatchRun(BatchRun):
                 except ray.exceptions.RayError as e:
                     self.lost(w, first_line(e), queue_)
                     continue
-                for rec in got["done"]:
-                    if w.jobs.pop(rec["line"], None) is None:     # never written twice
+                for line, rec in got["done"]:
+                    if w.jobs.pop(line, None) is None:     # never written twice
                         continue
                     self.record(rec)
                     w.records += 1
-                    w.tokens += rec.get("generated_tokens", 0)
+                    w.tokens += self.fmt.tally(rec)[1]
                 if got["failed"]:
                     self.lost(w, got["failed"], queue_)
             self.bar()
