@@ -88,3 +88,11 @@ def model(demo_path):
 def tok(demo_path):
     from grokcpu.tokenizer import Tokenizer
     return Tokenizer(demo_path / "tokenizer.model")
+
+
+def pytest_configure(config):
+    """Run from a background job (`cmd &` in a script), the suite starts with SIGINT ignored, and
+    every child it starts would inherit that: the Ctrl-C tests need the default handler."""
+    import signal
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
