@@ -250,3 +250,144 @@ def dequant_rows(qt, w, r0, r1, out, kv, n32):
         o = out[r]
         for b in range(K // QK):
             _block_values(qt, row, b * BB, q, qu, scale, off, kv, n32, SUB, o[b * QK:(b + 1) * QK])
+
+
+# ---- Dedicated decode products for the hot types: out[T, N] = x[T, K] @ W.T.
+# One kernel per type, index arithmetic only: per (sub-)block and row of x, a float32 dot of
+# the raw quants with x (vectorized: the trip count n32/n16 comes at run time; quants are cast
+# through int32, as int64 has no vector conversion to float), scaled once by the block's
+# scale; offsets go through xs, the sums of x over each 32-value sub-block. Each of `parts`
+# threads takes a contiguous range of output rows (one stream) in a serial function: the same
+# loops inside the parallel region's body ran 2.6 times slower. w16 is w viewed as uint16,
+# f16 = f16_table(): a half is one load.
+
+def f16_table():
+    """float32 [65536]: the value of each IEEE half bit pattern."""
+    return np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _rows_q8_0(w, w16, x, xs, out, f16, n0, n1, n32, five):
+    """Rows n0..n1-1 of Q8_0 (34-byte blocks: half d, 32 int8)."""
+    T, K = x.shape
+    for n in range(n0, n1):
+        row = w[n]
+        r16 = w16[n]
+        for t in range(T):
+            xt = x[t]
+            tot = np.float32(0.0)
+            for b in range(K // 32):
+                o = b * 34 + 2
+                xo = b * 32
+                s = np.float32(0.0)
+                for i in range(n32):
+                    s += np.float32(np.int8(row[o + i])) * xt[xo + i]
+                tot += f16[r16[b * 17]] * s
+            out[t, n] = tot
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _rows_q45_K(w, w16, x, xs, out, f16, n0, n1, n32, five):
+    """Rows n0..n1-1 of Q4_K (five false: 144-byte blocks of half d, half dmin, 12 bytes of
+    6-bit scales and mins, 128 bytes of nibbles) or Q5_K (five: 176 bytes, 32 bytes of fifth
+    bits before the nibbles). A value is d*sc*q - dmin*m."""
+    T, K = x.shape
+    bb = 176 if five else 144
+    qs = 48 if five else 16
+    for n in range(n0, n1):
+        row = w[n]
+        r16 = w16[n]
+        for t in range(T):
+            xt = x[t]
+            tot = np.float32(0.0)
+            for b in range(K // 256):
+                o = b * bb
+                d = f16[r16[o // 2]]
+                dmin = f16[r16[o // 2 + 1]]
+                for j in range(4):                # sub-blocks 2j (low nibbles) and 2j+1 (high)
+                    k = o + 2 * j
+                    if j < 2:
+                        sc0 = np.int32(row[k + 4]) & 63
+                        m0 = np.int32(row[k + 8]) & 63
+                        sc1 = np.int32(row[k + 5]) & 63
+                        m1 = np.int32(row[k + 9]) & 63
+                    else:
+                        sc0 = (np.int32(row[k + 8]) & 15) | ((np.int32(row[k]) >> 6) << 4)
+                        m0 = (np.int32(row[k + 8]) >> 4) | ((np.int32(row[k + 4]) >> 6) << 4)
+                        sc1 = (np.int32(row[k + 9]) & 15) | ((np.int32(row[k + 1]) >> 6) << 4)
+                        m1 = (np.int32(row[k + 9]) >> 4) | ((np.int32(row[k + 5]) >> 6) << 4)
+                    q = o + qs + 32 * j
+                    xo = b * 256 + 64 * j
+                    s0 = np.float32(0.0)
+                    s1 = np.float32(0.0)
+                    if five:
+                        sh = 2 * j
+                        for i in range(n32):
+                            c = np.int32(row[q + i])
+                            h = np.int32(row[o + 16 + i]) >> sh
+                            s0 += np.float32(np.int32((c & 15) | ((h & 1) << 4))) * xt[xo + i]
+                            s1 += np.float32(np.int32((c >> 4) | ((h & 2) << 3))) * xt[xo + 32 + i]
+                    else:
+                        for i in range(n32):
+                            c = np.int32(row[q + i])
+                            s0 += np.float32(np.int32(c & 15)) * xt[xo + i]
+                            s1 += np.float32(np.int32(c >> 4)) * xt[xo + 32 + i]
+                    xb = b * 8 + 2 * j
+                    tot += ((d * np.float32(sc0)) * s0 - (dmin * np.float32(m0)) * xs[t, xb]
+                            + (d * np.float32(sc1)) * s1 - (dmin * np.float32(m1)) * xs[t, xb + 1])
+            out[t, n] = tot
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n16, five):
+    """Rows n0..n1-1 of Q6_K (210-byte blocks: 128 bytes of low nibbles, 64 of high bit
+    pairs, 16 int8 scales, half d). A value is d*sc*(q - 32), sc per 16 values."""
+    T, K = x.shape
+    for n in range(n0, n1):
+        row = w[n]
+        r16 = w16[n]
+        for t in range(T):
+            xt = x[t]
+            tot = np.float32(0.0)
+            for b in range(K // 256):
+                o = b * 210
+                d = f16[r16[o // 2 + 104]]
+                for h in range(2):
+                    for k in range(2):            # values 16k..16k+15 of each group of 32
+                        lo = o + 64 * h + 16 * k
+                        hi = o + 128 + 32 * h + 16 * k
+                        xo = b * 256 + 128 * h + 16 * k
+                        sc = o + 192 + 8 * h + k
+                        s0 = np.float32(0.0)
+                        s1 = np.float32(0.0)
+                        s2 = np.float32(0.0)
+                        s3 = np.float32(0.0)
+                        for i in range(n16):
+                            a = np.int32(row[lo + i])
+                            bq = np.int32(row[lo + 32 + i])
+                            c = np.int32(row[hi + i])
+                            s0 += np.float32(np.int32(((a & 15) | ((c & 3) << 4)) - 32)) * xt[xo + i]
+                            s1 += np.float32(np.int32(((bq & 15) | ((c & 12) << 2)) - 32)) * xt[xo + 32 + i]
+                            s2 += np.float32(np.int32(((a >> 4) | (c & 48)) - 32)) * xt[xo + 64 + i]
+                            s3 += np.float32(np.int32(((bq >> 4) | ((c >> 2) & 48)) - 32)) * xt[xo + 96 + i]
+                        tot += d * ((np.float32(np.int8(row[sc])) * s0 + np.float32(np.int8(row[sc + 2])) * s1)
+                                    + (np.float32(np.int8(row[sc + 4])) * s2 + np.float32(np.int8(row[sc + 6])) * s3))
+            out[t, n] = tot
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def matvec_fast(qt, w, w16, x, xs, out, f16, parts, n32):
+    """out[T, N] = x[T, K] @ W.T for Q8_0, Q4_K, Q5_K or Q6_K (qt), `parts` ranges of rows in
+    parallel; xs [T, K/32]: the sums of x over each 32 values (read by Q4_K and Q5_K)."""
+    N = w.shape[0]
+    parts = max(1, min(N, parts))
+    per = (N + parts - 1) // parts
+    for p in prange(parts):
+        n0 = p * per
+        n1 = min(N, n0 + per)
+        if qt == Q8_0:
+            _rows_q8_0(w, w16, x, xs, out, f16, n0, n1, n32, False)
+        elif qt == Q6_K:
+            _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n32 // 2, False)
+        else:
+            _rows_q45_K(w, w16, x, xs, out, f16, n0, n1, n32, qt == Q5_K)
