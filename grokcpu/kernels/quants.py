@@ -252,14 +252,17 @@ def dequant_rows(qt, w, r0, r1, out, kv, n32):
             _block_values(qt, row, b * BB, q, qu, scale, off, kv, n32, SUB, o[b * QK:(b + 1) * QK])
 
 
-# ---- Dedicated decode products for the hot types: out[T, N] = x[T, K] @ W.T.
-# One kernel per type, index arithmetic only: per (sub-)block and row of x, a float32 dot of
-# the raw quants with x (vectorized: the trip count n32/n16 comes at run time; quants are cast
-# through int32, as int64 has no vector conversion to float), scaled once by the block's
-# scale; offsets go through xs, the sums of x over each 32-value sub-block. Each of `parts`
-# threads takes a contiguous range of output rows (one stream) in a serial function: the same
-# loops inside the parallel region's body ran 2.6 times slower. w16 is w viewed as uint16,
-# f16 = f16_table(): a half is one load.
+# ---- Dedicated decode products for the hot types: out[T, N] = x[T, K] @ W.T, one kernel per
+# type, index arithmetic only, the block's scales decoded once per row of x. Q8_0 and Q6_K: per
+# (sub-)block a float32 dot of the raw quants with x (a vector loop: its trip count n32/n16
+# comes at run time), times the sub-block's scale. Q4_K and Q5_K: a loop over eight lanes
+# (n8 = 8 at run time: one 8-wide vector iteration) takes lane l of each group of eight values
+# of two sub-blocks and adds their sums times the scales into lane accumulators (one set per
+# pair, so the four pairs' additions do not wait on each other); offsets go through xs, the
+# sums of x over each 32-value sub-block. Quants are cast through int32 (int64 has no vector
+# conversion to float). Each of `parts` threads takes a contiguous range of output rows (one
+# stream) in a serial function: the same loops inside the parallel region ran 2.6x slower.
+# w16 is w viewed as uint16, f16 = f16_table(): a half is one load.
 
 def f16_table():
     """float32 [65536]: the value of each IEEE half bit pattern."""
@@ -267,7 +270,7 @@ def f16_table():
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _rows_q8_0(w, w16, x, xs, out, f16, n0, n1, n32, five):
+def _rows_q8_0(w, w16, x, xs, out, f16, n0, n1, n32):
     """Rows n0..n1-1 of Q8_0 (34-byte blocks: half d, 32 int8)."""
     T, K = x.shape
     for n in range(n0, n1):
@@ -286,60 +289,110 @@ def _rows_q8_0(w, w16, x, xs, out, f16, n0, n1, n32, five):
             out[t, n] = tot
 
 
+@njit(cache=True, nogil=True)
+def _k4_pair(r, o, j):
+    """Scales and mins (6 bits each) of sub-blocks 2j and 2j+1 of the Q4_K/Q5_K block at r[o:]
+    (ggml's get_scale_min_k4 on its 12 bytes at o + 4)."""
+    k = o + 2 * j
+    if j < 2:
+        return (np.int32(r[k + 4]) & 63, np.int32(r[k + 8]) & 63,
+                np.int32(r[k + 5]) & 63, np.int32(r[k + 9]) & 63)
+    return ((np.int32(r[k + 8]) & 15) | ((np.int32(r[k]) >> 6) << 4),
+            (np.int32(r[k + 8]) >> 4) | ((np.int32(r[k + 4]) >> 6) << 4),
+            (np.int32(r[k + 9]) & 15) | ((np.int32(r[k + 1]) >> 6) << 4),
+            (np.int32(r[k + 9]) >> 4) | ((np.int32(r[k + 5]) >> 6) << 4))
+
+
 @njit(cache=True, fastmath=True, nogil=True)
-def _rows_q45_K(w, w16, x, xs, out, f16, n0, n1, n32, five):
-    """Rows n0..n1-1 of Q4_K (five false: 144-byte blocks of half d, half dmin, 12 bytes of
-    6-bit scales and mins, 128 bytes of nibbles) or Q5_K (five: 176 bytes, 32 bytes of fifth
-    bits before the nibbles). A value is d*sc*q - dmin*m."""
+def _rows_q4_K(w, w16, x, xs, out, f16, n0, n1, n8):
+    """Rows n0..n1-1 of Q4_K (144-byte blocks: half d, half dmin, 12 bytes of 6-bit scales and
+    mins, 128 bytes of nibbles). A value is d*sc*q - dmin*m."""
     T, K = x.shape
-    bb = 176 if five else 144
-    qs = 48 if five else 16
+    acc = np.empty(32, np.float32)
     for n in range(n0, n1):
         row = w[n]
         r16 = w16[n]
         for t in range(T):
             xt = x[t]
-            tot = np.float32(0.0)
+            acc[:] = 0.0
+            mins = np.float32(0.0)
             for b in range(K // 256):
-                o = b * bb
+                o = b * 144
                 d = f16[r16[o // 2]]
                 dmin = f16[r16[o // 2 + 1]]
                 for j in range(4):                # sub-blocks 2j (low nibbles) and 2j+1 (high)
-                    k = o + 2 * j
-                    if j < 2:
-                        sc0 = np.int32(row[k + 4]) & 63
-                        m0 = np.int32(row[k + 8]) & 63
-                        sc1 = np.int32(row[k + 5]) & 63
-                        m1 = np.int32(row[k + 9]) & 63
-                    else:
-                        sc0 = (np.int32(row[k + 8]) & 15) | ((np.int32(row[k]) >> 6) << 4)
-                        m0 = (np.int32(row[k + 8]) >> 4) | ((np.int32(row[k + 4]) >> 6) << 4)
-                        sc1 = (np.int32(row[k + 9]) & 15) | ((np.int32(row[k + 1]) >> 6) << 4)
-                        m1 = (np.int32(row[k + 9]) >> 4) | ((np.int32(row[k + 5]) >> 6) << 4)
-                    q = o + qs + 32 * j
-                    xo = b * 256 + 64 * j
-                    s0 = np.float32(0.0)
-                    s1 = np.float32(0.0)
-                    if five:
-                        sh = 2 * j
-                        for i in range(n32):
-                            c = np.int32(row[q + i])
-                            h = np.int32(row[o + 16 + i]) >> sh
-                            s0 += np.float32(np.int32((c & 15) | ((h & 1) << 4))) * xt[xo + i]
-                            s1 += np.float32(np.int32((c >> 4) | ((h & 2) << 3))) * xt[xo + 32 + i]
-                    else:
-                        for i in range(n32):
-                            c = np.int32(row[q + i])
-                            s0 += np.float32(np.int32(c & 15)) * xt[xo + i]
-                            s1 += np.float32(np.int32(c >> 4)) * xt[xo + 32 + i]
+                    sc0, m0, sc1, m1 = _k4_pair(row, o, j)
+                    a0 = d * np.float32(sc0)
+                    a1 = d * np.float32(sc1)
                     xb = b * 8 + 2 * j
-                    tot += ((d * np.float32(sc0)) * s0 - (dmin * np.float32(m0)) * xs[t, xb]
-                            + (d * np.float32(sc1)) * s1 - (dmin * np.float32(m1)) * xs[t, xb + 1])
-            out[t, n] = tot
+                    mins += dmin * (np.float32(m0) * xs[t, xb] + np.float32(m1) * xs[t, xb + 1])
+                    q = o + 16 + 32 * j
+                    xo = b * 256 + 64 * j
+                    for l in range(n8):
+                        c0 = np.int32(row[q + l])
+                        c1 = np.int32(row[q + 8 + l])
+                        c2 = np.int32(row[q + 16 + l])
+                        c3 = np.int32(row[q + 24 + l])
+                        i = xo + l
+                        s0 = ((np.float32(np.int32(c0 & 15)) * xt[i] + np.float32(np.int32(c1 & 15)) * xt[i + 8])
+                              + (np.float32(np.int32(c2 & 15)) * xt[i + 16] + np.float32(np.int32(c3 & 15)) * xt[i + 24]))
+                        s1 = ((np.float32(np.int32(c0 >> 4)) * xt[i + 32] + np.float32(np.int32(c1 >> 4)) * xt[i + 40])
+                              + (np.float32(np.int32(c2 >> 4)) * xt[i + 48] + np.float32(np.int32(c3 >> 4)) * xt[i + 56]))
+                        acc[8 * j + l] += a0 * s0 + a1 * s1
+            out[t, n] = acc.sum() - mins
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n16, five):
+def _rows_q5_K(w, w16, x, xs, out, f16, n0, n1, n8):
+    """Rows n0..n1-1 of Q5_K (176-byte blocks: Q4_K's, with 32 bytes of fifth bits before the
+    nibbles: bit 2j of byte i for value i of sub-block 2j, bit 2j+1 for sub-block 2j+1)."""
+    T, K = x.shape
+    acc = np.empty(32, np.float32)
+    for n in range(n0, n1):
+        row = w[n]
+        r16 = w16[n]
+        for t in range(T):
+            xt = x[t]
+            acc[:] = 0.0
+            mins = np.float32(0.0)
+            for b in range(K // 256):
+                o = b * 176
+                d = f16[r16[o // 2]]
+                dmin = f16[r16[o // 2 + 1]]
+                for j in range(4):
+                    sc0, m0, sc1, m1 = _k4_pair(row, o, j)
+                    a0 = d * np.float32(sc0)
+                    a1 = d * np.float32(sc1)
+                    xb = b * 8 + 2 * j
+                    mins += dmin * (np.float32(m0) * xs[t, xb] + np.float32(m1) * xs[t, xb + 1])
+                    q = o + 48 + 32 * j
+                    xo = b * 256 + 64 * j
+                    b0 = np.int32(1) << (2 * j)
+                    for l in range(n8):
+                        c0 = np.int32(row[q + l])
+                        c1 = np.int32(row[q + 8 + l])
+                        c2 = np.int32(row[q + 16 + l])
+                        c3 = np.int32(row[q + 24 + l])
+                        h0 = np.int32(row[o + 16 + l])
+                        h1 = np.int32(row[o + 24 + l])
+                        h2 = np.int32(row[o + 32 + l])
+                        h3 = np.int32(row[o + 40 + l])
+                        i = xo + l
+                        # a fifth bit adds 16: lo | 16 when h & b0, hi | 16 when h & 2*b0
+                        s0 = ((np.float32(np.int32((c0 & 15) + (16 if h0 & b0 else 0))) * xt[i]
+                               + np.float32(np.int32((c1 & 15) + (16 if h1 & b0 else 0))) * xt[i + 8])
+                              + (np.float32(np.int32((c2 & 15) + (16 if h2 & b0 else 0))) * xt[i + 16]
+                                 + np.float32(np.int32((c3 & 15) + (16 if h3 & b0 else 0))) * xt[i + 24]))
+                        s1 = ((np.float32(np.int32((c0 >> 4) + (16 if h0 & (2 * b0) else 0))) * xt[i + 32]
+                               + np.float32(np.int32((c1 >> 4) + (16 if h1 & (2 * b0) else 0))) * xt[i + 40])
+                              + (np.float32(np.int32((c2 >> 4) + (16 if h2 & (2 * b0) else 0))) * xt[i + 48]
+                                 + np.float32(np.int32((c3 >> 4) + (16 if h3 & (2 * b0) else 0))) * xt[i + 56]))
+                        acc[8 * j + l] += a0 * s0 + a1 * s1
+            out[t, n] = acc.sum() - mins
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n16):
     """Rows n0..n1-1 of Q6_K (210-byte blocks: 128 bytes of low nibbles, 64 of high bit
     pairs, 16 int8 scales, half d). A value is d*sc*(q - 32), sc per 16 values."""
     T, K = x.shape
@@ -386,8 +439,10 @@ def matvec_fast(qt, w, w16, x, xs, out, f16, parts, n32):
         n0 = p * per
         n1 = min(N, n0 + per)
         if qt == Q8_0:
-            _rows_q8_0(w, w16, x, xs, out, f16, n0, n1, n32, False)
-        elif qt == Q6_K:
-            _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n32 // 2, False)
+            _rows_q8_0(w, w16, x, xs, out, f16, n0, n1, n32)
+        elif qt == Q4_K:
+            _rows_q4_K(w, w16, x, xs, out, f16, n0, n1, n32 // 4)
+        elif qt == Q5_K:
+            _rows_q5_K(w, w16, x, xs, out, f16, n0, n1, n32 // 4)
         else:
-            _rows_q45_K(w, w16, x, xs, out, f16, n0, n1, n32, qt == Q5_K)
+            _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n32 // 2)
