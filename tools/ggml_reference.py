@@ -53,7 +53,7 @@ def find_sdist(sdist: str | None, download: bool) -> Path | None:
         return have if have.is_file() else None
     have.parent.mkdir(parents=True, exist_ok=True)
     r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        "--timeout", "30", f"llama-cpp-python=={VERSION}", "-d", str(have.parent)],
+                        "--timeout", "30", "--retries", "1", f"llama-cpp-python=={VERSION}", "-d", str(have.parent)],
                        capture_output=True, text=True)
     return have if r.returncode == 0 and have.is_file() else None
 
