@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -44,7 +45,7 @@ def quantize(a: np.ndarray, qtype: int, name: str = "") -> np.ndarray:
                               f"{TYPE_NAMES[qtype]}'s {qk}", hint="keep this tensor in F16 or F32")
     if qtype != Q8_0:
         out = np.empty((N, K // qk * bb), np.uint8)
-        _encode_blocks(a, qtype, out)
+        _encode_blocks(a, qtype, out, max(1, min(N, 4 * numba.get_num_threads())))
         return out
     blocks = a.reshape(N, K // 32, 32)
     d = np.abs(blocks).max(axis=2, keepdims=True) / np.float32(127)
@@ -326,20 +327,19 @@ def _q4_0_block(x, o, r, ro):
         r[ro + 2 + i] = lo | (hi << 4)
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _encode_blocks(a, qt, out):
-    """out[N, row_bytes] = the rows of a [N, K] float32 as blocks of qt (Q4_0 Q4_K Q5_K Q6_K),
-    rows in parallel."""
-    N, K = a.shape
+@njit(cache=True, nogil=True)
+def _encode_rows(a, qt, out, n0, n1):
+    """out[n] = row n of a [N, K] float32 as blocks of qt (Q4_0 Q4_K Q5_K Q6_K), n0 <= n < n1."""
+    K = a.shape[1]
     qk, bb = (32, 18) if qt == Q4_0 else ((256, 210) if qt == Q6_K else ((256, 176) if qt == Q5_K else (256, 144)))
-    for n in prange(N):
+    L = np.empty(256, np.int32)
+    Laux = np.empty(32, np.int32)
+    w = np.empty(32, np.float32)
+    scales = np.empty(16, np.float32)
+    mins = np.empty(8, np.float32)
+    for n in range(n0, n1):
         x = a[n]
         r = out[n]
-        L = np.empty(256, np.int32)
-        Laux = np.empty(32, np.int32)
-        w = np.empty(32, np.float32)
-        scales = np.empty(16, np.float32)
-        mins = np.empty(8, np.float32)
         for b in range(K // qk):
             if qt == Q6_K:
                 _q6_K_block(x, b * qk, r, b * bb, L, scales)
@@ -347,3 +347,12 @@ def _encode_blocks(a, qt, out):
                 _q4_0_block(x, b * qk, r, b * bb)
             else:
                 _q45_K_block(x, b * qk, r, b * bb, qt == Q5_K, L, Laux, w, scales, mins)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _encode_blocks(a, qt, out, parts):
+    """_encode_rows over `parts` contiguous ranges of rows in parallel."""
+    N = a.shape[0]
+    per = (N + parts - 1) // parts
+    for p in prange(parts):
+        _encode_rows(a, qt, out, p * per, min(N, (p + 1) * per))

@@ -1,11 +1,11 @@
 """Products and dequantization on ggml's block formats, with float32 activations.
 
 A matrix is uint8 [N_out, row_bytes]: each row holds K input values as consecutive blocks of
-one ggml type. Every type is decoded the same way: a block becomes its quant values as
-float32 (q) and, per sub-block s of SUB values, a scale and an offset, so that
-value = scale[s] * q - offset[s]. A product applies scale and offset once per sub-block and
-row of x (the offset through precomputed sums of x over each sub-block), so its inner loop
-is a plain float32 dot product over SUB values; the block is decoded once for all T rows.
+one ggml type. dequant_rows decodes every type the same way: a block becomes its quant values
+as float32 (q) and, per sub-block s of SUB values, a scale and an offset, so that
+value = scale[s] * q - offset[s]. The hot types (Q8_0, Q4_K, Q5_K, Q6_K) have a dedicated
+decode product each (matvec_fast); grokcpu.quant.matvec multiplies the others by tiles of
+dequant_rows.
 """
 
 import math
@@ -197,42 +197,6 @@ def _block_values(qt, r, o, q, qu, scale, off, kv, n32, SUB, v):
         m = off[s]
         for i in range(SUB):
             v[s * SUB + i] = sc * q[s * SUB + i] - m
-
-
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def matvec(qt, w, x, out, kv, n32, parts):
-    """out[T, N] = x[T, K] @ W.T for the ggml matrix w [N, row_bytes] of type qt.
-
-    Each of `parts` threads takes one contiguous range of rows (one stream). A block is
-    decoded once for all T rows of x, into QK float32 values, then added into T x QK lane
-    accumulators summed once per row: a horizontal sum per block or sub-block (applying its
-    scale to a partial dot) measured four times slower here. kv: KVALUES_IQ4NL; n32: 32 (see _decode).
-    """
-    N = w.shape[0]
-    T, K = x.shape
-    QK, BB, SUB = _layout(qt)
-    nb = K // QK
-    parts = max(1, min(N, parts))
-    per = (N + parts - 1) // parts
-    for p in prange(parts):
-        q = np.empty(QK, np.float32)
-        qu = q.view(np.uint32)
-        v = np.empty(QK, np.float32)
-        scale = np.empty(QK // SUB, np.float32)
-        off = np.empty(QK // SUB, np.float32)
-        acc = np.empty((T, QK), np.float32)
-        for n in range(p * per, min(N, (p + 1) * per)):
-            row = w[n]
-            acc[:] = 0.0
-            for b in range(nb):
-                _block_values(qt, row, b * BB, q, qu, scale, off, kv, n32, SUB, v)
-                for t in range(T):
-                    a = acc[t]
-                    x0 = b * QK
-                    for i in range(QK):
-                        a[i] += v[i] * x[t, x0 + i]
-            for t in range(T):
-                out[t, n] = acc[t].sum()
 
 
 @njit(parallel=True, cache=True, nogil=True)
