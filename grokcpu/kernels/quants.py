@@ -267,92 +267,100 @@ def _k4_pair(r, o, j):
             (np.int32(r[k + 9]) >> 4) | ((np.int32(r[k + 5]) >> 6) << 4))
 
 
-@njit(cache=True, fastmath=True, nogil=True)
-def _rows_q4_K(w, w16, x, xs, out, f16, n0, n1, n8):
-    """Rows n0..n1-1 of Q4_K (144-byte blocks: half d, half dmin, 12 bytes of 6-bit scales and
-    mins, 128 bytes of nibbles). A value is d*sc*q - dmin*m."""
-    T, K = x.shape
-    acc = np.empty(32, np.float32)
-    for n in range(n0, n1):
-        row = w[n]
-        r16 = w16[n]
-        for t in range(T):
-            xt = x[t]
-            acc[:] = 0.0
-            mins = np.float32(0.0)
-            for b in range(K // 256):
-                o = b * 144
-                d = f16[r16[o // 2]]
-                dmin = f16[r16[o // 2 + 1]]
-                for j in range(4):                # sub-blocks 2j (low nibbles) and 2j+1 (high)
-                    sc0, m0, sc1, m1 = _k4_pair(row, o, j)
-                    a0 = d * np.float32(sc0)
-                    a1 = d * np.float32(sc1)
-                    xb = b * 8 + 2 * j
-                    mins += dmin * (np.float32(m0) * xs[t, xb] + np.float32(m1) * xs[t, xb + 1])
-                    q = o + 16 + 32 * j
-                    xo = b * 256 + 64 * j
-                    for l in range(n8):
-                        c0 = np.int32(row[q + l])
-                        c1 = np.int32(row[q + 8 + l])
-                        c2 = np.int32(row[q + 16 + l])
-                        c3 = np.int32(row[q + 24 + l])
-                        i = xo + l
-                        s0 = ((np.float32(np.int32(c0 & 15)) * xt[i] + np.float32(np.int32(c1 & 15)) * xt[i + 8])
-                              + (np.float32(np.int32(c2 & 15)) * xt[i + 16] + np.float32(np.int32(c3 & 15)) * xt[i + 24]))
-                        s1 = ((np.float32(np.int32(c0 >> 4)) * xt[i + 32] + np.float32(np.int32(c1 >> 4)) * xt[i + 40])
-                              + (np.float32(np.int32(c2 >> 4)) * xt[i + 48] + np.float32(np.int32(c3 >> 4)) * xt[i + 56]))
-                        acc[8 * j + l] += a0 * s0 + a1 * s1
-            out[t, n] = acc.sum() - mins
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _k4_block(r, o, d, dmin, xs, t, k):
+    """The eight scales d*sc of the Q4_K/Q5_K block at r[o:], and its offsets' share of the
+    dot product: dmin * sum of m * (sum of x over the sub-block), xs[t, k:k+8] those sums."""
+    sc0, m0, sc1, m1 = _k4_pair(r, o, 0)
+    sc2, m2, sc3, m3 = _k4_pair(r, o, 1)
+    sc4, m4, sc5, m5 = _k4_pair(r, o, 2)
+    sc6, m6, sc7, m7 = _k4_pair(r, o, 3)
+    mins = dmin * (((np.float32(m0) * xs[t, k] + np.float32(m1) * xs[t, k + 1])
+                    + (np.float32(m2) * xs[t, k + 2] + np.float32(m3) * xs[t, k + 3]))
+                   + ((np.float32(m4) * xs[t, k + 4] + np.float32(m5) * xs[t, k + 5])
+                      + (np.float32(m6) * xs[t, k + 6] + np.float32(m7) * xs[t, k + 7])))
+    return (d * np.float32(sc0), d * np.float32(sc1), d * np.float32(sc2), d * np.float32(sc3),
+            d * np.float32(sc4), d * np.float32(sc5), d * np.float32(sc6), d * np.float32(sc7), mins)
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _nibbles(r, q, xt, i, h, sh, five):
+    """Lane sums of one Q4_K/Q5_K sub-block pair: low nibbles of bytes q, q+8, q+16, q+24 times
+    x at i, i+8, .., high nibbles times x at i+32, ..; Q5_K (five): plus 16 where bit sh (low)
+    or sh+1 (high) of the byte at h + 8m is set."""
+    c0 = np.int32(r[q])
+    c1 = np.int32(r[q + 8])
+    c2 = np.int32(r[q + 16])
+    c3 = np.int32(r[q + 24])
+    l0, l1, l2, l3 = c0 & 15, c1 & 15, c2 & 15, c3 & 15
+    h0, h1, h2, h3 = c0 >> 4, c1 >> 4, c2 >> 4, c3 >> 4
+    if five:
+        e0 = np.int32(r[h]) >> sh
+        e1 = np.int32(r[h + 8]) >> sh
+        e2 = np.int32(r[h + 16]) >> sh
+        e3 = np.int32(r[h + 24]) >> sh
+        l0, l1, l2, l3 = l0 | ((e0 & 1) << 4), l1 | ((e1 & 1) << 4), l2 | ((e2 & 1) << 4), l3 | ((e3 & 1) << 4)
+        h0, h1, h2, h3 = h0 | ((e0 & 2) << 3), h1 | ((e1 & 2) << 3), h2 | ((e2 & 2) << 3), h3 | ((e3 & 2) << 3)
+    s0 = ((np.float32(np.int32(l0)) * xt[i] + np.float32(np.int32(l1)) * xt[i + 8])
+          + (np.float32(np.int32(l2)) * xt[i + 16] + np.float32(np.int32(l3)) * xt[i + 24]))
+    s1 = ((np.float32(np.int32(h0)) * xt[i + 32] + np.float32(np.int32(h1)) * xt[i + 40])
+          + (np.float32(np.int32(h2)) * xt[i + 48] + np.float32(np.int32(h3)) * xt[i + 56]))
+    return s0, s1
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _rows_q5_K(w, w16, x, xs, out, f16, n0, n1, n8):
-    """Rows n0..n1-1 of Q5_K (176-byte blocks: Q4_K's, with 32 bytes of fifth bits before the
-    nibbles: bit 2j of byte i for value i of sub-block 2j, bit 2j+1 for sub-block 2j+1)."""
-    T, K = x.shape
-    acc = np.empty(32, np.float32)
+def _row_q4_K(row, r16, xt, xs, t, f16, acc, n8):
+    """The dot product of x[t] with one Q4_K row (144-byte blocks: half d, half dmin, 12 bytes
+    of 6-bit scales and mins, 128 bytes of nibbles; a value is d*sc*q - dmin*m)."""
+    acc[:] = 0.0
+    mins = np.float32(0.0)
+    for b in range(xt.shape[0] // 256):
+        o = b * 144
+        a0, a1, a2, a3, a4, a5, a6, a7, m = _k4_block(row, o, f16[r16[o // 2]], f16[r16[o // 2 + 1]], xs, t, 8 * b)
+        mins += m
+        q = o + 16
+        xo = b * 256
+        for l in range(n8):
+            s0, s1 = _nibbles(row, q + l, xt, xo + l, 0, 0, False)
+            s2, s3 = _nibbles(row, q + 32 + l, xt, xo + 64 + l, 0, 0, False)
+            s4, s5 = _nibbles(row, q + 64 + l, xt, xo + 128 + l, 0, 0, False)
+            s6, s7 = _nibbles(row, q + 96 + l, xt, xo + 192 + l, 0, 0, False)
+            acc[l] += ((a0 * s0 + a1 * s1) + (a2 * s2 + a3 * s3)) + ((a4 * s4 + a5 * s5) + (a6 * s6 + a7 * s7))
+    return acc.sum() - mins
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _row_q5_K(row, r16, xt, xs, t, f16, acc, n8):
+    """The dot product of x[t] with one Q5_K row (176-byte blocks: Q4_K's, with 32 bytes of
+    fifth bits before the nibbles). A separate function from Q4_K's so that LLVM sees `five`
+    as a constant: a run-time flag inside the lane loop stops it vectorizing."""
+    acc[:] = 0.0
+    mins = np.float32(0.0)
+    for b in range(xt.shape[0] // 256):
+        o = b * 176
+        a0, a1, a2, a3, a4, a5, a6, a7, m = _k4_block(row, o, f16[r16[o // 2]], f16[r16[o // 2 + 1]], xs, t, 8 * b)
+        mins += m
+        q = o + 48
+        xo = b * 256
+        for l in range(n8):
+            s0, s1 = _nibbles(row, q + l, xt, xo + l, o + 16 + l, 0, True)
+            s2, s3 = _nibbles(row, q + 32 + l, xt, xo + 64 + l, o + 16 + l, 2, True)
+            s4, s5 = _nibbles(row, q + 64 + l, xt, xo + 128 + l, o + 16 + l, 4, True)
+            s6, s7 = _nibbles(row, q + 96 + l, xt, xo + 192 + l, o + 16 + l, 6, True)
+            acc[l] += ((a0 * s0 + a1 * s1) + (a2 * s2 + a3 * s3)) + ((a4 * s4 + a5 * s5) + (a6 * s6 + a7 * s7))
+    return acc.sum() - mins
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _rows_q45_K(w, w16, x, xs, out, f16, n0, n1, n8, five):
+    """Rows n0..n1-1 of Q4_K or (five) Q5_K."""
+    acc = np.empty(8, np.float32)
     for n in range(n0, n1):
-        row = w[n]
-        r16 = w16[n]
-        for t in range(T):
-            xt = x[t]
-            acc[:] = 0.0
-            mins = np.float32(0.0)
-            for b in range(K // 256):
-                o = b * 176
-                d = f16[r16[o // 2]]
-                dmin = f16[r16[o // 2 + 1]]
-                for j in range(4):
-                    sc0, m0, sc1, m1 = _k4_pair(row, o, j)
-                    a0 = d * np.float32(sc0)
-                    a1 = d * np.float32(sc1)
-                    xb = b * 8 + 2 * j
-                    mins += dmin * (np.float32(m0) * xs[t, xb] + np.float32(m1) * xs[t, xb + 1])
-                    q = o + 48 + 32 * j
-                    xo = b * 256 + 64 * j
-                    b0 = np.int32(1) << (2 * j)
-                    for l in range(n8):
-                        c0 = np.int32(row[q + l])
-                        c1 = np.int32(row[q + 8 + l])
-                        c2 = np.int32(row[q + 16 + l])
-                        c3 = np.int32(row[q + 24 + l])
-                        h0 = np.int32(row[o + 16 + l])
-                        h1 = np.int32(row[o + 24 + l])
-                        h2 = np.int32(row[o + 32 + l])
-                        h3 = np.int32(row[o + 40 + l])
-                        i = xo + l
-                        # a fifth bit adds 16: lo | 16 when h & b0, hi | 16 when h & 2*b0
-                        s0 = ((np.float32(np.int32((c0 & 15) + (16 if h0 & b0 else 0))) * xt[i]
-                               + np.float32(np.int32((c1 & 15) + (16 if h1 & b0 else 0))) * xt[i + 8])
-                              + (np.float32(np.int32((c2 & 15) + (16 if h2 & b0 else 0))) * xt[i + 16]
-                                 + np.float32(np.int32((c3 & 15) + (16 if h3 & b0 else 0))) * xt[i + 24]))
-                        s1 = ((np.float32(np.int32((c0 >> 4) + (16 if h0 & (2 * b0) else 0))) * xt[i + 32]
-                               + np.float32(np.int32((c1 >> 4) + (16 if h1 & (2 * b0) else 0))) * xt[i + 40])
-                              + (np.float32(np.int32((c2 >> 4) + (16 if h2 & (2 * b0) else 0))) * xt[i + 48]
-                                 + np.float32(np.int32((c3 >> 4) + (16 if h3 & (2 * b0) else 0))) * xt[i + 56]))
-                        acc[8 * j + l] += a0 * s0 + a1 * s1
-            out[t, n] = acc.sum() - mins
+        for t in range(x.shape[0]):
+            if five:
+                out[t, n] = _row_q5_K(w[n], w16[n], x[t], xs, t, f16, acc, n8)
+            else:
+                out[t, n] = _row_q4_K(w[n], w16[n], x[t], xs, t, f16, acc, n8)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
@@ -404,9 +412,7 @@ def matvec_fast(qt, w, w16, x, xs, out, f16, parts, n32):
         n1 = min(N, n0 + per)
         if qt == Q8_0:
             _rows_q8_0(w, w16, x, xs, out, f16, n0, n1, n32)
-        elif qt == Q4_K:
-            _rows_q4_K(w, w16, x, xs, out, f16, n0, n1, n32 // 4)
-        elif qt == Q5_K:
-            _rows_q5_K(w, w16, x, xs, out, f16, n0, n1, n32 // 4)
+        elif qt == Q4_K or qt == Q5_K:
+            _rows_q45_K(w, w16, x, xs, out, f16, n0, n1, n32 // 4, qt == Q5_K)
         else:
             _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n32 // 2)
