@@ -363,41 +363,68 @@ def _rows_q45_K(w, w16, x, xs, out, f16, n0, n1, n8, five):
                 out[t, n] = _row_q4_K(w[n], w16[n], x[t], xs, t, f16, acc, n8)
 
 
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _q6_quarter(r, ql, qh, sh, xt, i):
+    """Lane sums of a quarter of a Q6_K block: values from the low nibbles of bytes ql + 8m
+    (x at i + 8m, 16 values per scale: u0 for m < 2, v0 for m >= 2) and their high nibbles
+    (x at i + 64 + 8m: u1, v1); the top two bits are bits sh, sh+1 (low) and sh+4, sh+5
+    (high) of the bytes qh + 8m. Quants are stored plus 32."""
+    q0 = np.int32(r[ql])
+    q1 = np.int32(r[ql + 8])
+    q2 = np.int32(r[ql + 16])
+    q3 = np.int32(r[ql + 24])
+    e0 = np.int32(r[qh]) >> sh
+    e1 = np.int32(r[qh + 8]) >> sh
+    e2 = np.int32(r[qh + 16]) >> sh
+    e3 = np.int32(r[qh + 24]) >> sh
+    u0 = (np.float32(np.int32(((q0 & 15) | ((e0 & 3) << 4)) - 32)) * xt[i]
+          + np.float32(np.int32(((q1 & 15) | ((e1 & 3) << 4)) - 32)) * xt[i + 8])
+    v0 = (np.float32(np.int32(((q2 & 15) | ((e2 & 3) << 4)) - 32)) * xt[i + 16]
+          + np.float32(np.int32(((q3 & 15) | ((e3 & 3) << 4)) - 32)) * xt[i + 24])
+    u1 = (np.float32(np.int32(((q0 >> 4) | (e0 & 48)) - 32)) * xt[i + 64]
+          + np.float32(np.int32(((q1 >> 4) | (e1 & 48)) - 32)) * xt[i + 72])
+    v1 = (np.float32(np.int32(((q2 >> 4) | (e2 & 48)) - 32)) * xt[i + 80]
+          + np.float32(np.int32(((q3 >> 4) | (e3 & 48)) - 32)) * xt[i + 88])
+    return u0, v0, u1, v1
+
+
 @njit(cache=True, fastmath=True, nogil=True)
-def _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n16):
-    """Rows n0..n1-1 of Q6_K (210-byte blocks: 128 bytes of low nibbles, 64 of high bit
-    pairs, 16 int8 scales, half d). A value is d*sc*(q - 32), sc per 16 values."""
-    T, K = x.shape
+def _row_q6_K(row, r16, xt, f16, acc, n8):
+    """The dot product of x[t] with one Q6_K row (210-byte blocks: 128 bytes of low nibbles,
+    64 of high bit pairs, 16 int8 scales, half d; a value is d*sc*(q - 32), sc per 16 values).
+    One lane iteration per half block (128 values, eight scales)."""
+    acc[:] = 0.0
+    for b in range(xt.shape[0] // 256):
+        o = b * 210
+        d = f16[r16[o // 2 + 104]]
+        for h in range(2):
+            sc = o + 192 + 8 * h
+            a0 = d * np.float32(np.int8(row[sc]))
+            a1 = d * np.float32(np.int8(row[sc + 1]))
+            a2 = d * np.float32(np.int8(row[sc + 2]))
+            a3 = d * np.float32(np.int8(row[sc + 3]))
+            a4 = d * np.float32(np.int8(row[sc + 4]))
+            a5 = d * np.float32(np.int8(row[sc + 5]))
+            a6 = d * np.float32(np.int8(row[sc + 6]))
+            a7 = d * np.float32(np.int8(row[sc + 7]))
+            ql = o + 64 * h
+            qh = o + 128 + 32 * h
+            xo = b * 256 + 128 * h
+            for l in range(n8):
+                u0, v0, u1, v1 = _q6_quarter(row, ql + l, qh + l, 0, xt, xo + l)
+                u2, v2, u3, v3 = _q6_quarter(row, ql + 32 + l, qh + l, 2, xt, xo + 32 + l)
+                acc[l] += (((a0 * u0 + a1 * v0) + (a4 * u1 + a5 * v1))
+                           + ((a2 * u2 + a3 * v2) + (a6 * u3 + a7 * v3)))
+    return acc.sum()
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n8):
+    """Rows n0..n1-1 of Q6_K."""
+    acc = np.empty(8, np.float32)
     for n in range(n0, n1):
-        row = w[n]
-        r16 = w16[n]
-        for t in range(T):
-            xt = x[t]
-            tot = np.float32(0.0)
-            for b in range(K // 256):
-                o = b * 210
-                d = f16[r16[o // 2 + 104]]
-                for h in range(2):
-                    for k in range(2):            # values 16k..16k+15 of each group of 32
-                        lo = o + 64 * h + 16 * k
-                        hi = o + 128 + 32 * h + 16 * k
-                        xo = b * 256 + 128 * h + 16 * k
-                        sc = o + 192 + 8 * h + k
-                        s0 = np.float32(0.0)
-                        s1 = np.float32(0.0)
-                        s2 = np.float32(0.0)
-                        s3 = np.float32(0.0)
-                        for i in range(n16):
-                            a = np.int32(row[lo + i])
-                            bq = np.int32(row[lo + 32 + i])
-                            c = np.int32(row[hi + i])
-                            s0 += np.float32(np.int32(((a & 15) | ((c & 3) << 4)) - 32)) * xt[xo + i]
-                            s1 += np.float32(np.int32(((bq & 15) | ((c & 12) << 2)) - 32)) * xt[xo + 32 + i]
-                            s2 += np.float32(np.int32(((a >> 4) | (c & 48)) - 32)) * xt[xo + 64 + i]
-                            s3 += np.float32(np.int32(((bq >> 4) | ((c >> 2) & 48)) - 32)) * xt[xo + 96 + i]
-                        tot += d * ((np.float32(np.int8(row[sc])) * s0 + np.float32(np.int8(row[sc + 2])) * s1)
-                                    + (np.float32(np.int8(row[sc + 4])) * s2 + np.float32(np.int8(row[sc + 6])) * s3))
-            out[t, n] = tot
+        for t in range(x.shape[0]):
+            out[t, n] = _row_q6_K(w[n], w16[n], x[t], f16, acc, n8)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -415,4 +442,4 @@ def matvec_fast(qt, w, w16, x, xs, out, f16, parts, n32):
         elif qt == Q4_K or qt == Q5_K:
             _rows_q45_K(w, w16, x, xs, out, f16, n0, n1, n32 // 4, qt == Q5_K)
         else:
-            _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n32 // 2)
+            _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n32 // 4)
