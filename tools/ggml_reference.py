@@ -67,16 +67,21 @@ def build(sdist: str | None = None, download: bool = True) -> Path | None:
     if src is None:
         return None
     work = cache_dir() / f"build-{os.getpid()}"
-    with tarfile.open(src) as tf:
-        members = [m for m in tf.getmembers() if m.isfile() and m.name.startswith(GGML) and (
-            m.name.endswith(".h") or m.name.endswith("/ggml-quants.c"))]
-        tf.extractall(work, members=members, filter="data")
+    try:
+        with tarfile.open(src) as tf:
+            members = [m for m in tf.getmembers() if m.isfile() and m.name.startswith(GGML) and (
+                m.name.endswith(".h") or m.name.endswith("/ggml-quants.c"))]
+            tf.extractall(work, members=members, filter="data")
+    except (OSError, tarfile.TarError):       # missing or damaged sdist
+        shutil.rmtree(work, ignore_errors=True)
+        return None
     g = work / GGML
     (work / "stubs.c").write_bytes(STUBS)
     tmp = lib.with_suffix(f".{os.getpid()}.tmp")
     # no fused multiply-adds: the plain float32 arithmetic of the C source, as our encoders do
     cmd = ["gcc", "-O2", "-ffp-contract=off", "-shared", "-fPIC", f"-I{g / 'include'}", f"-I{g / 'src'}",
-           f"-I{g / 'src' / 'ggml-cpu'}", str(g / "src" / "ggml-quants.c"), str(work / "stubs.c"), "-o", str(tmp), "-lm"]
+           f"-I{g / 'src' / 'ggml-cpu'}", str(g / "src" / "ggml-quants.c"), str(work / "stubs.c"),
+           "-o", str(tmp), "-lm"]
     try:
         ok = subprocess.run(cmd, capture_output=True).returncode == 0
     except FileNotFoundError:             # no gcc

@@ -217,16 +217,18 @@ def dequant_rows(qt, w, r0, r1, out, kv, n32):
 
 
 # ---- Dedicated decode products for the hot types: out[T, N] = x[T, K] @ W.T, one kernel per
-# type, index arithmetic only, the block's scales decoded once per row of x. Q8_0 and Q6_K: per
-# (sub-)block a float32 dot of the raw quants with x (a vector loop: its trip count n32/n16
-# comes at run time), times the sub-block's scale. Q4_K and Q5_K: a loop over eight lanes
-# (n8 = 8 at run time: one 8-wide vector iteration) takes lane l of each group of eight values
-# of two sub-blocks and adds their sums times the scales into lane accumulators (one set per
-# pair, so the four pairs' additions do not wait on each other); offsets go through xs, the
-# sums of x over each 32-value sub-block. Quants are cast through int32 (int64 has no vector
-# conversion to float). Each of `parts` threads takes a contiguous range of output rows (one
+# type, index arithmetic only. Q8_0: per block a float32 dot of the 32 int8 with x (a vector
+# loop: its trip count n32 comes at run time; a literal 32 is unrolled into scalar code), times
+# d. K-quants: a loop over eight lanes (n8 = 8 at run time: one 8-wide vector iteration) takes
+# lane l of every group of eight values of a whole block (Q4_K, Q5_K) or half block (Q6_K),
+# sums quant * x per sub-block and adds those sums times the sub-blocks' scales, decoded once
+# per block, into eight lane accumulators summed once per row; Q4_K/Q5_K offsets go through
+# xs, the sums of x over each 32-value sub-block. Quants are cast through int32 (int64 has no
+# vector conversion to float); the per-block helpers are inlined (a call in the lane loop stops
+# it vectorizing). Each of `parts` threads takes a contiguous range of output rows (one
 # stream) in a serial function: the same loops inside the parallel region ran 2.6x slower.
-# w16 is w viewed as uint16, f16 = f16_table(): a half is one load.
+# A block is decoded again for each row of x. w16 is w viewed as uint16, f16 = f16_table():
+# a half is one load.
 
 def f16_table():
     """float32 [65536]: the value of each IEEE half bit pattern."""
