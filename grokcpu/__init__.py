@@ -15,36 +15,46 @@ import os
 # prefill; at 2^4 they sleep at once. OpenBLAS reads this when it starts, so it applies when
 # grokcpu is imported before numpy (the CLI and tools do); a value already set wins.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+# numba's OpenMP workers likewise spin after each parallel region by default. A decode step is
+# hundreds of short regions with Python between them: spinning workers took the cores from
+# that Python and from every other thread or process (3x slower decode on a busy 2-core
+# machine, 5-30x per region when called from the main thread). Passive workers sleep at once.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import GrokError  # noqa: E402
 
 __version__ = "0.1.0"
 
 
+def open_checkpoint(path: str | os.PathLike, config=None):
+    """The weights of a model, opened: a Checkpoint (ckpt-0 folder) or a GGUFCheckpoint (a file)."""
+    from .checkpoint import Checkpoint
+    if os.path.isfile(path):          # a folder is a ckpt-0 checkpoint; a file may be a GGUF
+        from .formats.gguf import detect_format
+        if detect_format(path) == "gguf":
+            from .formats.gguf_checkpoint import GGUFCheckpoint
+            return GGUFCheckpoint(path, config=config)
+    return Checkpoint(path, config=config)
+
+
 def load(path: str | os.PathLike, *, config=None, options=None, **kwargs) -> "Model":
     """Open a Grok-1 checkpoint (memory-mapped, zero copy) and return a Model.
 
-    path: a folder holding ckpt-0/ (and optionally config.json), or ckpt-0/ itself.
+    path: a folder holding ckpt-0/ (and optionally config.json), or ckpt-0/ itself; or a
+    Grok-1 GGUF file (one file, any shard NAME-0000k-of-0000n.gguf, or NAME.gguf.partKofN).
     Options, by keyword (or an `Options` as options=): threads (default: physical cores),
     context (KV-cache length; default: the model's sequence_len), expert_cache_gb ("auto",
     "off", or GB), expert_cache_policy ("lru", "lfu"), prefetch, pin_experts ((layer, expert)
     pairs), routing_trace (a JSONL path), unembed ("f32" exact, or "int8": 4x fewer bytes per
     token), offload ("none", or "dense": attention, norms, router and embeddings on a CUDA GPU).
     """
-    from .checkpoint import Checkpoint
     from .model import Model
     from .options import Options
-    if os.path.isfile(path):          # a folder is a ckpt-0 checkpoint; a file may be a GGUF
-        from .errors import CheckpointError
-        from .formats.gguf import detect_format
-        if detect_format(path) == "gguf":
-            raise CheckpointError(f"{path}: a GGUF model; load() reads the released ckpt-0/ checkpoint only so far",
-                                  hint="pass the folder holding ckpt-0/")
     if options is None:
         options = Options.make(**kwargs)
     elif kwargs:
         raise TypeError("load() takes options= or option keywords, not both")
-    ckpt = Checkpoint(path, config=config)
+    ckpt = open_checkpoint(path, config=config)
     try:
         return Model(ckpt, options)
     except BaseException:

@@ -93,7 +93,8 @@ class LayerWeights:
 class Checkpoint:
     """A released checkpoint, opened: config, per-file references, mapped arrays."""
 
-    def __init__(self, path: str | os.PathLike, config: GrokConfig | None = None):
+    def __init__(self, path: str | os.PathLike, config: GrokConfig | None = None, weights: bool = True):
+        """weights=False: headers and config only (a converter reads each tensor when it needs it)."""
         self.root, self.ckpt_dir = _find_ckpt_dir(Path(path))
         self._maps: dict[str, mmap.mmap] = {}
         self._mapped: list[tuple[str, mmap.mmap, int]] = []   # (path, map, size at load)
@@ -111,6 +112,8 @@ class Checkpoint:
         self.refs = [self._parse(p) for p in files]
         self.config = config if config is not None else self._infer_config()
         self._check_shapes()
+        if not weights:
+            return
         L = self.config.num_layers
         # the int8 expert weights are mapped; every other array is read into RAM
         for layer in range(L):
@@ -200,6 +203,10 @@ class Checkpoint:
 
     def qweight(self, ref: QuantizedRef) -> QWeight:
         return QWeight(self.array(ref.weight), np.ascontiguousarray(self.float_array(ref.scales)), ref)
+
+    def embedding_rows(self, toks: np.ndarray) -> np.ndarray:
+        """Emb[toks] float32 [T, D]."""
+        return np.asarray(self.embeddings[toks], dtype=np.float32)
 
     def check_intact(self) -> None:
         """Raise CheckpointError naming the first mapped (expert) file that is shorter than it

@@ -249,6 +249,9 @@ def _decode_many(sessions, tokens) -> list[np.ndarray]:
     return [s.decode(t) for s, t in zip(sessions, tokens)]
 
 
+_END = object()      # generate_batch's "no more requests"
+
+
 def check_batch_size(n) -> None:
     """The one check of a batch size (the CLI calls it before loading the model)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -262,7 +265,9 @@ def generate_batch(model, tokenizer: Tokenizer, requests: Iterable[Request],
     Each new request is prefilled on its own; then every step decodes the running sequences
     together (grokcpu.model.decode_batch). A request that cannot run (prompt too long, ...)
     yields (request, GrokError) and the others carry on. Sessions are reused (reset) across
-    requests, so at most `batch_size` KV caches exist.
+    requests, so at most `batch_size` KV caches exist. `requests` may yield None for "none
+    ready yet" (a feed that others fill): the running sequences take their step and it is
+    asked again; with none running it is asked again at once, so such a feed blocks then.
     """
     check_batch_size(batch_size)
     pending = iter(requests)
@@ -280,9 +285,11 @@ def generate_batch(model, tokenizer: Tokenizer, requests: Iterable[Request],
     while True:
         # fill free slots
         while not exhausted and len(running) < batch_size:
-            req = next(pending, None)
-            if req is None:
+            req = next(pending, _END)
+            if req is _END:
                 exhausted = True
+                break
+            if req is None:
                 break
             if free_sessions:
                 s = free_sessions.pop()
@@ -313,7 +320,9 @@ def generate_batch(model, tokenizer: Tokenizer, requests: Iterable[Request],
                 continue
             running.append(job)
         if not running:
-            return
+            if exhausted:
+                return
+            continue
         t = perf_counter()
         all_logits = _decode_many([j["session"] for j in running], [j["stream"].tokens[-1] for j in running])
         dt = perf_counter() - t
@@ -532,6 +541,20 @@ class Conversation:
         self.turns = [Turn(t["user"], t["assistant"]) for t in d["turns"]]
         self.session.reset()
         self.last = None
+
+
+class Transcript(Conversation):
+    """A chat's token ids exactly as Conversation writes them, without a model or session (the
+    server's and the batch's chat requests)."""
+
+    def __init__(self, tok, system: str | None, template: str):
+        self.tok, self.system, self.template = tok, system or None, template
+        self.turns = []
+
+    def prompt_ids(self, turns: list[tuple[str, str]], message: str) -> list[int]:
+        self.turns = [Turn(u, a) for u, a in turns]
+        hist = self.history_ids()
+        return hist + self._user_ids(message, not hist)
 
 
 def rewind(session, n: int) -> None:

@@ -1,16 +1,17 @@
 """The expert cache: only routed experts enter RAM, into a fixed pool under a byte budget.
 
 Dense weights stay memory-mapped. An expert (its slices of moe/linear, linear_v and linear_1)
-is three contiguous byte ranges in three files; a miss reads gate and up with one large
-`preadv` each straight into a preallocated slot, and the down range in 8 MB chunks (below),
-then tells the kernel to drop those file pages (`POSIX_FADV_DONTNEED`, one read later), so the
-page cache does not hold a second copy and the budget means what it says. Reads run on
-background threads: `prefetch` starts them early, `acquire` waits only for what is not there yet.
+is three contiguous byte ranges in three files. A miss splits them into READ_CHUNK pieces that
+a pool of reader threads reads at once (a deep queue: one outstanding read at a time gets a
+fraction of what the drive gives), gate and up straight into a preallocated slot; then each
+range's file pages are dropped (`POSIX_FADV_DONTNEED`, one load later), so the page cache
+does not hold a second copy and the budget means what it says. `prefetch` starts loads early,
+`request` starts a layer's misses together, `acquire` waits only for what is not there yet.
 
-The down projection is stored transposed, output-major [D, F] (the file holds [F, D]): its
-rows arrive in chunks that are transposed into the slot as they come (the kernel streams the
-rest of the range meanwhile: `POSIX_FADV_WILLNEED`), so decode reads it with contiguous dot
-products (`qmatvec_t`), 1.5-1.7x as fast as the input-major kernel on that shape.
+The down projection is stored transposed, output-major [D, F] (the file holds [F, D]): each
+piece is transposed into the slot by the thread that read it (compiled, without the GIL), so
+the transposes run on every core in parallel with the other pieces' reads; decode then reads it
+with contiguous dot products (`qmatvec_t`), 1.5-1.7x as fast as the input-major kernel.
 
 A slot in use by the layer being computed is pinned (reference counted) and never evicted;
 which unpinned slot goes is the policy's choice (LRU by default).
@@ -103,10 +104,11 @@ class ExpertCache:
 
     GUESS_WARMUP = 32          # guesses judged before prefetch may pause itself
     READ_AHEAD_SLACK = 8 << 20  # bytes past a read that the kernel may have read ahead
-    DOWN_CHUNK = 8 << 20        # bytes per read of the down projection (transposed as it lands)
+    READ_CHUNK = 8 << 20        # bytes per read of a miss (the down projection's: whole 8-row groups)
+    IO_THREADS = 8              # reads in flight at once (the drive's queue depth, not cores)
 
     def __init__(self, ckpt, budget_bytes: int, policy: str = "lru", prefetch: bool = False,
-                 io_threads: int = 2, drop_page_cache: bool = True):
+                 io_threads: int = IO_THREADS, drop_page_cache: bool = True):
         c = ckpt.config
         self.ckpt = ckpt
         self.L, self.E, self.k = c.num_layers, c.num_experts, c.num_selected_experts
@@ -115,7 +117,7 @@ class ExpertCache:
         # output-major; kernels.decode.experts_whole reads slots the same way
         self.slot_shape = (3, D, F)
         # rows of [F, D] per read of the down range: a multiple of 8 (whole 8x8 transpose blocks)
-        self.down_rows = max(8, self.DOWN_CHUNK // D // 8 * 8)
+        self.down_rows = max(8, self.READ_CHUNK // D // 8 * 8)
         self._scratch = threading.local()
         self.expert_bytes = c.expert_bytes
         total = self.L * self.E
@@ -320,7 +322,7 @@ class ExpertCache:
         s.key, s.refs, s.error, s.prefetched, s.used, s.last_step = key, 0, None, prefetched, False, self.step
         s.ready.clear()
         self.where[key] = i
-        self.io.submit(self._load, i, key)
+        self._start_load(i, key)
         return i
 
     def _free_slot(self, wait: bool, stale_before: int | None = None, protect=()):
@@ -389,51 +391,82 @@ class ExpertCache:
                                 hint="the checkpoint file is truncated; re-download it")
             got += r
 
-    def _load(self, i: int, key) -> None:
-        s = self.slots[i]
-        t = time.perf_counter()
-        with self.lock:                    # wall time with at least one read in flight
-            if self.stats.inflight == 0:
-                self.stats.busy_since = t
-            self.stats.inflight += 1
+    def _start_load(self, i: int, key) -> None:
+        """Queue slot i's reads, READ_CHUNK at a time. Caller holds the lock."""
+        st = self.stats
+        if st.inflight == 0:              # wall time with at least one load in flight
+            st.busy_since = time.perf_counter()
+        st.inflight += 1
+        (gp, goff, gn), (up, uoff, un), (dp, doff, dn) = self.ranges[key]
+        step = self.READ_CHUNK
+        pieces = [(gp, goff + o, o, min(step, gn - o), None) for o in range(0, gn, step)]
+        pieces += [(up, uoff + o, gn + o, min(step, un - o), None) for o in range(0, un, step)]
+        D, F = self.slot_shape[1:]
+        rows = self.down_rows
+        pieces += [(dp, doff + r0 * D, None, min(rows, F - r0) * D, r0) for r0 in range(0, F, rows)]
+        load = _Load(i, key, len(pieces))
+        for piece in pieces:
+            self.io.submit(self._read_piece, load, *piece)
+
+    def _read_piece(self, load: "_Load", path: str, foff: int, soff, n: int, r0) -> None:
+        """One piece of a load: into the slot at byte soff, or (r0 set) rows r0.. of the down
+        projection, transposed into place."""
+        s = self.slots[load.slot]
         try:
-            buf = memoryview(self.pool[i]).cast("B")
-            (gp, goff, gn), (up, uoff, un), (dp, doff, dn) = self.ranges[key]
-            self._read_into(gp, goff, buf[:gn], key)
-            self._read_into(up, uoff, buf[gn:gn + un], key)
-            down = self.pool[i].reshape(self.slot_shape)[2]
-            D, F = down.shape
-            rows = self.down_rows
-            chunk = getattr(self._scratch, "buf", None)
-            if chunk is None:
-                chunk = self._scratch.buf = np.empty(rows * D, np.int8)
-            if hasattr(os, "posix_fadvise"):    # the disk streams the whole range while we transpose
-                os.posix_fadvise(self._fd(dp), doff, dn, os.POSIX_FADV_WILLNEED)
-            for r0 in range(0, F, rows):
-                n = min(rows, F - r0)
-                self._read_into(dp, doff + r0 * D, memoryview(chunk).cast("B")[:n * D], key)
-                transpose_into(chunk[:n * D].reshape(n, D), down, r0)
-            if self.drop_page_cache:
-                self._drop_later(key)
-        except Exception as e:             # surfaced to the thread that waits for this slot
-            s.error = e if isinstance(e, GrokError) else GrokError(f"reading expert {key} failed: {e}")
-        finally:
-            now = time.perf_counter()
-            with self.lock:
-                self.stats.bytes_read[key[0]] += self.expert_bytes if s.error is None else 0
-                self.stats.read_seconds += now - t
-                self.stats.inflight -= 1
-                if self.stats.inflight == 0:
-                    self.stats.io_busy_seconds += now - self.stats.busy_since
             if s.error is None:
-                self.slot_of[key] = i
-            s.ready.set()
-            if s.error is not None:
-                with self.lock:
-                    if self.where.get(key) == i:
-                        del self.where[key]
-                        self.policy.remove(key)
-                    s.key = None
+                if r0 is None:
+                    self._read_into(path, foff, memoryview(self.pool[load.slot]).cast("B")[soff:soff + n], load.key)
+                else:
+                    chunk = getattr(self._scratch, "buf", None)
+                    if chunk is None:
+                        chunk = self._scratch.buf = np.empty(self.down_rows * self.slot_shape[1], np.int8)
+                    self._read_into(path, foff, memoryview(chunk).cast("B")[:n], load.key)
+                    down = self.pool[load.slot].reshape(self.slot_shape)[2]
+                    transpose_into(chunk[:n].reshape(-1, down.shape[0]), down, r0)
+        except Exception as e:             # surfaced to the thread that waits for this slot
+            s.error = e if isinstance(e, GrokError) else GrokError(f"reading expert {load.key} failed: {e}")
+        if load.piece_done():
+            self._finish_load(load)
+
+    def _finish_load(self, load: "_Load") -> None:
+        i, key = load.slot, load.key
+        s = self.slots[i]
+        if s.error is None and self.drop_page_cache:
+            try:
+                self._drop_later(key)
+            except OSError:
+                pass
+        now = time.perf_counter()
+        with self.lock:
+            self.stats.bytes_read[key[0]] += self.expert_bytes if s.error is None else 0
+            self.stats.read_seconds += now - load.started
+            self.stats.inflight -= 1
+            if self.stats.inflight == 0:
+                self.stats.io_busy_seconds += now - self.stats.busy_since
+        if s.error is None:
+            self.slot_of[key] = i
+        s.ready.set()
+        if s.error is not None:
+            with self.lock:
+                if self.where.get(key) == i:
+                    del self.where[key]
+                    self.policy.remove(key)
+                s.key = None
+
+
+class _Load:
+    """One expert's reads in flight: the last piece to finish completes the load."""
+    __slots__ = ("slot", "key", "left", "started", "_lock")
+
+    def __init__(self, slot: int, key, pieces: int):
+        self.slot, self.key, self.left = slot, key, pieces
+        self.started = time.perf_counter()
+        self._lock = threading.Lock()
+
+    def piece_done(self) -> bool:
+        with self._lock:
+            self.left -= 1
+            return self.left == 0
 
 
 class _Stats:
@@ -479,9 +512,11 @@ class _Stats:
         }
 
 
-def auto_budget(ckpt, context: int, margin_fraction: float = 0.03, min_margin: float = 1 * GB) -> int:
+def auto_budget(ckpt, context: int, margin_fraction: float = 0.03, min_margin: float = 1 * GB,
+                share: int = 1) -> int:
     """What `auto` picks: available RAM minus dense weights, KV cache and a safety margin
     (3 % of total RAM, at least 1 GB), clamped to [experts one token needs, every expert].
+    With `share` models on the machine (Ray workers), each gets 1/share of (available - margin).
 
     The margin is a share of the machine, not of what is free: 10 % of the free RAM left the
     kernel's page cache 2.4 GB more for experts than the cache on a 24 GB machine (mmap then
@@ -494,7 +529,7 @@ def auto_budget(ckpt, context: int, margin_fraction: float = 0.03, min_margin: f
     avail = mem.available
     kv = c.kv_cache_bytes(context)
     margin = max(min_margin, margin_fraction * mem.total)
-    budget = avail - dense - kv - margin
+    budget = (avail - margin) / share - dense - kv
     return int(max(c.num_selected_experts * expert, min(total_experts, budget)))
 
 

@@ -21,7 +21,7 @@ import threading
 import numpy as np
 
 from .backends import cpu
-from .checkpoint import Checkpoint, LayerWeights
+from .checkpoint import Checkpoint, LayerWeights, QWeight
 from .config import GrokConfig
 from .errors import CheckpointError, GrokError
 from .expert_cache import ExpertCache, budget_bytes
@@ -51,7 +51,10 @@ class Model:
         self.trace: TraceWriter | None = None
         self.backend = None
         try:
-            if options.expert_cache_gb != "off":
+            gguf = getattr(ckpt, "format", "ckpt-0") == "gguf"
+            if gguf:
+                _gguf_options(options)
+            if options.expert_cache_gb != "off" and not gguf:     # a GGUF's experts: the memory map
                 budget = budget_bytes(options.expert_cache_gb, ckpt, self.context)
                 # Under a budget smaller than the experts, file pages are dropped after each read
                 # so RAM holds one copy; when all fit, the page cache keeps them for the next run.
@@ -242,6 +245,20 @@ def forward(model: Model, step: Step) -> np.ndarray:
     return hf
 
 
+def _gguf_options(options: Options) -> None:
+    """What a GGUF model cannot do yet, as one-line errors: its experts come from the memory map."""
+    if options.expert_cache_gb != "auto" and options.expert_cache_gb != "off":
+        raise OptionError("expert_cache_gb", "{name} is for ckpt-0 models: a GGUF model's experts are read "
+                          "from its memory map (the page cache holds what fits)",
+                          hint="leave it out (or 'off') for a GGUF model")
+    if options.pin_experts:
+        raise OptionError("pin_experts", "{name} needs the expert cache, which GGUF models do not use",
+                          hint="leave it out for a GGUF model")
+    if options.offload != "none":
+        raise OptionError("offload", "{name} dense runs ckpt-0 models only: GGUF matrices are not on the GPU",
+                          hint="leave it at none for a GGUF model")
+
+
 def _note_routing(model: Model, step: Step, li: int, idx: np.ndarray, probs: np.ndarray) -> None:
     """Layer li's routing into the session's trace list and the routing-trace file."""
     if step.trace is not None:
@@ -274,14 +291,16 @@ def _not_finite(model: Model, li: int, step: Step) -> None:
 def _nonfinite_weight(model: Model, li: int, step: Step) -> str | None:
     """The first weight that the activations of layer li passed through holding NaN/Inf."""
     layers = model.layers
-    cands = [("the embedding", model.ckpt.embeddings[np.unique(step.toks)])]
+    cands = [("the embedding", model.ckpt.embedding_rows(np.unique(step.toks)))]
     for lj in range(min(li + 1, len(layers))):
         lw = layers[lj]
         cands += [(f"layer {lj}'s {name}", getattr(lw, name)) for name in ("attn_norm", "attn_post_norm", "moe_norm")]
-        cands += [(f"layer {lj}'s {name} scales", getattr(lw, name).s) for name in ("wq", "wk", "wv", "wo")]
+        cands += [(f"layer {lj}'s {name} scales", getattr(lw, name).s) for name in ("wq", "wk", "wv", "wo")
+                  if isinstance(getattr(lw, name), QWeight)]           # a GGUF's block scales are not checked
         cands.append((f"layer {lj}'s router", lw.router))
         if lj < li:
-            cands += [(f"layer {lj}'s {name} scales", getattr(lw, name).s) for name in ("w_gate", "w_up", "w_down")]
+            cands += [(f"layer {lj}'s {name} scales", getattr(lw, name).s) for name in ("w_gate", "w_up", "w_down")
+                      if isinstance(getattr(lw, name), QWeight)]
             cands.append((f"layer {lj}'s moe_post_norm", lw.moe_post_norm))
     if li == len(layers):
         cands.append(("the final norm", model.ckpt.final_norm))

@@ -51,6 +51,8 @@ def read_per_token(ckpt, unembed: str = "f32") -> dict:
     output table (float32 [V, D], or with unembed="int8" its int8 copy and a float32 scale per
     row); and k experts in each layer (int8 weights + scales, float32 as the engine holds them).
     """
+    if getattr(ckpt, "format", "ckpt-0") == "gguf":
+        return ckpt.read_per_token()
     from .checkpoint import file_index
     c = ckpt.config
     refs = ckpt.refs

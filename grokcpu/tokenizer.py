@@ -190,6 +190,18 @@ def find_tokenizer(model_dir: str | os.PathLike | None, explicit: str | os.PathL
                          hint="pass --tokenizer PATH (Grok-1's is tokenizer.model in the xai-org/grok-1 repository)")
 
 
+def model_tokenizer(model_path, explicit=None) -> Tokenizer:
+    """A model's tokenizer: --tokenizer wins; else a GGUF model's own (tokenizer.ggml.*); else
+    tokenizer.model beside the checkpoint (find_tokenizer)."""
+    if explicit is None and model_path is not None and os.path.isfile(model_path):
+        from .formats.gguf import detect_format, open_gguf, tokenizer_proto
+        if detect_format(model_path) == "gguf":
+            with open_gguf(model_path) as m:
+                if "tokenizer.ggml.tokens" in m.metadata:
+                    return Tokenizer.from_proto(tokenizer_proto(m), str(model_path))
+    return Tokenizer(find_tokenizer(model_path, explicit))
+
+
 def load_tokenizer(model_dir, explicit=None, vocab_size: int | None = None) -> Tokenizer:
     """find_tokenizer + Tokenizer + (if vocab_size is given) the fits-the-model check."""
     tok = Tokenizer(find_tokenizer(model_dir, explicit))

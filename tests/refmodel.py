@@ -11,6 +11,9 @@ from grokcpu.checkpoint import Checkpoint
 
 
 def dequant(qw) -> np.ndarray:
+    """A QWeight's float64 values (an array, e.g. decoded from a GGUF, is taken as it is)."""
+    if isinstance(qw, np.ndarray):
+        return qw.astype(np.float64)
     w = qw.w.astype(np.float64)
     s = qw.s.astype(np.float64)
     nb, R = s.shape[-2], w.shape[-2]

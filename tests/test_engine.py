@@ -229,6 +229,32 @@ def test_batch_equals_one_by_one(model, tok):
         assert res.prompt_tokens == len(tok.encode(v)) and res.decode_steps == lengths[k] - 1
 
 
+def test_batch_feed_that_is_not_ready_yet(model, tok):
+    """A feed may yield None ("none ready yet"): the running sequences go on without waiting, a
+    request given later joins them, and the results equal one-by-one greedy decoding."""
+    prompts = {"a": "The model reads", "b": "Tokens are", "c": "Hello"}
+    req = {k: Request(k, tok.encode(v), make_sampler(temperature=0), 6, stop_on_eos=False) for k, v in prompts.items()}
+    finished, asked = [], []
+
+    def feed():
+        yield req["a"]
+        while not finished:                   # "b" arrives only after "a" is done
+            asked.append(len(finished))
+            yield None
+        yield req["b"]
+        yield None
+        yield req["c"]
+
+    got = {}
+    for r, outcome in generate_batch(model, tok, feed(), batch_size=2):
+        finished.append(r.id)
+        got[r.id] = outcome
+    assert finished[0] == "a" and set(finished) == set(prompts)
+    assert len(asked) >= 5                    # asked at every step of "a", which never waited
+    for k, v in prompts.items():
+        assert got[k].tokens == greedy_direct(model, tok.encode(v), 6), k
+
+
 def test_batch_stops_per_request(model, tok):
     a = tok.encode("stop here")
     reqs = [Request(1, tok.encode("x"), Script(a + tok.encode_continuation("###")), 20, stop=["###"]),

@@ -51,16 +51,19 @@ def test_budget_too_small_is_a_clear_error(fixture):
         grokcpu.load(fixture.path, expert_cache_policy="fifo")
 
 
-def test_down_projection_is_transposed_across_read_chunks(medium_ckpt, monkeypatch):
+def test_experts_land_whole_across_concurrent_read_pieces(medium_ckpt, monkeypatch):
+    """Gate and up read in pieces (a short last one), down's pieces transposed by whichever
+    reader thread read them: every byte lands where it belongs."""
     ck = Checkpoint(medium_ckpt)
     D = ck.config.emb_size
-    monkeypatch.setattr(ExpertCache, "DOWN_CHUNK", 24 * D + 100)     # 24 rows a read, a short last one
+    monkeypatch.setattr(ExpertCache, "READ_CHUNK", 24 * D + 100)     # 24 rows a read, a short last one
     cache = ExpertCache(ck, 2 * 3 * D * ck.config.ffn_size, prefetch=False)
     assert cache.down_rows == 24 and ck.config.ffn_size % 24
     for key in [(2, 7), (0, 1), (3, 0)]:
         wg, wu, wd = cache.acquire(*key)
         lw = ck.layers[key[0]]
         assert np.array_equal(wd, lw.w_down.w[key[1]].T) and np.array_equal(wu, lw.w_up.w[key[1]])
+        assert np.array_equal(wg, lw.w_gate.w[key[1]])
         cache.release(*key)
     cache.close()
 
@@ -188,6 +191,23 @@ def test_auto_budget_and_parse(medium_ckpt):
     assert 2 * one <= a <= 32 * one
     assert budget_bytes("auto", ck, 512) == a
     assert budget_bytes(0.5, ck, 512) == 500_000_000
+
+
+def test_auto_budget_shared_by_workers(demo_path, monkeypatch):
+    """With `share` models on one machine (Ray workers), each gets 1/share of the RAM above the
+    margin, less its own dense weights and KV cache; clamped as before."""
+    import psutil
+    from types import SimpleNamespace
+    ck = Checkpoint(demo_path)
+    c = ck.config
+    dense, kv, every = ck.nbytes - c.all_expert_bytes, c.kv_cache_bytes(64), c.all_expert_bytes
+    margin = 1e9                                                   # 3 % of 10 GB is under the 1 GB floor
+    avail = margin + 2 * (dense + kv) + every                      # two workers: half the experts each
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=10e9, available=avail))
+    assert auto_budget(ck, 64) == every                            # alone: all experts (clamped)
+    assert abs(auto_budget(ck, 64, share=2) - every / 2) <= 1
+    assert auto_budget(ck, 64, share=1000) == c.num_selected_experts * c.expert_bytes   # the floor
+    ck.close()
 
 
 def test_routing_trace_file(medium_ckpt, tmp_path):

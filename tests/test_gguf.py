@@ -21,6 +21,7 @@ from gguf import GGMLQuantizationType as QT
 from conftest import SHARED, TOKENIZER, need_shared
 from grokcpu.config import GrokConfig
 from grokcpu.errors import CheckpointError
+from grokcpu.formats.convert import add_vocab, grok_writer, sentencepiece_vocab
 from grokcpu.formats.gguf import (
     GGUFModel, check_grok_tensors, detect_format, grok_config, grok_tensor_shapes, open_gguf, tokenizer_proto)
 from grokcpu.tokenizer import Tokenizer
@@ -30,31 +31,9 @@ TINY = GrokConfig(vocab_size=256, sequence_len=128, emb_size=64, key_size=32, nu
                   embedding_multiplier_scale=8.0, attn_output_multiplier=32 ** -0.5)
 
 
-def grok_writer(path, cfg: GrokConfig, scales: bool = True, **kw) -> gguf.GGUFWriter:
-    w = gguf.GGUFWriter(str(path), "grok", **kw)
-    w.add_context_length(cfg.sequence_len)
-    w.add_embedding_length(cfg.emb_size)
-    w.add_block_count(cfg.num_layers)
-    w.add_feed_forward_length(cfg.ffn_size)
-    w.add_head_count(cfg.num_q_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_expert_count(cfg.num_experts)
-    w.add_expert_used_count(cfg.num_selected_experts)
-    w.add_rope_freq_base(cfg.rope_base)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(cfg.key_size)
-    if scales:
-        w.add_float32("grok.embedding_scale", cfg.embedding_multiplier_scale)
-        w.add_float32("grok.logit_scale", cfg.output_multiplier_scale)
-        w.add_float32("grok.attention.output_scale", cfg.attn_output_multiplier)
-        w.add_float32("grok.attn_logit_softcapping", cfg.attn_logit_cap)
-        w.add_float32("grok.router_logit_softcapping", 30.0)
-    return w
-
-
-def write_grok(path, cfg: GrokConfig = TINY, layout: str = "merged", seed: int = 0, **kw):
-    """A tiny Grok GGUF: matrices Q8_0 (quantized by gguf-py), norms and router F32.
-    Returns {name: float32 values as written (dequantized for Q8_0)}."""
+def write_grok(path, cfg: GrokConfig = TINY, layout: str = "merged", seed: int = 0, qtype=QT.Q8_0, **kw):
+    """A tiny Grok GGUF: matrices qtype (quantized by gguf-py), norms and router F32.
+    Returns {name: float32 values as written (dequantized)}."""
     rng = np.random.default_rng(seed)
     w = grok_writer(path, cfg, **kw)
     w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
@@ -65,9 +44,9 @@ def write_grok(path, cfg: GrokConfig = TINY, layout: str = "merged", seed: int =
             w.add_tensor(name, x)
             written[name] = x
         else:
-            q = gguf.quants.quantize(x, QT.Q8_0)
-            w.add_tensor(name, q, raw_dtype=QT.Q8_0)
-            written[name] = gguf.quants.dequantize(q, QT.Q8_0)
+            q = gguf.quants.quantize(x, qtype)
+            w.add_tensor(name, q, raw_dtype=qtype)
+            written[name] = gguf.quants.dequantize(q, qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -212,11 +191,18 @@ def test_detect_format(tmp_path):
         detect_format(tmp_path / "x.gguf")
 
 
-def test_load_names_gguf(tmp_path):
+def test_load_opens_gguf(tmp_path):
+    """load() runs a GGUF file (tests/test_gguf_model.py checks its numbers); a damaged one is named."""
     import grokcpu
     write_grok(tmp_path / "m.gguf")
-    with pytest.raises(CheckpointError, match="GGUF"):
-        grokcpu.load(tmp_path / "m.gguf")
+    model = grokcpu.load(tmp_path / "m.gguf", threads=1)
+    assert model.config == replace(TINY, attn_output_multiplier=float(np.float32(TINY.attn_output_multiplier)))
+    assert np.isfinite(model.new_session().prefill([1, 2, 3])).all()
+    model.close()
+    data = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.gguf"):
+        grokcpu.load(tmp_path / "cut.gguf")
 
 
 # -- Grok metadata -> GrokConfig -------------------------------------------------------------------
@@ -295,22 +281,9 @@ def test_tokenizer_round_trip_through_gguf(tmp_path):
     """The real Grok-1 tokenizer written as llama.cpp's converter writes it (user-defined pieces
     become normal), rebuilt from the GGUF: every reference case encodes and decodes the same."""
     need_shared()
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
-    tokens, scores, types = [], [], []
-    for i in range(sp.vocab_size()):
-        tokens.append(sp.id_to_piece(i).encode())
-        scores.append(sp.get_score(i))
-        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i)
-                     else 6 if sp.is_byte(i) else 1)
     w = gguf.GGUFWriter(str(tmp_path / "tok.gguf"), "grok")
-    w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(sp.bos_id()), w.add_eos_token_id(sp.eos_id())
-    w.add_unk_token_id(sp.unk_id()), w.add_pad_token_id(sp.pad_id())
+    add_vocab(w, sentencepiece_vocab(TOKENIZER), 131072)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     with open_gguf(tmp_path / "tok.gguf") as m:
         tok = Tokenizer.from_proto(tokenizer_proto(m), "tok.gguf")

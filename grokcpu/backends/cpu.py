@@ -16,6 +16,10 @@ One row (a decode step) runs fused kernels on the session's `DecodeWorkspace`
 (`kernels.decode`); several rows go through `matmul`: a kernel that reads the int8 weights once
 for all rows, or (from GEMM_MIN_ROWS) dequantized tiles and BLAS. Both give the reference's
 arithmetic in float32; only the summation order differs between them.
+
+A GGUF model's matrices are `GMatrix`es (formats/gguf_checkpoint.py: ggml type + mapped bytes):
+its rows, one or many, take the many-row blocks, whose products (`product`) dispatch on the
+kind of matrix; the fused one-row kernels read int8 only.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import functools
 import numba
 import numpy as np
 
+from ..checkpoint import QWeight
 from ..kernels import decode as KD
 from ..kernels import layers as K
 from ..kernels import matvec as M
@@ -131,17 +136,22 @@ class CpuBackend:
         self.threads = model.threads
         self.pair_parts = max(1, self.threads // 2)     # row ranges per matrix of gate/up pairs
         self.layers = model.ckpt.layers
-        self.emb = model.ckpt.embeddings
+        self.gguf = getattr(model.ckpt, "format", "ckpt-0") == "gguf"
+        self.emb = None if self.gguf else model.ckpt.embeddings
         self.final_norm = model.ckpt.final_norm
         d = c.key_size
         self.inv_freq = (1.0 / (np.float32(c.rope_base) ** (np.arange(0, d, 2, dtype=np.float32)
                                                             / np.float32(d)))).astype(np.float32)
         self.consts = np.array([c.attn_output_multiplier, c.attn_logit_cap, c.sequence_len], np.float32)
         # decode's per-layer arguments: norms [3, D] (attn, attn_post, moe) and the attention weights
-        self.attn_args = [(np.stack([lw.attn_norm, lw.attn_post_norm, lw.moe_norm]), lw.wq.w, lw.wq.s,
+        self.attn_args = [] if self.gguf else [(np.stack([lw.attn_norm, lw.attn_post_norm, lw.moe_norm]), lw.wq.w, lw.wq.s,
                            lw.wk.w, lw.wk.s, lw.wv.w, lw.wv.s, lw.wo.w, lw.wo.s) for lw in self.layers]
         # int8 copy of the tied embedding with per-row scales, for the output layer only (4x fewer
         # bytes per token); the input lookup stays exact
+        if self.gguf and model.options.unembed == "int8":
+            from ..options import OptionError
+            raise OptionError("unembed", "{name} int8 is for ckpt-0 models: a GGUF model's output layer is read "
+                              "in its file's own type", hint="leave it at f32, or convert the GGUF with a smaller --type")
         self.unembed_q = quantize_embedding(self.emb) if unembed and model.options.unembed == "int8" else None
 
     # -- storage -------------------------------------------------------------------------------
@@ -178,10 +188,14 @@ class CpuBackend:
             numba.set_num_threads(saved)
 
     # -- blocks --------------------------------------------------------------------------------
+    def fused(self, step) -> bool:
+        """Whether this step runs the fused one-row kernels (one row of an int8 model)."""
+        return step.T == 1 and not self.gguf
+
     def embed(self, step) -> np.ndarray:
         c = self.config
         mult = np.float32(c.embedding_multiplier_scale)
-        if step.T == 1:
+        if self.fused(step):
             dw = step.ws.decode()
             dw.ahead = -1
             np.multiply(self.emb[step.toks[0]], mult, out=dw.h[0])
@@ -191,10 +205,10 @@ class CpuBackend:
         step.cos = np.empty((step.T, c.key_size // 2), np.float32)
         step.sin = np.empty_like(step.cos)
         K.rope_tables(self.inv_freq, step.pos, step.cos, step.sin)
-        return np.asarray(self.emb[step.toks], dtype=np.float32) * mult
+        return self.model.ckpt.embedding_rows(step.toks) * mult
 
     def attention(self, li: int, h: np.ndarray, step) -> None:
-        if step.T == 1:         # one call: the block, then the router's input and top-k (see route)
+        if self.fused(step):         # one call: the block, then the router's input and top-k (see route)
             dw = step.ws.decode()
             if dw.ahead == li:  # already run by the previous layer's MoE call (_moe_one)
                 dw.ahead = -1
@@ -210,9 +224,9 @@ class CpuBackend:
         T, H, G, d = step.T, c.num_q_heads, c.num_kv_heads, c.key_size
         x = scratch("x", T, c.emb_size)
         K.rmsnorm(h, lw.attn_norm, c.rms_norm_eps, x)
-        q = self.matmul(x, lw.wq.w, lw.wq.s, scratch, out=scratch("q", T, H * d)).reshape(T, H, d)
-        k = self.matmul(x, lw.wk.w, lw.wk.s, scratch, out=scratch("k", T, G * d)).reshape(T, G, d)
-        v = self.matmul(x, lw.wv.w, lw.wv.s, scratch, out=scratch("v", T, G * d)).reshape(T, G, d)
+        q = self.product(x, lw.wq, scratch, out=scratch("q", T, H * d)).reshape(T, H, d)
+        k = self.product(x, lw.wk, scratch, out=scratch("k", T, G * d)).reshape(T, G, d)
+        v = self.product(x, lw.wv, scratch, out=scratch("v", T, G * d)).reshape(T, G, d)
         K.rope(q, step.cos, step.sin)
         K.rope(k, step.cos, step.sin)
         attn = scratch("attn", T, H, d)
@@ -225,11 +239,11 @@ class CpuBackend:
             vc[li, :, p0:p0 + n] = v[r0:r0 + n].transpose(1, 0, 2)
             K.attention(q[r0:r0 + n], kc[li], vc[li], p0, key_ok, mult, cap, n_uniform, attn[r0:r0 + n],
                         scores, self.threads)
-        a = self.matmul(attn.reshape(T, H * d), lw.wo.w, lw.wo.s, scratch, out=scratch("o", T, c.emb_size))
+        a = self.product(attn.reshape(T, H * d), lw.wo, scratch, out=scratch("o", T, c.emb_size))
         K.add_rmsnorm(h, a, lw.attn_post_norm, c.rms_norm_eps)
 
     def route(self, li: int, h: np.ndarray, step):
-        if step.T == 1:         # computed by attention()'s fused call for this layer
+        if self.fused(step):         # computed by attention()'s fused call for this layer
             return step.ws.routing("", 1)
         return self._route(self.layers[li], h, step, "")
 
@@ -245,7 +259,7 @@ class CpuBackend:
 
     def moe(self, li: int, h: np.ndarray, x: np.ndarray, idx: np.ndarray, gate: np.ndarray, step) -> None:
         lw, cache, eps = self.layers[li], self.model.experts, self.config.rms_norm_eps
-        if step.T == 1:
+        if self.fused(step):
             self._moe_one(li, lw, h, x, idx, gate, cache, step)
             return
         K.add_rmsnorm(h, self.moe_rows(li, x, idx, gate, step.ws.scratch), lw.moe_post_norm, eps)
@@ -300,20 +314,24 @@ class CpuBackend:
         done = {}
         used = 0
         for e in order:
-            if cache is not None:
-                wg, wu, wd = cache.acquire(li, e)
+            if self.gguf:               # GMatrix stacks (or per-expert lists): expert e's matrices
+                wg, wu, wd = lw.w_gate[e], lw.w_up[e], lw.w_down[e]
             else:
-                wg, wu, wd = lw.w_gate.w[e], lw.w_up.w[e], lw.w_down.w[e]
+                if cache is not None:
+                    wg, wu, wd = cache.acquire(li, e)
+                else:
+                    wg, wu, wd = lw.w_gate.w[e], lw.w_up.w[e], lw.w_down.w[e]
+                wg, wu, wd = (wg, lw.w_gate.s[e]), (wu, lw.w_up.s[e]), (wd, lw.w_down.s[e])
             try:
                 rows, slot = np.nonzero(idx == e)
                 n = rows.size
                 xe = np.take(x, rows, axis=0, out=xs[:n * D].reshape(n, D))
-                g, u = self._gate_up(xe, wg, lw.w_gate.s[e], wu, lw.w_up.s[e], scratch)
+                g, u = self._gate_up(xe, wg, wu, scratch)
                 for t in range(n):
                     K.gelu_mul(g[t], u[t])
                 y = ys[used * D:(used + n) * D].reshape(n, D)
                 used += n
-                done[e] = rows, slot, self.matmul(g, wd, lw.w_down.s[e], scratch, out_major=cache is not None, out=y)
+                done[e] = rows, slot, self.product(g, wd, scratch, out_major=cache is not None, out=y)
             finally:
                 if cache is not None:
                     cache.release(li, e)
@@ -322,12 +340,15 @@ class CpuBackend:
             out[rows] += gate[rows, slot][:, None] * y
         return out
 
-    def _gate_up(self, x, wg, sg, wu, su, scratch):
-        """(x @ gate, x @ up) for an expert's rows x [T, D]."""
-        T, C = x.shape[0], wg.shape[1]
-        if T != 1:
-            return (self.matmul(x, wg, sg, scratch, out=scratch("gate", T, C)),
-                    self.matmul(x, wu, su, scratch, out=scratch("up", T, C)))
+    def _gate_up(self, x, wg, wu, scratch):
+        """(x @ gate, x @ up) for an expert's rows x [T, D] (wg, wu as `product` takes them)."""
+        T = x.shape[0]
+        if T != 1 or self.gguf:
+            C = wg.N if self.gguf else wg[0].shape[1]
+            return (self.product(x, wg, scratch, out=scratch("gate", T, C)),
+                    self.product(x, wu, scratch, out=scratch("up", T, C)))
+        (wg, sg), (wu, su) = wg, wu
+        C = wg.shape[1]
         gu = scratch("gu", 2, C)
         M.qmatvec_multi(np.ascontiguousarray(x[0]), (wg, wu), (sg, su), gu, scratch("pair", 2, self.pair_parts, C))
         return gu[:1], gu[1:]
@@ -339,6 +360,10 @@ class CpuBackend:
 
     def logits(self, hf: np.ndarray, ws: Workspace) -> np.ndarray:
         scale = self.config.output_multiplier_scale
+        if self.gguf:
+            out = self.product(hf, self.model.ckpt.output, ws.scratch)
+            out *= np.float32(scale)
+            return out
         if self.unembed_q is not None:
             return unembed_q8(hf, *self.unembed_q, scale, self.threads, ws.scratch)
         return unembed(hf, self.emb, scale, self.threads)
@@ -346,9 +371,19 @@ class CpuBackend:
     def matmul(self, x, w, s, scratch: Scratch, out_major: bool = False, out=None) -> np.ndarray:
         return matmul(x, w, s, self.threads, scratch, out_major, out)
 
+    def product(self, x, w, scratch: Scratch, out_major: bool = False, out=None) -> np.ndarray:
+        """x [T, R] @ the matrix w: a QWeight, an (int8 w, scales) pair, or a GGUF model's GMatrix."""
+        if isinstance(w, QWeight):
+            return matmul(x, w.w, w.s, self.threads, scratch, out_major, out)
+        if isinstance(w, tuple):
+            return matmul(x, *w, self.threads, scratch, out_major, out)
+        return w.product(np.ascontiguousarray(x), out, scratch)
+
     @property
     def unembed_bytes(self) -> int:
         """Bytes the output layer reads per token."""
+        if self.gguf:
+            return self.model.ckpt.output.nbytes
         if self.unembed_q is not None:
             return self.unembed_q[0].nbytes + self.unembed_q[1].nbytes
         return self.emb.nbytes

@@ -68,9 +68,9 @@ def _opt(*names, help, panel=ENGINE, **kw):
 # (parameter, type, default, option); one line per shared option, in --help order
 ENGINE_PARAMS = [
     ("model", Optional[Path], None, _opt("--model", "-m", show_default=False,
-     help="checkpoint folder (holding ckpt-0/) or ckpt-0/ itself (default: the built-in demo)")),
+     help="checkpoint folder (holding ckpt-0/), ckpt-0/ itself, or a Grok GGUF file (default: the built-in demo)")),
     ("tokenizer", Optional[Path], None, _opt("--tokenizer", show_default=False,
-     help="tokenizer.model (default: the one beside the checkpoint)")),
+     help="tokenizer.model (default: a GGUF's own, or the one beside the checkpoint)")),
     ("threads", Optional[int], None, _opt("--threads", "-t", show_default=False, help="compute threads (default: physical cores)")),
     ("context", Optional[int], None, _opt("--context", "-c", show_default=False,
      help="KV cache length in tokens (default: the model's sequence_len)")),
@@ -275,6 +275,21 @@ def _usage_line(e: click.exceptions.UsageError) -> str:
     return f"error: {msg} (hint: {hint + ' ' + more if hint else more})"
 
 
+OPTIONAL_VALUE = ("--ray",)      # options whose value may be left out: a bare `--ray` means `--ray ''`
+
+
+def fill_optional_values(args: list[str]) -> list[str]:
+    """`--ray` with no value (last, or before another option) gets the empty value."""
+    out = []
+    for i, a in enumerate(args):
+        if a == "--":
+            return out + args[i:]
+        out.append(a)
+        if a in OPTIONAL_VALUE and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append("")
+    return out
+
+
 class _Group(TyperGroup):
     """The command group; its `main` turns click's usage errors into one line and exit 2."""
 
@@ -285,6 +300,7 @@ class _Group(TyperGroup):
             interrupted()
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = fill_optional_values(sys.argv[1:] if args is None else list(args))
         try:
             rv = super().main(args=args, prog_name=prog_name or "grok-cli", complete_var=complete_var,
                               standalone_mode=False, **extra)
@@ -336,20 +352,18 @@ class Loaded:
 
     def __init__(self, run: Run, need_tokenizer: bool = True):
         import grokcpu
-        from ..tokenizer import Tokenizer, find_tokenizer
+        from ..tokenizer import model_tokenizer
 
         self.run = run
         self.demo = run.model is None
         self.path = demo_path() if self.demo else Path(run.model)
-        tok_file = None
-        if need_tokenizer:
+        self.tok = None
+        if need_tokenizer:                        # cheap: before the model
             try:
-                tok_file = find_tokenizer(self.path, run.tokenizer)
+                self.tok = model_tokenizer(self.path, run.tokenizer)
             except GrokError:
-                from ..checkpoint import Checkpoint
-                Checkpoint(self.path).close()     # a missing/broken checkpoint is the error to report
+                grokcpu.open_checkpoint(self.path).close()     # a missing/broken model is the error to report
                 raise
-        self.tok = Tokenizer(tok_file) if tok_file is not None else None    # cheap: before the model
         n = run.options.threads
         if n is not None and n > cpu_count():
             err(f"note: --threads {n} is more than the {cpu_count()} cores this process may use; "
@@ -395,14 +409,18 @@ def print_stats(res, model, extra: str = "") -> None:
         err(f"stats: prompt {res.prompt_tokens} tokens in {res.prefill_s:.3f} s ({res.prefill_tps:.1f} tok/s), "
             f"generated {res.generated_tokens} tokens in {res.decode_s:.3f} s ({res.decode_tps:.1f} tok/s), "
             f"first token after {res.ttft_s:.3f} s, finish: {res.finish_reason}{extra}")
-    st = model.stats()
+    err("stats: " + model_stats_line(model.stats()))
+
+
+def model_stats_line(st: dict) -> str:
+    """Threads, checkpoint size and expert-cache figures from model.stats()."""
     ec = st.get("expert_cache")
-    line = f"stats: threads {st.get('threads')}, checkpoint {gb(st.get('checkpoint_bytes', 0))}"
+    line = f"threads {st.get('threads')}, checkpoint {gb(st.get('checkpoint_bytes', 0))}"
     if isinstance(ec, dict) and ec:
         line += (f", expert cache {ec.get('policy')} {gb(ec.get('budget_bytes', 0))}: hit rate "
                  f"{ec.get('hit_rate', 0):.1%} ({ec.get('lookups', 0)} lookups), read {gb(ec.get('bytes_read', 0))}, "
                  f"{ec.get('evictions', 0)} evictions")
-    err(line)
+    return line
 
 
 def context_note(res, model) -> None:

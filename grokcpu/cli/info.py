@@ -1,4 +1,5 @@
-"""grok-cli info: describe a checkpoint from its headers: config, sizes, checksums, memory plan."""
+"""grok-cli info: describe a checkpoint from its headers: config, sizes, checksums, memory plan
+(a GGUF model: config, sizes and the ggml type of each tensor group)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import time
 from typing import Annotated
 
+import numpy as np
 import typer
 
 from ..errors import GrokError
@@ -32,6 +34,11 @@ def info(
 
     model = demo_path() if run.model is None else run.model
     t0 = time.perf_counter()
+    if os.path.isfile(model):
+        gguf_info(run, model, as_json, verify)
+        if run.stats:
+            err(f"stats: info took {time.perf_counter() - t0:.2f} s")
+        return
     ck = Checkpoint(model)
     c = ck.config
     ctx = c.sequence_len if run.options.context is None else run.options.context
@@ -66,6 +73,53 @@ def info(
         bad = checks["mismatched"]
         raise GrokError(f"{len(bad)} file(s) do not match their sha256: {', '.join(bad[:5])}"
                         + (" ..." if len(bad) > 5 else ""), hint="download these files again")
+
+
+def gguf_info(run: Run, path, as_json: bool, verify: bool) -> None:
+    """A GGUF model: config, files, and the ggml type of each tensor group (from the headers)."""
+    from ..formats.gguf_checkpoint import GGUFCheckpoint
+    from ..tokenizer import model_tokenizer
+    if verify:
+        raise GrokError("--verify checks a ckpt-0 checkpoint against its config.json; a GGUF lists no sha256",
+                        hint="leave --verify out for a GGUF model")
+    ck = GGUFCheckpoint(path)
+    try:
+        c = ck.config
+        try:
+            tk = model_tokenizer(path, run.tokenizer)
+            tok_info = {"path": str(tk.path), "vocab_size": tk.vocab_size, "fits": tk.vocab_size <= c.vocab_size}
+        except GrokError as e:
+            tok_info = {"error": str(e)}
+        groups = ck.groups()
+        params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in ck.gguf.tensors.values())
+        doc = {"model": str(path), "format": f"GGUF (llama.cpp), {len(ck.files)} file(s)", "files": ck.files,
+               "bytes": ck.nbytes, "config": c.to_dict(), "parameters": params,
+               "tensor_types": {g: {t: n for t, n in d.items()} for g, d in groups.items()},
+               "read_per_token_bytes": ck.read_per_token()["total"], "tokenizer": tok_info}
+    finally:
+        ck.close()
+    if as_json:
+        out(json.dumps(doc, indent=1) + "\n")
+        return
+    rows = [("model", doc["model"]), ("format", f"{doc['format']}, {gb(doc['bytes'])}"),
+            ("config", _config_line(c)), ("parameters", _params(params)),
+            ("tokenizer", tok_info.get("error") or f"{tok_info['path']} ({tok_info['vocab_size']} pieces)")]
+    for k, v in rows:
+        out(f"{k:<13}{v}\n")
+    out("tensor types\n")
+    for g, d in groups.items():
+        out(f"  {g:<22}" + ", ".join(f"{t} {gb(n)}" for t, n in d.items()) + "\n")
+    out(f"read per token {gb(doc['read_per_token_bytes'])} (experts from the memory map)\n")
+
+
+def _config_line(c) -> str:
+    return (f"vocab {c.vocab_size}, context {c.sequence_len}, emb {c.emb_size}, layers {c.num_layers}, "
+            f"q-heads {c.num_q_heads}, kv-heads {c.num_kv_heads}, head size {c.key_size}, experts "
+            f"{c.num_experts} ({c.num_selected_experts} per token), expert ffn {c.ffn_size}")
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
 
 def numel(ref) -> int:
@@ -119,10 +173,8 @@ def print_info(doc, c, plan, tok_info, checks, manifest) -> None:
     rows = [
         ("model", doc["model"]),
         ("format", f"{doc['format']}, {doc['files']} files, {gb(plan['file_bytes'])}"),
-        ("config", f"vocab {c.vocab_size}, context {c.sequence_len}, emb {c.emb_size}, layers {c.num_layers}, "
-                   f"q-heads {c.num_q_heads}, kv-heads {c.num_kv_heads}, head size {c.key_size}, experts "
-                   f"{c.num_experts} ({c.num_selected_experts} per token), expert ffn {c.ffn_size}"),
-        ("parameters", f"{doc['parameters'] / 1e9:.3f} B" if doc["parameters"] >= 1e8 else f"{doc['parameters'] / 1e6:.2f} M"),
+        ("config", _config_line(c)),
+        ("parameters", _params(doc["parameters"])),
         ("quantization", doc["quantization"]),
     ]
     if "error" in tok_info:

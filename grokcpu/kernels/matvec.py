@@ -12,10 +12,11 @@ NARROW_COLS = 2048
 # Wider ones take eight rows per step over up to COL_CHUNK columns (eight streams, each up to
 # 32 KB long; the accumulator, up to 128 KB, stays in L2).
 COL_CHUNK = 32768
-# qmatmul_small: columns per work item (its accumulators hold T rows of them, in L1/L2), and
-# weight rows per pass (their chunk stays in L2 while each pair of rows x uses it).
-SMALL_CHUNK = 2048
-SMALL_ROWS = 64
+# qmatmul_small's work item: columns whose T accumulator rows fill SMALL_ACC floats (128 KB, in
+# L2; wide so that each weight row is a long stream), and row blocks of SMALL_BLOCK bytes that
+# stay in L2 while each pair of rows of x uses them.
+SMALL_ACC = 32768
+SMALL_BLOCK = 96 << 10
 
 
 @njit(cache=True, fastmath=True, nogil=True, inline="always")
@@ -152,8 +153,8 @@ def qmatmul_small(x, w, s, out, part):
     memory once for all rows.
 
     part [P, T, C] float32 scratch, as in qmatvec. Each pass widens four weight rows and adds
-    them into two rows of accumulators (eight x values in registers); a block of SMALL_ROWS
-    weight rows serves every pair of rows of x while it sits in L2. An odd T pairs its last
+    them into two rows of accumulators (eight x values in registers); a block of weight rows
+    (SMALL_BLOCK bytes) serves every pair of rows of x while it sits in L2. An odd T pairs its last
     row with a zero row.
     """
     T, R = x.shape
@@ -161,13 +162,15 @@ def qmatmul_small(x, w, s, out, part):
     nb = s.shape[0]
     rb = R // nb
     P = part.shape[0]
-    nch = (C + SMALL_CHUNK - 1) // SMALL_CHUNK
-    rows_per = ((R + P - 1) // P + 3) // 4 * 4
     Tp = T + (T & 1)
+    width = min(C, max(64, SMALL_ACC // Tp // 64 * 64))
+    nch = (C + width - 1) // width
+    rblock = max(4, SMALL_BLOCK // width // 4 * 4)
+    rows_per = ((R + P - 1) // P + 3) // 4 * 4
     for j in prange(P * nch):
         p = j // nch
-        c0 = (j % nch) * SMALL_CHUNK
-        c1 = min(C, c0 + SMALL_CHUNK)
+        c0 = (j % nch) * width
+        c1 = min(C, c0 + width)
         n = c1 - c0
         acc = np.zeros((Tp, n), np.float32)
         xp = np.zeros((Tp, 4), np.float32)
@@ -180,7 +183,7 @@ def qmatmul_small(x, w, s, out, part):
             bend = min(r1, (b + 1) * rb)
             acc[:] = 0.0
             while r < bend:
-                rend = min(bend, r + SMALL_ROWS)
+                rend = min(bend, r + rblock)
                 for t0 in range(0, Tp, 2):
                     a0 = acc[t0]
                     a1 = acc[t0 + 1]

@@ -12,9 +12,7 @@ import asyncio
 import hmac
 import sys
 import threading
-import time
 import traceback
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +25,8 @@ from starlette.routing import Route
 
 from .. import engine
 from ..errors import GrokError
-from ..sampling import make_sampler
 from . import protocol as P
-from .scheduler import Done, Failed, Job, Penalized, QueueFull, Scheduler, Token
+from .scheduler import Done, Failed, Job, QueueFull, Scheduler, Token, choice_sampler
 
 
 @dataclass
@@ -46,20 +43,6 @@ class Settings:
     system: str | None = engine.DEFAULT_SYSTEM
     template: str = engine.DEFAULT_TEMPLATE
     retry_after_s: int = 1
-
-
-class Transcript(engine.Conversation):
-    """A chat's token ids exactly as `grok-cli chat` writes them (engine.Conversation's rendering),
-    without a session: the server's sessions belong to the scheduler."""
-
-    def __init__(self, tok, system: str | None, template: str):
-        self.tok, self.system, self.template = tok, system or None, template
-        self.turns = []
-
-    def prompt_ids(self, turns: list[tuple[str, str]], message: str) -> list[int]:
-        self.turns = [engine.Turn(u, a) for u, a in turns]
-        hist = self.history_ids()
-        return hist + self._user_ids(message, not hist)
 
 
 class Metrics:
@@ -91,9 +74,9 @@ class State:
         try:
             if model is None:
                 import grokcpu
-                from ..tokenizer import Tokenizer, find_tokenizer
+                from ..tokenizer import model_tokenizer
                 path = Path(s.model_path) if s.model_path else _demo_path()
-                tok = Tokenizer(find_tokenizer(path, s.tokenizer_path))
+                tok = model_tokenizer(path, s.tokenizer_path)
                 model = grokcpu.load(path, options=s.options)
                 try:
                     tok.check_fits(model.config.vocab_size)
@@ -101,8 +84,7 @@ class State:
                     model.close()
                     raise
                 if not s.model_name:
-                    p = path.parent if path.name == "ckpt-0" else path
-                    self.name = p.name or "grok-1"
+                    self.name = P.served_name(path)
             self.model, self.tok = model, tok
             self.sched = Scheduler(model, tok, s.parallel, s.queue)
             self.ready.set()
@@ -259,50 +241,29 @@ async def metrics(state: State, request: Request) -> Response:
 
 
 async def completions(state: State, request: Request) -> Response:
-    d = await _read_json(state, request)
-    state.require_ready()
-    name = P.model_name(d, state.name)
-    P.refuse_unsupported(d)
-    gp = P.gen_params(d, chat=False, context=state.model.context)
-    prompts = P.completion_prompts(d, state.model.config.vocab_size)
-    ids = [p if isinstance(p, list) else await asyncio.to_thread(state.tok.encode, p) for p in prompts]
-    return await _generate(state, request, name, gp, ids, [], chat=False)
+    return await _complete(state, request, chat=False)
 
 
 async def chat_completions(state: State, request: Request) -> Response:
+    return await _complete(state, request, chat=True)
+
+
+async def _complete(state: State, request: Request, chat: bool) -> Response:
     d = await _read_json(state, request)
     state.require_ready()
-    name = P.model_name(d, state.name)
-    P.refuse_unsupported(d)
-    gp = P.gen_params(d, chat=True, context=state.model.context)
-    system, turns, message = P.chat_messages(d)
+    req = P.parse_request(d, chat, state.name, state.model.config.vocab_size)
     s = state.settings
-    conv = Transcript(state.tok, s.system if system is None else system, s.template)
-    ids = await asyncio.to_thread(conv.prompt_ids, turns, message)
-    return await _generate(state, request, name, gp, [ids], conv.stop_strings, chat=True)
+    prompts, stops = await asyncio.to_thread(P.prompt_ids, state.tok, req, s.system, s.template)
+    return await _generate(state, request, req.name, req.gp, prompts, stops, chat)
 
 
 # -- generation ----------------------------------------------------------------------------------
-
-def _check_prompt(ids: list[int], ctx: int, i: int, many: bool) -> None:
-    which = f"prompt {i}" if many else "the prompt"
-    if not ids:
-        raise P.bad(f"{which} is empty: give at least one token of text", "prompt")
-    if len(ids) > ctx:
-        raise P.bad(f"{which} has {len(ids)} tokens but the context holds {ctx}: shorten it (max_tokens "
-                    f"beyond the room left is clipped; the prompt alone must fit)", "prompt",
-                    "context_length_exceeded")
-
-
-def _finish(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
-
 
 async def _generate(state: State, request: Request, name: str, gp: P.GenParams, prompts: list[list[int]],
                     extra_stop: list[str], chat: bool) -> Response:
     ctx = state.model.context
     for i, ids in enumerate(prompts):
-        _check_prompt(ids, ctx, i, len(prompts) > 1)
+        P.check_prompt(ids, ctx, i, len(prompts) > 1)
     total = len(prompts) * gp.n
     cap = state.settings.parallel + state.settings.queue
     if total > cap:
@@ -313,10 +274,7 @@ async def _generate(state: State, request: Request, name: str, gp: P.GenParams, 
     jobs: list[Job] = []
     for ids in prompts:
         for j in range(gp.n):
-            seed = None if gp.seed is None else (gp.seed + j) % (2 ** 64)    # choice j: seed + j
-            sampler = make_sampler(**gp.sampling, seed=seed)
-            if gp.presence_penalty or gp.frequency_penalty:
-                sampler = Penalized(sampler, gp.presence_penalty, gp.frequency_penalty, len(ids))
+            sampler = choice_sampler(gp, j, len(ids))
             k = len(jobs)
 
             def deliver(ev, k=k):
@@ -325,16 +283,13 @@ async def _generate(state: State, request: Request, name: str, gp: P.GenParams, 
                 except RuntimeError:         # the event loop is gone (shutdown)
                     pass
 
-            max_tokens = gp.max_tokens if gp.max_tokens is not None else ctx - len(ids) + 1
-            jobs.append(Job(ids, sampler, max_tokens, extra_stop + gp.stop, gp.stop_on_eos, deliver, gp.logprobs))
+            jobs.append(Job(ids, sampler, gp.limit(ctx, len(ids)), extra_stop + gp.stop, gp.stop_on_eos, deliver, gp.logprobs))
     try:
         state.sched.submit(jobs)
     except QueueFull as e:
         raise P.ApiError(503, f"the server is busy ({e}); retry later", None, "queue_full", "server_error",
                          {"Retry-After": str(state.settings.retry_after_s)}) from None
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": name}
+    head = P.head(chat, name)
     if gp.stream:
         return StreamingResponse(_stream(state, jobs, events, head, gp, chat), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -371,17 +326,13 @@ async def _collect(state, request, jobs, events, head, gp, chat) -> Response:
     choices = []
     for k, job in enumerate(jobs):
         r = done[k]
-        c = {"index": k}
-        if chat:
-            c["message"] = {"role": "assistant", "content": r.text}
-            c["logprobs"] = _chat_logprobs(state, lps[k][:r.kept_tokens]) if gp.logprobs is not None else None
-        else:
-            c["text"] = r.text
-            c["logprobs"] = _completion_logprobs(state, lps[k][:r.kept_tokens]) if gp.logprobs is not None else None
-        c["finish_reason"] = _finish(r.finish_reason)
-        choices.append(c)
-    body = dict(head, choices=choices, usage=_usage(jobs, done), timings=_timings(done))
-    return JSONResponse(body)
+        lp = None
+        if gp.logprobs is not None:
+            lp = (_chat_logprobs if chat else _completion_logprobs)(state, lps[k][:r.kept_tokens])
+        choices.append(P.choice(k, chat, r.text, r.finish_reason, lp))
+    r = done[0]
+    timings = P.timings(r.prompt_tokens, r.prefill_s, r.completion_tokens, r.decode_s, r.ttft_s)
+    return JSONResponse(dict(head, choices=choices, usage=_usage(jobs, done), timings=timings))
 
 
 def _usage(jobs, done) -> dict:
@@ -391,16 +342,6 @@ def _usage(jobs, done) -> dict:
             seen.add(id(job.prompt_ids))
             prompt += len(job.prompt_ids)
     return P.usage(prompt, sum(r.completion_tokens for r in done.values()))
-
-
-def _timings(done) -> dict:
-    """llama-server's per-request timings (of the first choice)."""
-    r = done[0]
-    pred = max(r.completion_tokens - 1, 0)
-    return {"prompt_n": r.prompt_tokens, "prompt_ms": round(r.prefill_s * 1e3, 3),
-            "predicted_n": r.completion_tokens, "predicted_ms": round(r.decode_s * 1e3, 3),
-            "predicted_per_second": round(pred / r.decode_s, 3) if r.decode_s > 0 else None,
-            "ttft_ms": round(r.ttft_s * 1e3, 3)}
 
 
 def _completion_logprobs(state, entries) -> dict:
@@ -449,7 +390,7 @@ async def _stream(state, jobs, events, head, gp, chat):
             elif isinstance(ev, Done):
                 done[k] = ev
                 c = {"index": k, "delta": {}} if chat else {"index": k, "text": ""}
-                yield P.sse(dict(head, choices=[dict(c, logprobs=None, finish_reason=_finish(ev.finish_reason))]))
+                yield P.sse(dict(head, choices=[dict(c, logprobs=None, finish_reason=P.finish(ev.finish_reason))]))
             elif isinstance(ev, Failed):
                 state.sched.cancel(jobs)
                 finished = True

@@ -6,9 +6,12 @@ OpenAI clients expect: {"error": {"message", "type", "param", "code"}}.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
+import time
+import uuid
 from dataclasses import dataclass, field
 
 MAX_DEPTH = 32            # JSON nesting a request may use (chat content parts are 4 deep)
@@ -176,12 +179,20 @@ class GenParams:
     stop_on_eos: bool
     extra: dict = field(default_factory=dict)
 
+    def choice_seed(self, j: int) -> int | None:
+        """Choice j's seed: seed + j (so choice 0 is what `grok-cli generate --seed` gives)."""
+        return None if self.seed is None else (self.seed + j) % (2 ** 64)
+
+    def limit(self, context: int, n_prompt: int) -> int:
+        """max_tokens, or without it the room the context leaves after the prompt."""
+        return self.max_tokens if self.max_tokens is not None else context - n_prompt + 1
+
 
 # llama-server's defaults, which are also grok-cli's (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05)
 DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, repeat_last_n=64)
 
 
-def gen_params(d: dict, chat: bool, context: int) -> GenParams:
+def gen_params(d: dict, chat: bool) -> GenParams:
     mt = integer(d, "max_completion_tokens", None, 1, 2 ** 62) if chat else None
     if mt is None:
         mt = integer(d, "max_tokens", None, 1, 2 ** 62)
@@ -234,6 +245,57 @@ def refuse_unsupported(d: dict) -> None:
     for name, unsupported in checks:
         if unsupported(d.get(name)):
             raise bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
+
+
+# the fields a body may hold (read above, or refused by refuse_unsupported, or OpenAI's that change nothing)
+COMMON_FIELDS = {"model", "max_tokens", "n_predict", "n", "stream", "stream_options", "temperature", "top_k",
+                 "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed", "presence_penalty",
+                 "frequency_penalty", "stop", "ignore_eos", "logprobs", "logit_bias", "user", "metadata", "store"}
+FIELDS = {False: COMMON_FIELDS | {"prompt", "echo", "suffix", "best_of"},
+          True: COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "functions",
+                                 "response_format", "tool_choice", "parallel_tool_calls"}}
+
+
+def refuse_unknown(d: dict, chat: bool) -> None:
+    """A field this server does not know (a typo changes nothing silently in an unattended batch)."""
+    for k in d:
+        if k not in FIELDS[chat]:
+            near = difflib.get_close_matches(k, FIELDS[chat], n=1)
+            tip = f" (did you mean '{near[0]}'?)" if near else ""
+            raise bad(f"unknown field {json.dumps(k, ensure_ascii=True)[:60]}{tip}", k, "unknown_parameter")
+
+
+@dataclass
+class Parsed:
+    """A checked completion or chat request: what generation needs, before tokenizing."""
+    chat: bool
+    name: str
+    gp: GenParams
+    prompts: list                  # completions: strings or token id lists
+    system: str | None = None      # chat: chat_messages()'s parts
+    turns: list = field(default_factory=list)
+    message: str = ""
+
+
+def parse_request(d: dict, chat: bool, served: str, vocab: int) -> Parsed:
+    """The one validation of a /v1/completions or /v1/chat/completions body."""
+    name = model_name(d, served)
+    refuse_unsupported(d)
+    gp = gen_params(d, chat=chat)
+    if chat:
+        system, turns, message = chat_messages(d)
+        return Parsed(True, name, gp, [], system, turns, message)
+    return Parsed(False, name, gp, completion_prompts(d, vocab))
+
+
+def prompt_ids(tok, req: Parsed, system: str | None, template: str) -> tuple[list[list[int]], list[str]]:
+    """The request's prompts as token ids, and the stop strings its chat template adds. A chat is
+    rendered as `grok-cli chat` renders it; its system message replaces `system`."""
+    if not req.chat:
+        return [p if isinstance(p, list) else tok.encode(p) for p in req.prompts], []
+    from ..engine import Transcript
+    conv = Transcript(tok, system if req.system is None else req.system, template)
+    return [conv.prompt_ids(req.turns, req.message)], conv.stop_strings
 
 
 def model_name(d: dict, served: str) -> str:
@@ -334,6 +396,52 @@ def _content(v, param: str, allow_null: bool) -> str:
 
 
 # -- responses -----------------------------------------------------------------------------------
+
+def served_name(path) -> str:
+    """The model's name in responses: its folder's (the parent of a ckpt-0 folder)."""
+    p = path.parent if path.name == "ckpt-0" else path
+    return p.name or "grok-1"
+
+
+def check_prompt(ids: list[int], ctx: int, i: int, many: bool) -> None:
+    which = f"prompt {i}" if many else "the prompt"
+    if not ids:
+        raise bad(f"{which} is empty: give at least one token of text", "prompt")
+    if len(ids) > ctx:
+        raise bad(f"{which} has {len(ids)} tokens but the context holds {ctx}: shorten it (max_tokens "
+                  f"beyond the room left is clipped; the prompt alone must fit)", "prompt",
+                  "context_length_exceeded")
+
+
+def head(chat: bool, name: str) -> dict:
+    """A response's first fields (a new id)."""
+    return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()), "model": name}
+
+
+def finish(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def choice(index: int, chat: bool, text_: str, reason: str, logprobs=None) -> dict:
+    c = {"index": index}
+    if chat:
+        c["message"] = {"role": "assistant", "content": text_}
+    else:
+        c["text"] = text_
+    c["logprobs"] = logprobs
+    c["finish_reason"] = finish(reason)
+    return c
+
+
+def timings(prompt_n: int, prefill_s: float, predicted_n: int, decode_s: float, ttft_s: float) -> dict:
+    """llama-server's per-request timings (of the first choice)."""
+    pred = max(predicted_n - 1, 0)
+    return {"prompt_n": prompt_n, "prompt_ms": round(prefill_s * 1e3, 3),
+            "predicted_n": predicted_n, "predicted_ms": round(decode_s * 1e3, 3),
+            "predicted_per_second": round(pred / decode_s, 3) if decode_s > 0 else None,
+            "ttft_ms": round(ttft_s * 1e3, 3)}
+
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

@@ -24,6 +24,7 @@ import numpy as np
 from .. import engine
 from ..errors import GrokError
 from ..model import decode_batch
+from ..sampling import make_sampler
 
 
 class QueueFull(Exception):
@@ -88,6 +89,14 @@ class Penalized:
             logits = (np.asarray(logits, np.float32) - np.float32(self.frequency) * counts.astype(np.float32)
                       - np.float32(self.presence) * (counts > 0).astype(np.float32))
         return self.sampler(logits, history)
+
+
+def choice_sampler(gp, j: int, n_prompt: int):
+    """Choice j's sampler for a request's GenParams (seed + j; the penalties if asked)."""
+    sampler = make_sampler(**gp.sampling, seed=gp.choice_seed(j))
+    if gp.presence_penalty or gp.frequency_penalty:
+        sampler = Penalized(sampler, gp.presence_penalty, gp.frequency_penalty, n_prompt)
+    return sampler
 
 
 def logprob_entry(logits: np.ndarray, token: int, top: int) -> tuple:

@@ -1,0 +1,254 @@
+"""GGUF models end to end: ckpt-0 fixtures converted by `grok-cli convert`, run by the engine.
+
+F32 files against the reference's logits; Q8_0 files against a float64 forward (refmodel) over
+gguf-py's own dequantization of the same file; the demo model's greedy tokens; convert's
+atomicity and shards; the CLI on a GGUF model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from typer.testing import CliRunner
+
+import grokcpu
+import refmodel
+from conftest import ROOT, greedy_direct
+from grokcpu.cli import app
+from grokcpu.formats.convert import TYPES, convert
+from grokcpu.formats.gguf import open_gguf
+from grokcpu.formats.quantize import ENCODERS
+
+TOL = 2e-3
+
+
+def converted(fixture, tmp_path, qtype: str, **kw):
+    out = tmp_path / f"{fixture.name}-{qtype}.gguf"
+    convert(fixture.path, out, qtype, **kw)
+    return out
+
+
+def run(path, prompt, decode_tokens):
+    model = grokcpu.load(path, threads=1)
+    s = model.new_session()
+    pre = s.prefill(prompt)
+    dec = np.stack([s.decode(t) for t in decode_tokens])
+    return pre, dec
+
+
+def test_f32_gguf_gives_the_reference_logits(fixture, tmp_path):
+    pre, dec = run(converted(fixture, tmp_path, "f32"), fixture.prompt, fixture.decode_tokens)
+    ref_pre, ref_dec = fixture.load("prefill_logits_f32act.npy"), fixture.load("decode_logits_f32act.npy")
+    assert np.abs(pre - ref_pre).max() <= TOL and np.abs(dec - ref_dec).max() <= TOL
+    assert (pre.argmax(-1) == ref_pre.argmax(-1)).all() and (dec.argmax(-1) == ref_dec.argmax(-1)).all()
+
+
+def dequantized(m, name) -> np.ndarray:
+    """A tensor's values, float64, decoded by gguf-py from the file's bytes."""
+    t = m.tensors[name]
+    raw = m.data(name).reshape(*t.shape[:-1], -1)
+    if t.type == QT.F32:
+        return raw.view(np.float32).astype(np.float64)
+    if t.type == QT.F16:
+        return raw.view(np.float16).astype(np.float64)
+    return gguf.quants.dequantize(raw, t.type).astype(np.float64)
+
+
+def float64_checkpoint(path):
+    """The file's weights as refmodel reads a checkpoint: float64, input-major."""
+    from grokcpu.formats.gguf import grok_config
+    m = open_gguf(path)
+    cfg = grok_config(m)
+    T = lambda a: np.swapaxes(a, -1, -2)          # noqa: E731  GGUF [out, in] -> ours [in, out]
+    layers = []
+    for n in range(cfg.num_layers):
+        g = lambda k: dequantized(m, f"blk.{n}.{k}.weight")   # noqa: E731
+        layers.append(SimpleNamespace(
+            attn_norm=g("attn_norm"), attn_post_norm=g("attn_output_norm"), moe_norm=g("ffn_norm"),
+            moe_post_norm=g("layer_output_norm"), wq=T(g("attn_q")), wk=T(g("attn_k")), wv=T(g("attn_v")),
+            wo=T(g("attn_output")), router=T(g("ffn_gate_inp")), w_gate=T(g("ffn_gate_exps")),
+            w_up=T(g("ffn_up_exps")), w_down=T(g("ffn_down_exps"))))
+    return m, SimpleNamespace(config=cfg, embeddings=dequantized(m, "token_embd.weight"),
+                              final_norm=dequantized(m, "output_norm.weight"), layers=layers)
+
+
+def test_q8_0_gguf_matches_a_float64_forward_over_its_own_bytes(fixture, tmp_path):
+    path = converted(fixture, tmp_path, "q8_0")
+    m, ck = float64_checkpoint(path)
+    with m:
+        for name, t in m.tensors.items():       # matrices Q8_0 (F16 where rows are not 32s); the rest F32
+            if len(t.shape) == 1 or "gate_inp" in name:
+                assert t.type == QT.F32, name
+            else:
+                assert t.type == (QT.Q8_0 if t.shape[-1] % 32 == 0 else QT.F16), name
+        assert sum(t.type == QT.Q8_0 for t in m.tensors.values()) >= 4 * ck.config.num_layers
+        toks = fixture.prompt + fixture.decode_tokens
+        want = refmodel.forward(ck, toks)
+    pre, dec = run(path, fixture.prompt, fixture.decode_tokens)
+    got = np.concatenate([pre, dec])
+    assert np.abs(got - want).max() <= TOL
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    # and not the float32 model's logits: the quantization shows
+    assert np.abs(pre - fixture.load("prefill_logits_f32act.npy")).max() > 10 * TOL
+
+
+def test_gguf_to_gguf_requantizes_to_the_same_bytes(fixture, tmp_path):
+    """f32 GGUF -> q8_0 equals ckpt-0 -> q8_0 tensor for tensor (the f32 file holds ckpt-0's exact values)."""
+    f32 = converted(fixture, tmp_path, "f32")
+    direct = converted(fixture, tmp_path, "q8_0")
+    again = tmp_path / "again.gguf"
+    convert(f32, again, "q8_0")
+    with open_gguf(direct) as a, open_gguf(again) as b:
+        assert list(a.tensors) == list(b.tensors)
+        for name in a.tensors:
+            assert a.tensors[name].type == b.tensors[name].type
+            np.testing.assert_array_equal(a.data(name), b.data(name))
+
+
+def test_demo_greedy_tokens_via_f32_gguf_equal_ckpt0(demo_path, model, tok, tmp_path):
+    out = tmp_path / "demo.gguf"
+    convert(demo_path, out, "f32")
+    g = grokcpu.load(out, threads=1)
+    ids = tok.encode("The answer to life the universe and everything is")
+    want = greedy_direct(model, ids, 12)
+    assert greedy_direct(g, ids, 12) == want
+    # the GGUF carries the tokenizer: the CLI needs nothing beside the file
+    r = CliRunner().invoke(app, ["generate", "--model", str(out), "--temperature", "0", "--ignore-eos", "-n", "12",
+                                 "--threads", "1", "The answer to life the universe and everything is"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == tok.decode(want) + "\n"
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args] + ["--threads", "1"], catch_exceptions=False)
+
+
+def test_gguf_through_the_cli(demo_path, tmp_path):
+    out = tmp_path / "demo-q8.gguf"
+    r = cli("convert", "--model", demo_path, "--out", out, "--type", "q8_0")
+    assert r.exit_code == 0, r.stderr
+    assert "convert: 100%" in r.stderr and f"wrote {out}" in r.stderr
+    r = cli("info", "--model", out)
+    assert r.exit_code == 0, r.stderr
+    assert "ffn_gate_exps         Q8_0" in r.stdout and "output_norm           F32" in r.stdout
+    assert "layers 4" in r.stdout
+    r = cli("bench", "--model", out, "-p", "8", "-g", "4", "-r", "1", "--json")
+    assert r.exit_code == 0, r.stderr
+    # batch decodes sessions together (several rows per product): the same texts from the F32
+    # GGUF as from ckpt-0
+    f32 = tmp_path / "demo-f32.gguf"
+    assert cli("convert", "--model", demo_path, "--out", f32, "--type", "f32").exit_code == 0
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "Once upon"}\n{"id": 2, "prompt": "The cat sat on the"}\n')
+    texts = []
+    for model in (demo_path, f32):
+        o = tmp_path / f"out-{model.name}.jsonl"
+        r = cli("batch", "--model", model, "-i", tmp_path / "in.jsonl", "-o", o, "--temperature", "0", "-n", "6",
+                "--ignore-eos")
+        assert r.exit_code == 0, r.stderr
+        texts.append(sorted((d["id"], d["text"]) for d in map(json.loads, o.read_text().splitlines())))
+    assert texts[0] == texts[1] and len(texts[0]) == 2 and all(t for _, t in texts[0])
+    for flag, value, match in (("--expert-cache-gb", "2", "--expert-cache-gb is for ckpt-0 models"),
+                               ("--offload", "dense", "--offload dense runs ckpt-0 models only"),
+                               ("--unembed", "int8", "--unembed int8 is for ckpt-0 models")):
+        r = cli("generate", "--model", out, flag, value, "hi")
+        assert r.exit_code == 1
+        lines = [x for x in r.stderr.splitlines() if x and not x.startswith("note:")]
+        assert len(lines) == 1 and match in lines[0] and "hint:" in lines[0], r.stderr
+
+
+def test_convert_errors_are_one_line(demo_path, tmp_path):
+    out = tmp_path / "x.gguf"
+    missing = [k for k, (t, _) in TYPES.items() if t != QT.F32 and int(t) not in ENCODERS]
+    for bad, match in [(["--type", "q3_k"], "--type 'q3_k' is not one of"),
+                       (["--split-max-size", "lots"], "--split-max-size 'lots' is not a size")] + \
+            [(["--type", k], f"--type {k} needs the") for k in missing[:1]]:
+        r = cli("convert", "--model", demo_path, "--out", out, *bad)
+        assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1 and match in r.stderr, r.stderr
+    assert not out.exists() and os.listdir(tmp_path) == []
+    r = cli("convert", "--model", tmp_path / "nothing", "--out", out)
+    assert r.exit_code == 1 and "no such checkpoint folder" in r.stderr
+
+
+def test_split_output_loads(fixture, tmp_path):
+    whole = converted(fixture, tmp_path, "q8_0")
+    size = whole.stat().st_size
+    (tmp_path / "split").mkdir()
+    parts = converted(fixture, tmp_path / "split", "q8_0", split_max_size=size // 3)
+    shards = sorted(parts.parent.glob(f"{fixture.name}-q8_0-*-of-*.gguf"))
+    assert len(shards) >= 3 and not parts.exists()
+    assert shards[0].name == f"{fixture.name}-q8_0-00001-of-{len(shards):05d}.gguf"
+    assert sorted(os.listdir(parts.parent)) == [s.name for s in shards]       # no temporary left
+    with open_gguf(shards[-1]) as m:
+        assert len(m.shards) == len(shards)
+    a = run(whole, fixture.prompt, fixture.decode_tokens)
+    b = run(shards[1], fixture.prompt, fixture.decode_tokens)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+KILL = """
+import os, signal, sys
+from grokcpu.formats.convert import convert
+def progress(done, total, name):
+    if done > total // 2:
+        os.kill(os.getpid(), signal.SIG{sig})
+convert(sys.argv[1], sys.argv[2], "q8_0", progress=progress)
+"""
+
+
+@pytest.mark.parametrize("sig", ["KILL", "INT"])
+def test_convert_killed_midway_leaves_no_output(demo_path, tmp_path, sig):
+    out = tmp_path / "out.gguf"
+    p = subprocess.run([sys.executable, "-c", KILL.format(sig=sig), str(demo_path), str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert not out.exists()
+    left = os.listdir(tmp_path)
+    if sig == "INT":                     # an exception unwinds: the temporary folder is removed too
+        assert left == [] and "KeyboardInterrupt" in p.stderr
+    else:                                # SIGKILL: only the hidden temporary folder can remain
+        assert all(n.startswith(".out.gguf.tmp-") for n in left)
+
+
+@pytest.mark.parametrize("qtype,layout", [(QT.Q4_0, "per-expert"), (QT.Q8_0, "merged")])
+def test_gguf_written_by_gguf_py_matches_a_float64_forward(tmp_path, qtype, layout):
+    """A file quantized by gguf-py itself (another type, the older one-tensor-per-expert layout
+    too): prefill and decode against the float64 forward over the values gguf-py wrote."""
+    from test_gguf import TINY, write_grok
+    written = write_grok(tmp_path / "m.gguf", layout=layout, seed=11, qtype=qtype)
+    T = lambda a: np.swapaxes(a, -1, -2).astype(np.float64)       # noqa: E731
+    E = TINY.num_experts
+
+    def experts(n, part):
+        if layout == "merged":
+            return T(written[f"blk.{n}.ffn_{part}_exps.weight"])
+        return np.stack([T(written[f"blk.{n}.ffn_{part}.{e}.weight"]) for e in range(E)])
+
+    layers = [SimpleNamespace(
+        attn_norm=written[f"blk.{n}.attn_norm.weight"], attn_post_norm=written[f"blk.{n}.attn_output_norm.weight"],
+        moe_norm=written[f"blk.{n}.ffn_norm.weight"], moe_post_norm=written[f"blk.{n}.layer_output_norm.weight"],
+        wq=T(written[f"blk.{n}.attn_q.weight"]), wk=T(written[f"blk.{n}.attn_k.weight"]),
+        wv=T(written[f"blk.{n}.attn_v.weight"]), wo=T(written[f"blk.{n}.attn_output.weight"]),
+        router=T(written[f"blk.{n}.ffn_gate_inp.weight"]), w_gate=experts(n, "gate"), w_up=experts(n, "up"),
+        w_down=experts(n, "down")) for n in range(TINY.num_layers)]
+    model = grokcpu.load(tmp_path / "m.gguf", threads=1)
+    ck = SimpleNamespace(config=model.config, embeddings=written["token_embd.weight"].astype(np.float64),
+                         final_norm=written["output_norm.weight"], layers=layers)
+    toks = [5, 17, 200, 3, 99, 42, 7, 128, 250, 1, 64, 33, 90, 11, 180, 77, 240, 2]   # 16+ rows: the BLAS path
+    want = refmodel.forward(ck, toks)
+    s = model.new_session()
+    pre = s.prefill(toks[:-2])
+    dec = np.stack([s.decode(t) for t in toks[-2:]])
+    got = np.concatenate([pre, dec])
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 2e-5 * scale
+    assert (got.argmax(-1) == want.argmax(-1)).all()
