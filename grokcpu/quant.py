@@ -12,6 +12,11 @@ from .kernels import quants as kq
 TYPE_NAMES = kq.TYPE_NAMES
 LAYOUT = kq.LAYOUT
 SUPPORTED = ", ".join(TYPE_NAMES[t] for t in LAYOUT)
+F16_TABLE = kq.f16_table()
+F16_TABLE.flags.writeable = False
+FAST = (kq.Q8_0, kq.Q4_K, kq.Q5_K, kq.Q6_K)          # the types with a dedicated decode product
+# the other types multiply by float32 tiles of about this many bytes (dequant_rows, then BLAS)
+TILE_BYTES = 1 << 20
 
 
 def type_name(qtype: int) -> str:
@@ -65,7 +70,19 @@ def matvec(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = No
         out = np.empty((x.shape[0], w.shape[0]), np.float32)
     elif out.shape != (x.shape[0], w.shape[0]) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"{name or 'matrix'}: out must be float32 {(x.shape[0], w.shape[0])}")
-    kq.matvec(qtype, w, _readonly(x), out, kq.KVALUES_IQ4NL, 32, numba.get_num_threads())
+    x = _readonly(x)
+    parts = numba.get_num_threads()
+    if qtype in FAST:
+        xs = x.reshape(x.shape[0], -1, 32).sum(axis=2, dtype=np.float32) if qtype in (kq.Q4_K, kq.Q5_K) \
+            else np.zeros((1, 1), np.float32)
+        kq.matvec_fast(qtype, w, w.view(np.uint16), x, _readonly(xs), out, F16_TABLE, parts, 32)
+    else:
+        rows = max(1, TILE_BYTES // (4 * K))
+        tile = np.empty((min(rows, w.shape[0]), K), np.float32)
+        for r0 in range(0, w.shape[0], rows):
+            r1 = min(w.shape[0], r0 + rows)
+            kq.dequant_rows(qtype, w, r0, r1, tile[:r1 - r0], kq.KVALUES_IQ4NL, 32)
+            out[:, r0:r1] = x @ tile[:r1 - r0].T
     return out
 
 

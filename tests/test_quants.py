@@ -1,4 +1,10 @@
-"""ggml block-format kernels and encoders against the gguf package's own (de)quantization."""
+"""ggml block-format kernels and encoders against the gguf package's own (de)quantization and
+ggml's reference quantizers (tools/ggml_reference.py)."""
+
+import ctypes
+import hashlib
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,7 +88,7 @@ def test_damaged_row_length_is_an_error():
         quant.matvec(kq.Q4_K, w, np.zeros((1, 256), np.float32), name="t")
 
 
-@pytest.mark.parametrize("qtype", [kq.Q8_0, kq.BF16, kq.F16], ids=["Q8_0", "BF16", "F16"])
+@pytest.mark.parametrize("qtype", [kq.Q8_0, kq.Q4_0, kq.BF16, kq.F16], ids=["Q8_0", "Q4_0", "BF16", "F16"])
 def test_encoder_is_bit_equal_to_gguf(qtype):
     rng = np.random.default_rng(7)
     a = (rng.standard_normal((6, 96)) * rng.uniform(0.01, 3, (6, 1))).astype(np.float32)
@@ -97,7 +103,80 @@ def test_encoder_is_bit_equal_to_gguf(qtype):
 def test_encoder_rejects_bad_input():
     with pytest.raises(CheckpointError, match="NaN or infinite"):
         quantize(np.array([[np.nan] * 32], np.float32), kq.Q8_0, name="t")
-    with pytest.raises(CheckpointError, match="cannot write tensor 't' as ggml type Q4_K"):
-        quantize(np.zeros((1, 256), np.float32), kq.Q4_K, name="t")
-    with pytest.raises(CheckpointError, match="not a multiple of Q8_0"):
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        quantize(np.array([[np.inf] * 256], np.float32), kq.Q6_K, name="t")
+    with pytest.raises(CheckpointError, match="cannot write tensor 't' as ggml type Q2_K"):
+        quantize(np.zeros((1, 256), np.float32), kq.Q2_K, name="t")
+    with pytest.raises(CheckpointError, match="not a multiple of Q8_0's 32"):
         quantize(np.zeros((1, 40), np.float32), kq.Q8_0, name="t")
+    with pytest.raises(CheckpointError, match="not a multiple of Q4_K's 256"):
+        quantize(np.zeros((1, 288), np.float32), kq.Q4_K, name="t")
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location(
+        "ggml_reference", Path(__file__).resolve().parents[1] / "tools" / "ggml_reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ggml_reference = _load_tool()
+K_ENCODERS = {name: qt for name, (qt, _, _) in ggml_reference.TYPES.items()}
+# sha256 of ggml's quantize_row_<type>_ref output (llama-cpp-python 0.3.36's ggml-quants.c,
+# gcc -O2 -ffp-contract=off) on ggml_reference.cases(); regenerate with
+# `python tools/ggml_reference.py`
+GGML_DIGESTS = {
+    "Q4_0": "f662f328ca647c64532af85f9beeeb48b269c2c2f499119f703a6b10a82dd4dc",
+    "Q4_K": "8f67f6454fb8dd367843ed067879d96145598c6d8dac8351e77770bee0617d59",
+    "Q5_K": "4b23407d1a995e5a78770ae4741cac6d6f6c58acaa749dc27da64c62533a5c0c",
+    "Q6_K": "71b31f8924f4d26fb4a8750ce6f6396ac732e939e2a09ba502cd607bcef11940",
+}
+# decoded error, as a fraction of the block's largest |value|: Q4_0's one step of amax/8;
+# the K-quants' measured worst (0.073, 0.042, 0.016 on Gaussian rows) with a margin
+MAX_BLOCK_ERROR = {"Q4_0": 0.126, "Q4_K": 0.11, "Q5_K": 0.06, "Q6_K": 0.025}
+
+
+@pytest.fixture(scope="module")
+def ggml_lib():
+    """ggml's reference quantizers, built once into the cache folder (skip where no gcc, or
+    no sdist in pip's cache and no network)."""
+    path = ggml_reference.build()
+    if path is None:
+        pytest.skip("ggml's reference could not be built (needs gcc and the llama-cpp-python sdist)")
+    return ctypes.CDLL(str(path))
+
+
+@pytest.mark.parametrize("name", list(K_ENCODERS))
+def test_encoder_matches_recorded_ggml_digest(name):
+    ours = quantize(ggml_reference.cases(), K_ENCODERS[name], name="t")
+    assert hashlib.sha256(ours.tobytes()).hexdigest() == GGML_DIGESTS[name]
+
+
+@pytest.mark.parametrize("name", list(K_ENCODERS))
+def test_encoder_is_bit_equal_to_ggml_reference(name, ggml_lib):
+    rng = np.random.default_rng(len(name) + ord(name[1]))
+    a = rng.standard_normal((48, 512)) * 10.0 ** rng.uniform(-6, 4, (48, 1))
+    a[::4] = rng.standard_cauchy((12, 512))
+    a[1::6] = np.round(a[1::6] * 4) / 4                  # ties
+    a[2::6] = np.abs(a[2::6])
+    a[3::6, 17:300] = 0.0
+    a[5, :256] = 7.0                                     # constant, then all-zero, blocks
+    a[5, 256:] = 0.0
+    a = a.astype(np.float32)
+    np.testing.assert_array_equal(quantize(a, K_ENCODERS[name], name="t"),
+                                  ggml_reference.quantize(ggml_lib, a, name))
+
+
+@pytest.mark.parametrize("name", list(K_ENCODERS))
+def test_encoded_blocks_decode_within_the_formats_error(name):
+    qt = K_ENCODERS[name]
+    qk = kq.LAYOUT[qt][0]
+    rng = np.random.default_rng(5)
+    a = (rng.standard_normal((16, 1024)) * 10.0 ** rng.uniform(-3, 3, (16, 1))).astype(np.float32)
+    b = quantize(a, qt, name="t")
+    back = gguf_dequantize(b, qt).reshape(a.shape)
+    np.testing.assert_array_equal(quant.dequant_rows(qt, b, 0, a.shape[0]), back)
+    amax = np.abs(a.reshape(16, -1, qk)).max(axis=2, keepdims=True)
+    err = np.abs(back - a).reshape(16, -1, qk) / amax
+    assert err.max() <= MAX_BLOCK_ERROR[name], err.max()

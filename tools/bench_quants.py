@@ -1,6 +1,9 @@
 """GB/s of quantized bytes read by grokcpu.quant.matvec per ggml type, beside the machine's
 read ceiling (a float32 sum), for 1 and 2 threads. Prints figures; asserts nothing.
 
+Wall-clock GB/s are the best of --reps; "cpu" is GB per CPU second (time.process_time) at one
+thread, steadier than wall time on a shared machine.
+
     python tools/bench_quants.py [--mb 300] [--k 4096] [--rows 1] [--reps 3] [--types Q8_0,Q4_K]
 """
 
@@ -28,13 +31,13 @@ def read_sum(a, parts):
     return tot.sum()
 
 
-def best(fn, reps):
+def best(fn, reps, clock=time.perf_counter):
     fn()
     ts = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        ts.append(time.perf_counter() - t0)
+        ts.append(clock() - t0)
     return min(ts), float(np.median(ts))
 
 
@@ -66,18 +69,21 @@ def main():
     a = np.ones(args.mb * 1_000_000 // 4, np.float32)
     x = rng.standard_normal((args.rows, args.k)).astype(np.float32)
     print(f"matrix {args.mb} MB, K={args.k}, T={args.rows}; GB/s = quantized bytes / best of {args.reps}")
+    mats = {}
+    for name in args.types.split(","):
+        qt = names[name]
+        mats[name] = qt, matrix(qt, args.mb * 1_000_000, args.k, rng)
     for threads in (1, 2):
         numba.set_num_threads(threads)
-        t, _ = best(lambda: read_sum(a, threads), args.reps)
-        print(f"threads {threads}: read ceiling (float32 sum) {a.nbytes / t / 1e9:6.2f} GB/s")
-        for name in args.types.split(","):
-            qt = names[name]
-            w = matrix(qt, args.mb * 1_000_000, args.k, rng)
+        clock = time.process_time if threads == 1 else time.perf_counter
+        unit = "cpu GB/s" if threads == 1 else "GB/s"
+        t, _ = best(lambda: read_sum(a, threads), args.reps, clock)
+        print(f"threads {threads}: read ceiling (float32 sum) {a.nbytes / t / 1e9:6.2f} {unit}")
+        for name, (qt, w) in mats.items():
             out = np.empty((args.rows, w.shape[0]), np.float32)
-            t, med = best(lambda: quant.matvec(qt, w, x, out), args.reps)
-            print(f"threads {threads}: {name:6s} matvec {w.nbytes / t / 1e9:6.2f} GB/s "
+            t, med = best(lambda: quant.matvec(qt, w, x, out), args.reps, clock)
+            print(f"threads {threads}: {name:6s} matvec {w.nbytes / t / 1e9:6.2f} {unit} "
                   f"(median {w.nbytes / med / 1e9:.2f}), {w.shape[0] * args.k / t / 1e9:.2f} G weights/s")
-
 
 if __name__ == "__main__":
     main()

@@ -1,11 +1,11 @@
 """Products and dequantization on ggml's block formats, with float32 activations.
 
 A matrix is uint8 [N_out, row_bytes]: each row holds K input values as consecutive blocks of
-one ggml type. Every type is decoded the same way: a block becomes its quant values as
-float32 (q) and, per sub-block s of SUB values, a scale and an offset, so that
-value = scale[s] * q - offset[s]. A product applies scale and offset once per sub-block and
-row of x (the offset through precomputed sums of x over each sub-block), so its inner loop
-is a plain float32 dot product over SUB values; the block is decoded once for all T rows.
+one ggml type. dequant_rows decodes every type the same way: a block becomes its quant values
+as float32 (q) and, per sub-block s of SUB values, a scale and an offset, so that
+value = scale[s] * q - offset[s]. The hot types (Q8_0, Q4_K, Q5_K, Q6_K) have a dedicated
+decode product each (matvec_fast); grokcpu.quant.matvec multiplies the others by tiles of
+dequant_rows.
 """
 
 import math
@@ -199,42 +199,6 @@ def _block_values(qt, r, o, q, qu, scale, off, kv, n32, SUB, v):
             v[s * SUB + i] = sc * q[s * SUB + i] - m
 
 
-@njit(parallel=True, cache=True, fastmath=True, nogil=True)
-def matvec(qt, w, x, out, kv, n32, parts):
-    """out[T, N] = x[T, K] @ W.T for the ggml matrix w [N, row_bytes] of type qt.
-
-    Each of `parts` threads takes one contiguous range of rows (one stream). A block is
-    decoded once for all T rows of x, into QK float32 values, then added into T x QK lane
-    accumulators summed once per row: a horizontal sum per block or sub-block (applying its
-    scale to a partial dot) measured four times slower here. kv: KVALUES_IQ4NL; n32: 32 (see _decode).
-    """
-    N = w.shape[0]
-    T, K = x.shape
-    QK, BB, SUB = _layout(qt)
-    nb = K // QK
-    parts = max(1, min(N, parts))
-    per = (N + parts - 1) // parts
-    for p in prange(parts):
-        q = np.empty(QK, np.float32)
-        qu = q.view(np.uint32)
-        v = np.empty(QK, np.float32)
-        scale = np.empty(QK // SUB, np.float32)
-        off = np.empty(QK // SUB, np.float32)
-        acc = np.empty((T, QK), np.float32)
-        for n in range(p * per, min(N, (p + 1) * per)):
-            row = w[n]
-            acc[:] = 0.0
-            for b in range(nb):
-                _block_values(qt, row, b * BB, q, qu, scale, off, kv, n32, SUB, v)
-                for t in range(T):
-                    a = acc[t]
-                    x0 = b * QK
-                    for i in range(QK):
-                        a[i] += v[i] * x[t, x0 + i]
-            for t in range(T):
-                out[t, n] = acc[t].sum()
-
-
 @njit(parallel=True, cache=True, nogil=True)
 def dequant_rows(qt, w, r0, r1, out, kv, n32):
     """out[r1-r0, K] = rows r0..r1-1 of the ggml matrix w of type qt, as float32 (a tile for
@@ -250,3 +214,234 @@ def dequant_rows(qt, w, r0, r1, out, kv, n32):
         o = out[r]
         for b in range(K // QK):
             _block_values(qt, row, b * BB, q, qu, scale, off, kv, n32, SUB, o[b * QK:(b + 1) * QK])
+
+
+# ---- Dedicated decode products for the hot types: out[T, N] = x[T, K] @ W.T, one kernel per
+# type, index arithmetic only. Q8_0: per block a float32 dot of the 32 int8 with x (a vector
+# loop: its trip count n32 comes at run time; a literal 32 is unrolled into scalar code), times
+# d. K-quants: a loop over eight lanes (n8 = 8 at run time: one 8-wide vector iteration) takes
+# lane l of every group of eight values of a whole block (Q4_K, Q5_K) or half block (Q6_K),
+# sums quant * x per sub-block and adds those sums times the sub-blocks' scales, decoded once
+# per block, into eight lane accumulators summed once per row; Q4_K/Q5_K offsets go through
+# xs, the sums of x over each 32-value sub-block. Quants are cast through int32 (int64 has no
+# vector conversion to float); the per-block helpers are inlined (a call in the lane loop stops
+# it vectorizing). Each of `parts` threads takes a contiguous range of output rows (one
+# stream) in a serial function: the same loops inside the parallel region ran 2.6x slower.
+# A block is decoded again for each row of x. w16 is w viewed as uint16, f16 = f16_table():
+# a half is one load.
+
+def f16_table():
+    """float32 [65536]: the value of each IEEE half bit pattern."""
+    return np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _rows_q8_0(w, w16, x, xs, out, f16, n0, n1, n32):
+    """Rows n0..n1-1 of Q8_0 (34-byte blocks: half d, 32 int8)."""
+    T, K = x.shape
+    for n in range(n0, n1):
+        row = w[n]
+        r16 = w16[n]
+        for t in range(T):
+            xt = x[t]
+            tot = np.float32(0.0)
+            for b in range(K // 32):
+                o = b * 34 + 2
+                xo = b * 32
+                s = np.float32(0.0)
+                for i in range(n32):
+                    s += np.float32(np.int8(row[o + i])) * xt[xo + i]
+                tot += f16[r16[b * 17]] * s
+            out[t, n] = tot
+
+
+@njit(cache=True, nogil=True)
+def _k4_pair(r, o, j):
+    """Scales and mins (6 bits each) of sub-blocks 2j and 2j+1 of the Q4_K/Q5_K block at r[o:]
+    (ggml's get_scale_min_k4 on its 12 bytes at o + 4)."""
+    k = o + 2 * j
+    if j < 2:
+        return (np.int32(r[k + 4]) & 63, np.int32(r[k + 8]) & 63,
+                np.int32(r[k + 5]) & 63, np.int32(r[k + 9]) & 63)
+    return ((np.int32(r[k + 8]) & 15) | ((np.int32(r[k]) >> 6) << 4),
+            (np.int32(r[k + 8]) >> 4) | ((np.int32(r[k + 4]) >> 6) << 4),
+            (np.int32(r[k + 9]) & 15) | ((np.int32(r[k + 1]) >> 6) << 4),
+            (np.int32(r[k + 9]) >> 4) | ((np.int32(r[k + 5]) >> 6) << 4))
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _k4_block(r, o, d, dmin, xs, t, k):
+    """The eight scales d*sc of the Q4_K/Q5_K block at r[o:], and its offsets' share of the
+    dot product: dmin * sum of m * (sum of x over the sub-block), xs[t, k:k+8] those sums."""
+    sc0, m0, sc1, m1 = _k4_pair(r, o, 0)
+    sc2, m2, sc3, m3 = _k4_pair(r, o, 1)
+    sc4, m4, sc5, m5 = _k4_pair(r, o, 2)
+    sc6, m6, sc7, m7 = _k4_pair(r, o, 3)
+    mins = dmin * (((np.float32(m0) * xs[t, k] + np.float32(m1) * xs[t, k + 1])
+                    + (np.float32(m2) * xs[t, k + 2] + np.float32(m3) * xs[t, k + 3]))
+                   + ((np.float32(m4) * xs[t, k + 4] + np.float32(m5) * xs[t, k + 5])
+                      + (np.float32(m6) * xs[t, k + 6] + np.float32(m7) * xs[t, k + 7])))
+    return (d * np.float32(sc0), d * np.float32(sc1), d * np.float32(sc2), d * np.float32(sc3),
+            d * np.float32(sc4), d * np.float32(sc5), d * np.float32(sc6), d * np.float32(sc7), mins)
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _nibbles(r, q, xt, i, h, sh, five):
+    """Lane sums of one Q4_K/Q5_K sub-block pair: low nibbles of bytes q, q+8, q+16, q+24 times
+    x at i, i+8, .., high nibbles times x at i+32, ..; Q5_K (five): plus 16 where bit sh (low)
+    or sh+1 (high) of the byte at h + 8m is set."""
+    c0 = np.int32(r[q])
+    c1 = np.int32(r[q + 8])
+    c2 = np.int32(r[q + 16])
+    c3 = np.int32(r[q + 24])
+    l0, l1, l2, l3 = c0 & 15, c1 & 15, c2 & 15, c3 & 15
+    h0, h1, h2, h3 = c0 >> 4, c1 >> 4, c2 >> 4, c3 >> 4
+    if five:
+        e0 = np.int32(r[h]) >> sh
+        e1 = np.int32(r[h + 8]) >> sh
+        e2 = np.int32(r[h + 16]) >> sh
+        e3 = np.int32(r[h + 24]) >> sh
+        l0, l1, l2, l3 = l0 | ((e0 & 1) << 4), l1 | ((e1 & 1) << 4), l2 | ((e2 & 1) << 4), l3 | ((e3 & 1) << 4)
+        h0, h1, h2, h3 = h0 | ((e0 & 2) << 3), h1 | ((e1 & 2) << 3), h2 | ((e2 & 2) << 3), h3 | ((e3 & 2) << 3)
+    s0 = ((np.float32(np.int32(l0)) * xt[i] + np.float32(np.int32(l1)) * xt[i + 8])
+          + (np.float32(np.int32(l2)) * xt[i + 16] + np.float32(np.int32(l3)) * xt[i + 24]))
+    s1 = ((np.float32(np.int32(h0)) * xt[i + 32] + np.float32(np.int32(h1)) * xt[i + 40])
+          + (np.float32(np.int32(h2)) * xt[i + 48] + np.float32(np.int32(h3)) * xt[i + 56]))
+    return s0, s1
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _row_q4_K(row, r16, xt, xs, t, f16, acc, n8):
+    """The dot product of x[t] with one Q4_K row (144-byte blocks: half d, half dmin, 12 bytes
+    of 6-bit scales and mins, 128 bytes of nibbles; a value is d*sc*q - dmin*m)."""
+    acc[:] = 0.0
+    mins = np.float32(0.0)
+    for b in range(xt.shape[0] // 256):
+        o = b * 144
+        a0, a1, a2, a3, a4, a5, a6, a7, m = _k4_block(row, o, f16[r16[o // 2]], f16[r16[o // 2 + 1]], xs, t, 8 * b)
+        mins += m
+        q = o + 16
+        xo = b * 256
+        for l in range(n8):
+            s0, s1 = _nibbles(row, q + l, xt, xo + l, 0, 0, False)
+            s2, s3 = _nibbles(row, q + 32 + l, xt, xo + 64 + l, 0, 0, False)
+            s4, s5 = _nibbles(row, q + 64 + l, xt, xo + 128 + l, 0, 0, False)
+            s6, s7 = _nibbles(row, q + 96 + l, xt, xo + 192 + l, 0, 0, False)
+            acc[l] += ((a0 * s0 + a1 * s1) + (a2 * s2 + a3 * s3)) + ((a4 * s4 + a5 * s5) + (a6 * s6 + a7 * s7))
+    return acc.sum() - mins
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _row_q5_K(row, r16, xt, xs, t, f16, acc, n8):
+    """The dot product of x[t] with one Q5_K row (176-byte blocks: Q4_K's, with 32 bytes of
+    fifth bits before the nibbles). A separate function from Q4_K's so that LLVM sees `five`
+    as a constant: a run-time flag inside the lane loop stops it vectorizing."""
+    acc[:] = 0.0
+    mins = np.float32(0.0)
+    for b in range(xt.shape[0] // 256):
+        o = b * 176
+        a0, a1, a2, a3, a4, a5, a6, a7, m = _k4_block(row, o, f16[r16[o // 2]], f16[r16[o // 2 + 1]], xs, t, 8 * b)
+        mins += m
+        q = o + 48
+        xo = b * 256
+        for l in range(n8):
+            s0, s1 = _nibbles(row, q + l, xt, xo + l, o + 16 + l, 0, True)
+            s2, s3 = _nibbles(row, q + 32 + l, xt, xo + 64 + l, o + 16 + l, 2, True)
+            s4, s5 = _nibbles(row, q + 64 + l, xt, xo + 128 + l, o + 16 + l, 4, True)
+            s6, s7 = _nibbles(row, q + 96 + l, xt, xo + 192 + l, o + 16 + l, 6, True)
+            acc[l] += ((a0 * s0 + a1 * s1) + (a2 * s2 + a3 * s3)) + ((a4 * s4 + a5 * s5) + (a6 * s6 + a7 * s7))
+    return acc.sum() - mins
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _rows_q45_K(w, w16, x, xs, out, f16, n0, n1, n8, five):
+    """Rows n0..n1-1 of Q4_K or (five) Q5_K."""
+    acc = np.empty(8, np.float32)
+    for n in range(n0, n1):
+        for t in range(x.shape[0]):
+            if five:
+                out[t, n] = _row_q5_K(w[n], w16[n], x[t], xs, t, f16, acc, n8)
+            else:
+                out[t, n] = _row_q4_K(w[n], w16[n], x[t], xs, t, f16, acc, n8)
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _q6_quarter(r, ql, qh, sh, xt, i):
+    """Lane sums of a quarter of a Q6_K block: values from the low nibbles of bytes ql + 8m
+    (x at i + 8m, 16 values per scale: u0 for m < 2, v0 for m >= 2) and their high nibbles
+    (x at i + 64 + 8m: u1, v1); the top two bits are bits sh, sh+1 (low) and sh+4, sh+5
+    (high) of the bytes qh + 8m. Quants are stored plus 32."""
+    q0 = np.int32(r[ql])
+    q1 = np.int32(r[ql + 8])
+    q2 = np.int32(r[ql + 16])
+    q3 = np.int32(r[ql + 24])
+    e0 = np.int32(r[qh]) >> sh
+    e1 = np.int32(r[qh + 8]) >> sh
+    e2 = np.int32(r[qh + 16]) >> sh
+    e3 = np.int32(r[qh + 24]) >> sh
+    u0 = (np.float32(np.int32(((q0 & 15) | ((e0 & 3) << 4)) - 32)) * xt[i]
+          + np.float32(np.int32(((q1 & 15) | ((e1 & 3) << 4)) - 32)) * xt[i + 8])
+    v0 = (np.float32(np.int32(((q2 & 15) | ((e2 & 3) << 4)) - 32)) * xt[i + 16]
+          + np.float32(np.int32(((q3 & 15) | ((e3 & 3) << 4)) - 32)) * xt[i + 24])
+    u1 = (np.float32(np.int32(((q0 >> 4) | (e0 & 48)) - 32)) * xt[i + 64]
+          + np.float32(np.int32(((q1 >> 4) | (e1 & 48)) - 32)) * xt[i + 72])
+    v1 = (np.float32(np.int32(((q2 >> 4) | (e2 & 48)) - 32)) * xt[i + 80]
+          + np.float32(np.int32(((q3 >> 4) | (e3 & 48)) - 32)) * xt[i + 88])
+    return u0, v0, u1, v1
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _row_q6_K(row, r16, xt, f16, acc, n8):
+    """The dot product of x[t] with one Q6_K row (210-byte blocks: 128 bytes of low nibbles,
+    64 of high bit pairs, 16 int8 scales, half d; a value is d*sc*(q - 32), sc per 16 values).
+    One lane iteration per half block (128 values, eight scales)."""
+    acc[:] = 0.0
+    for b in range(xt.shape[0] // 256):
+        o = b * 210
+        d = f16[r16[o // 2 + 104]]
+        for h in range(2):
+            sc = o + 192 + 8 * h
+            a0 = d * np.float32(np.int8(row[sc]))
+            a1 = d * np.float32(np.int8(row[sc + 1]))
+            a2 = d * np.float32(np.int8(row[sc + 2]))
+            a3 = d * np.float32(np.int8(row[sc + 3]))
+            a4 = d * np.float32(np.int8(row[sc + 4]))
+            a5 = d * np.float32(np.int8(row[sc + 5]))
+            a6 = d * np.float32(np.int8(row[sc + 6]))
+            a7 = d * np.float32(np.int8(row[sc + 7]))
+            ql = o + 64 * h
+            qh = o + 128 + 32 * h
+            xo = b * 256 + 128 * h
+            for l in range(n8):
+                u0, v0, u1, v1 = _q6_quarter(row, ql + l, qh + l, 0, xt, xo + l)
+                u2, v2, u3, v3 = _q6_quarter(row, ql + 32 + l, qh + l, 2, xt, xo + 32 + l)
+                acc[l] += (((a0 * u0 + a1 * v0) + (a4 * u1 + a5 * v1))
+                           + ((a2 * u2 + a3 * v2) + (a6 * u3 + a7 * v3)))
+    return acc.sum()
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n8):
+    """Rows n0..n1-1 of Q6_K."""
+    acc = np.empty(8, np.float32)
+    for n in range(n0, n1):
+        for t in range(x.shape[0]):
+            out[t, n] = _row_q6_K(w[n], w16[n], x[t], f16, acc, n8)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def matvec_fast(qt, w, w16, x, xs, out, f16, parts, n32):
+    """out[T, N] = x[T, K] @ W.T for Q8_0, Q4_K, Q5_K or Q6_K (qt), `parts` ranges of rows in
+    parallel; xs [T, K/32]: the sums of x over each 32 values (read by Q4_K and Q5_K)."""
+    N = w.shape[0]
+    parts = max(1, min(N, parts))
+    per = (N + parts - 1) // parts
+    for p in prange(parts):
+        n0 = p * per
+        n1 = min(N, n0 + per)
+        if qt == Q8_0:
+            _rows_q8_0(w, w16, x, xs, out, f16, n0, n1, n32)
+        elif qt == Q4_K or qt == Q5_K:
+            _rows_q45_K(w, w16, x, xs, out, f16, n0, n1, n32 // 4, qt == Q5_K)
+        else:
+            _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n32 // 4)
