@@ -112,6 +112,7 @@ class Checkpoint:
         self.refs = [self._parse(p) for p in files]
         self.config = config if config is not None else self._infer_config()
         self._check_shapes()
+        self.resident_bytes = 0             # bytes of this checkpoint read into RAM (not mapped)
         if not weights:
             return
         L = self.config.num_layers
@@ -122,6 +123,7 @@ class Checkpoint:
         self.embeddings = self.array(self.refs[0])            # [V, D] float32, in RAM
         self.final_norm = np.array(self.array(self.refs[1]))  # [D]
         self.layers = [self._layer(file_index(i, 0, L)) for i in range(L)]
+        self.resident_bytes = self.nbytes - self.config.all_expert_bytes
 
     # -- files ------------------------------------------------------------------------------
     def _map(self, path: str) -> mmap.mmap:

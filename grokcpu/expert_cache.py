@@ -516,7 +516,9 @@ def auto_budget(ckpt, context: int, margin_fraction: float = 0.03, min_margin: f
                 share: int = 1) -> int:
     """What `auto` picks: available RAM minus dense weights, KV cache and a safety margin
     (3 % of total RAM, at least 1 GB), clamped to [experts one token needs, every expert].
-    With `share` models on the machine (Ray workers), each gets 1/share of (available - margin).
+    Dense weights the checkpoint has already read into RAM are out of `available` already, so
+    only the rest counts. With `share` models on the machine (Ray workers), each gets 1/share
+    of (available - margin).
 
     The margin is a share of the machine, not of what is free: 10 % of the free RAM left the
     kernel's page cache 2.4 GB more for experts than the cache on a 24 GB machine (mmap then

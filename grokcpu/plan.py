@@ -122,7 +122,7 @@ def memory_plan(ckpt, context: int | None = None, expert_cache_gb=None, unembed:
     }
     if auto:
         # auto_budget's own terms: it keeps everything but the experts' int8 weights resident
-        resident = ckpt.nbytes - c.all_expert_bytes
+        resident = ckpt.nbytes - c.all_expert_bytes - getattr(ckpt, "resident_bytes", 0)
         margin = _auto_margin(vm.total)
         raw = vm.available - resident - kv - margin
         plan["auto_budget_parts"] = {"available": vm.available, "resident_non_expert": resident,

@@ -198,7 +198,7 @@ def test_auto_budget_shared_by_workers(demo_path, monkeypatch):
     margin, less its own dense weights and KV cache; clamped as before."""
     import psutil
     from types import SimpleNamespace
-    ck = Checkpoint(demo_path)
+    ck = Checkpoint(demo_path, weights=False)                      # headers only, as a Ray driver
     c = ck.config
     dense, kv, every = ck.nbytes - c.all_expert_bytes, c.kv_cache_bytes(64), c.all_expert_bytes
     margin = 1e9                                                   # 3 % of 10 GB is under the 1 GB floor
@@ -208,6 +208,10 @@ def test_auto_budget_shared_by_workers(demo_path, monkeypatch):
     assert abs(auto_budget(ck, 64, share=2) - every / 2) <= 1
     assert auto_budget(ck, 64, share=1000) == c.num_selected_experts * c.expert_bytes   # the floor
     ck.close()
+    loaded = Checkpoint(demo_path)          # its dense weights are in RAM, out of `available` already
+    assert loaded.resident_bytes == dense
+    assert abs(auto_budget(loaded, 64, share=2) - (every / 2 + dense)) <= 1
+    loaded.close()
 
 
 def test_routing_trace_file(medium_ckpt, tmp_path):

@@ -39,7 +39,7 @@ def info(
         if run.stats:
             err(f"stats: info took {time.perf_counter() - t0:.2f} s")
         return
-    ck = Checkpoint(model)
+    ck = Checkpoint(model, weights=False)        # headers only
     c = ck.config
     ctx = c.sequence_len if run.options.context is None else run.options.context
     if not 1 <= ctx <= c.sequence_len:

@@ -95,7 +95,7 @@ class Worker:
         if self.share > 1 and opts.expert_cache_gb == "auto":
             from ..checkpoint import Checkpoint
             from ..expert_cache import GB, auto_budget
-            ck = Checkpoint(run.model)
+            ck = Checkpoint(run.model, weights=False)    # headers: the workers read the weights
             try:
                 budget = auto_budget(ck, opts.context or ck.config.sequence_len, share=self.share)
             finally:
