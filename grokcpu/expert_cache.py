@@ -526,7 +526,7 @@ def auto_budget(ckpt, context: int, margin_fraction: float = 0.03, min_margin: f
     import psutil
     c = ckpt.config
     expert, total_experts = c.expert_bytes, c.all_expert_bytes
-    dense = ckpt.nbytes - total_experts
+    dense = ckpt.nbytes - total_experts - getattr(ckpt, "resident_bytes", 0)
     mem = psutil.virtual_memory()
     avail = mem.available
     kv = c.kv_cache_bytes(context)
