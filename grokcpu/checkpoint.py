@@ -123,7 +123,7 @@ class Checkpoint:
         self.embeddings = self.array(self.refs[0])            # [V, D] float32, in RAM
         self.final_norm = np.array(self.array(self.refs[1]))  # [D]
         self.layers = [self._layer(file_index(i, 0, L)) for i in range(L)]
-        self.resident_bytes = self.nbytes - self.config.all_expert_bytes
+        self.resident_bytes = self.nbytes - self.all_expert_bytes
 
     # -- files ------------------------------------------------------------------------------
     def _map(self, path: str) -> mmap.mmap:
@@ -243,6 +243,20 @@ class Checkpoint:
             n = w.nbytes // w.shape[0]
             out.append((w.path, w.offset + expert * n, n))
         return out
+
+    def expert_segments(self, layer: int, expert: int) -> list[list[tuple[str, int, int]]]:
+        """expert_ranges as GGUFModel.expert_segments gives them: one segment per part."""
+        return [[r] for r in self.expert_ranges(layer, expert)]
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert in the expert cache (its int8 weights; the scales stay in RAM)."""
+        return self.config.expert_bytes
+
+    @property
+    def all_expert_bytes(self) -> int:
+        """Bytes of every expert's int8 weights: the part of the files that stays mapped."""
+        return self.config.all_expert_bytes
 
     @property
     def nbytes(self) -> int:

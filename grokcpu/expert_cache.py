@@ -516,23 +516,24 @@ def auto_budget(ckpt, context: int, margin_fraction: float = 0.03, min_margin: f
                 share: int = 1) -> int:
     """What `auto` picks: available RAM minus dense weights, KV cache and a safety margin
     (3 % of total RAM, at least 1 GB), clamped to [experts one token needs, every expert].
-    Dense weights the checkpoint has already read into RAM are out of `available` already, so
-    only the rest counts. With `share` models on the machine (Ray workers), each gets 1/share
-    of (available - margin).
+    Sizes are the checkpoint's own (a GGUF's in its ggml types). Dense weights the checkpoint
+    has already read into RAM are out of `available` already, so only the rest counts. With
+    `share` models on the machine (Ray workers), each gets 1/share of (available - margin).
 
     The margin is a share of the machine, not of what is free: 10 % of the free RAM left the
     kernel's page cache 2.4 GB more for experts than the cache on a 24 GB machine (mmap then
     missed less), and would keep 25 GB idle on a 256 GB workstation."""
     import psutil
     c = ckpt.config
-    expert, total_experts = c.expert_bytes, c.all_expert_bytes
-    dense = ckpt.nbytes - total_experts - getattr(ckpt, "resident_bytes", 0)
+    expert = ckpt.expert_bytes
+    every = c.num_layers * c.num_experts * expert           # a slot for every expert
+    dense = ckpt.nbytes - ckpt.all_expert_bytes - ckpt.resident_bytes
     mem = psutil.virtual_memory()
     avail = mem.available
     kv = c.kv_cache_bytes(context)
     margin = max(min_margin, margin_fraction * mem.total)
     budget = (avail - margin) / share - dense - kv
-    return int(max(c.num_selected_experts * expert, min(total_experts, budget)))
+    return int(max(c.num_selected_experts * expert, min(every, budget)))
 
 
 def budget_bytes(value, ckpt, context: int) -> int:

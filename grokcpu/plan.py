@@ -2,6 +2,8 @@
 
     plan = memory_plan(Checkpoint(path), context=8192, expert_cache_gb="auto", unembed="f32")
 
+A GGUFCheckpoint works too: its sizes are its tensors' bytes in their ggml types.
+
 Every total is the sum of parts listed beside it, so `info` can print figures that add up:
   payload            = dense + experts
   read per token     = layer dense + final norm + embedding row + output table + k*L experts
@@ -80,6 +82,17 @@ def _auto_margin(total_ram: int) -> int:
     return int(max(p["min_margin"].default, p["margin_fraction"].default * total_ram))
 
 
+def _payload(ckpt) -> tuple[int, int, int]:
+    """Bytes of the tensors (headers aside), of the embedding table and of every expert, in
+    the files (ckpt-0's experts with their scales)."""
+    c = ckpt.config
+    if getattr(ckpt, "format", "ckpt-0") == "gguf":
+        tensors = ckpt.gguf.tensors
+        return sum(t.nbytes for t in tensors.values()), tensors["token_embd.weight"].nbytes, ckpt.all_expert_bytes
+    return (sum(_ref_bytes(r) for r in ckpt.refs), _ref_bytes(ckpt.refs[0]),
+            expert_bytes(ckpt) * c.num_layers * c.num_experts)
+
+
 def memory_plan(ckpt, context: int | None = None, expert_cache_gb=None, unembed: str = "f32") -> dict:
     """What a run of this checkpoint holds and reads, in bytes (no weights are touched)."""
     import psutil
@@ -89,15 +102,14 @@ def memory_plan(ckpt, context: int | None = None, expert_cache_gb=None, unembed:
 
     c = ckpt.config
     context = c.sequence_len if context is None else int(context)
-    payload = sum(_ref_bytes(r) for r in ckpt.refs)
-    one_expert = expert_bytes(ckpt)
-    experts = one_expert * c.num_layers * c.num_experts
+    payload, embedding, experts = _payload(ckpt)
+    one_expert = experts // (c.num_layers * c.num_experts)
     dense = payload - experts
     vm = psutil.virtual_memory()
     gb = check_gb(expert_cache_gb)
     auto = gb == "auto"
     budget = budget_bytes("auto" if gb == "off" else gb, ckpt, context)
-    slot = c.expert_bytes                        # what a cache slot holds: the int8 weights
+    slot = ckpt.expert_bytes                     # what a cache slot holds (ckpt-0: the int8 weights)
     held = min(budget // slot, c.num_layers * c.num_experts)
     kv = c.kv_cache_bytes(context)
     per_token = read_per_token(ckpt, unembed)
@@ -106,7 +118,7 @@ def memory_plan(ckpt, context: int | None = None, expert_cache_gb=None, unembed:
         "file_bytes": ckpt.nbytes,
         "payload_bytes": payload,
         "dense_bytes": dense,
-        "embedding_bytes": _ref_bytes(ckpt.refs[0]),
+        "embedding_bytes": embedding,
         "expert_bytes": experts,
         "one_expert_bytes": one_expert,
         "kv_cache_bytes": kv,
@@ -121,8 +133,8 @@ def memory_plan(ckpt, context: int | None = None, expert_cache_gb=None, unembed:
         "kv_read_per_token_bytes_at_full_context": kv,
     }
     if auto:
-        # auto_budget's own terms: it keeps everything but the experts' int8 weights resident
-        resident = ckpt.nbytes - c.all_expert_bytes - getattr(ckpt, "resident_bytes", 0)
+        # auto_budget's own terms: it keeps everything but the experts resident
+        resident = ckpt.nbytes - ckpt.all_expert_bytes - ckpt.resident_bytes
         margin = _auto_margin(vm.total)
         raw = vm.available - resident - kv - margin
         plan["auto_budget_parts"] = {"available": vm.available, "resident_non_expert": resident,

@@ -105,6 +105,7 @@ class GGUFCheckpoint:
         self.path = Path(path)
         self.root = self.path.parent
         self.gguf = m = open_gguf(path)
+        self.resident_bytes = 0             # bytes of the file read into RAM (norms, routers)
         try:
             self.config = grok_config(m) if config is None else config
             check_grok_tensors(m, self.config)
@@ -113,10 +114,16 @@ class GGUFCheckpoint:
             self.output = self.matrix("output.weight") if "output.weight" in m.tensors else self.embedding
             self.final_norm = self.vector("output_norm.weight")
             self.layers = [self._layer(n) for n in range(c.num_layers)]
+            sizes = [sum(w[e].nbytes for w in (lw.w_gate, lw.w_up, lw.w_down))
+                     for lw in self.layers for e in range(c.num_experts)]
         except BaseException:
             m.close()
             raise
         self.files = m.files
+        # an expert cache slot holds the largest expert (Q4_K_M-style files keep some layers'
+        # down projections in a wider type)
+        self.expert_bytes = max(sizes)
+        self.all_expert_bytes = sum(sizes)
 
     # -- tensors -----------------------------------------------------------------------------
     def matrix(self, name: str) -> GMatrix:
@@ -128,6 +135,7 @@ class GGUFCheckpoint:
         t = self.gguf.tensor(name)
         flat = (int(np.prod(t.shape[:-1])), t.shape[-1])
         a = GMatrix.of(t.type, self.gguf.read(name), flat, name).rows(0, flat[0])
+        self.resident_bytes += t.nbytes
         return a.reshape(t.shape)
 
     def _experts(self, layer: int, part: str) -> GMatrix | list:
