@@ -1,17 +1,21 @@
 """The expert cache: only routed experts enter RAM, into a fixed pool under a byte budget.
 
-Dense weights stay memory-mapped. An expert (its slices of moe/linear, linear_v and linear_1)
-is three contiguous byte ranges in three files. A miss splits them into READ_CHUNK pieces that
-a pool of reader threads reads at once (a deep queue: one outstanding read at a time gets a
-fraction of what the drive gives), gate and up straight into a preallocated slot; then each
-range's file pages are dropped (`POSIX_FADV_DONTNEED`, one load later), so the page cache
-does not hold a second copy and the budget means what it says. `prefetch` starts loads early,
-`request` starts a layer's misses together, `acquire` waits only for what is not there yet.
+Dense weights stay memory-mapped. An expert (its slices of moe/linear, linear_v and linear_1;
+a GGUF's of ffn_{gate,up,down}_exps, or its own ffn_*.E tensors) is three byte ranges, a GGUF's
+in several segments where a .partNofM cut falls inside one. A miss splits them into READ_CHUNK
+pieces that a pool of reader threads reads at once (a deep queue: one outstanding read at a
+time gets a fraction of what the drive gives), gate and up straight into a preallocated slot;
+then each range's file pages are dropped (`POSIX_FADV_DONTNEED`, one load later), so the page
+cache does not hold a second copy and the budget means what it says. `prefetch` starts loads
+early, `request` starts a layer's misses together, `acquire` waits only for what is not there yet.
 
-The down projection is stored transposed, output-major [D, F] (the file holds [F, D]): each
+ckpt-0's down projection is stored transposed, output-major [D, F] (the file holds [F, D]): each
 piece is transposed into the slot by the thread that read it (compiled, without the GIL), so
 the transposes run on every core in parallel with the other pieces' reads; decode then reads it
-with contiguous dot products (`qmatvec_t`), 1.5-1.7x as fast as the input-major kernel.
+with contiguous dot products (`qmatvec_t`), 1.5-1.7x as fast as the input-major kernel. A GGUF
+slot holds the three parts' file bytes as they are (down too; their ggml types may differ, and
+a slot is the largest expert's size): `acquire` returns GMatrix views of it, which the same
+kernels read as the mapped matrices.
 
 A slot in use by the layer being computed is pinned (reference counted) and never evicted;
 which unpinned slot goes is the policy's choice (LRU by default).
@@ -113,13 +117,15 @@ class ExpertCache:
         self.ckpt = ckpt
         self.L, self.E, self.k = c.num_layers, c.num_experts, c.num_selected_experts
         D, F = c.emb_size, c.ffn_size
-        # a slot: gate (linear) [D, F], up (linear_v) [D, F], down (linear_1) transposed to [D, F],
-        # output-major; kernels.decode.experts_whole reads slots the same way
+        # a ckpt-0 slot: gate (linear) [D, F], up (linear_v) [D, F], down (linear_1) transposed
+        # to [D, F], output-major; kernels.decode.experts_whole reads slots the same way. A GGUF
+        # slot: gate, up and down as the file holds them (GMatrix views; no transpose).
+        self.gguf = getattr(ckpt, "format", "ckpt-0") == "gguf"
         self.slot_shape = (3, D, F)
         # rows of [F, D] per read of the down range: a multiple of 8 (whole 8x8 transpose blocks)
         self.down_rows = max(8, self.READ_CHUNK // D // 8 * 8)
         self._scratch = threading.local()
-        self.expert_bytes = c.expert_bytes
+        self.expert_bytes = ckpt.expert_bytes          # a slot: the largest expert
         total = self.L * self.E
         need = self.k * self.expert_bytes
         if budget_bytes < need:
@@ -132,7 +138,7 @@ class ExpertCache:
         self.prefetch_enabled = prefetch
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
         # np.empty does not touch the pages: RAM is committed as slots fill.
-        self.pool = np.empty((self.nslots, self.expert_bytes), np.int8)
+        self.pool = np.empty((self.nslots, self.expert_bytes), np.uint8 if self.gguf else np.int8)
         self.pool_view = self.pool.view()             # what kernels read: the mapped weights' type
         self.pool_view.flags.writeable = False
         self.slots = [_Slot() for _ in range(self.nslots)]
@@ -150,16 +156,17 @@ class ExpertCache:
         self.lock = threading.Lock()
         self.io = ThreadPoolExecutor(max_workers=max(1, io_threads), thread_name_prefix="grokcpu-io")
         self._fds: dict = {}
-        self.ranges = {}                  # (layer, expert) -> [(path, offset, nbytes)] x3
+        self.ranges = {}                  # (layer, expert) -> gate, up, down: [(path, offset, nbytes)] each
         for layer in range(self.L):
             for e in range(self.E):
-                self.ranges[(layer, e)] = ckpt.expert_ranges(layer, e)
+                self.ranges[(layer, e)] = ckpt.expert_segments(layer, e)
         self.stats = _Stats(self.L)
 
     # -- public ---------------------------------------------------------------------------------
     def acquire(self, layer: int, expert: int):
-        """The expert's int8 matrices, pinned until release(): gate [D, F] and up [D, F] as in the
-        file, and down transposed to [D, F] (output-major; the file's [F, D] is its .T)."""
+        """The expert's matrices, pinned until release(). ckpt-0: int8 gate [D, F] and up [D, F]
+        as in the file, and down transposed to [D, F] (output-major; the file's [F, D] is its .T).
+        A GGUF: gate, up, down as GMatrix views of the file's bytes."""
         key = (layer, expert)
         with self.lock:
             i = self.where.get(key)
@@ -301,6 +308,8 @@ class ExpertCache:
         return views
 
     def _make_views(self, i: int):
+        if self.gguf:               # typed as its layer's matrices: made for each expert loaded
+            return self.ckpt.expert_matrices(*self.slots[i].key, self.pool_view[i])
         return list(self.pool_view[i].reshape(self.slot_shape))
 
     def _claim(self, key, prefetched: bool, wait: bool = True, stale_before: int | None = None,
@@ -319,6 +328,8 @@ class ExpertCache:
             self.stats.evictions[old[0]] += 1
             if s.prefetched and not s.used:
                 self.stats.prefetch_wasted[old[0]] += 1
+        if self.gguf:
+            self._slot_views[i] = None
         s.key, s.refs, s.error, s.prefetched, s.used, s.last_step = key, 0, None, prefetched, False, self.step
         s.ready.clear()
         self.where[key] = i
@@ -360,8 +371,9 @@ class ExpertCache:
             self._drop_now(k)
 
     def _drop_now(self, key) -> None:
-        for path, foff, n in self.ranges[key]:
-            os.posix_fadvise(self._fd(path), foff, n + self.READ_AHEAD_SLACK, os.POSIX_FADV_DONTNEED)
+        for part in self.ranges[key]:
+            for path, foff, n in part:
+                os.posix_fadvise(self._fd(path), foff, n + self.READ_AHEAD_SLACK, os.POSIX_FADV_DONTNEED)
 
     def flush_page_cache(self) -> None:
         """Drop the pages of the latest reads now (close() does it too)."""
@@ -392,19 +404,26 @@ class ExpertCache:
             got += r
 
     def _start_load(self, i: int, key) -> None:
-        """Queue slot i's reads, READ_CHUNK at a time. Caller holds the lock."""
+        """Queue slot i's reads, READ_CHUNK at a time: the parts' segments end to end into the
+        slot (ckpt-0: gate and up; down's rows go transposed). Caller holds the lock."""
         st = self.stats
         if st.inflight == 0:              # wall time with at least one load in flight
             st.busy_since = time.perf_counter()
         st.inflight += 1
-        (gp, goff, gn), (up, uoff, un), (dp, doff, dn) = self.ranges[key]
+        parts = self.ranges[key]
         step = self.READ_CHUNK
-        pieces = [(gp, goff + o, o, min(step, gn - o), None) for o in range(0, gn, step)]
-        pieces += [(up, uoff + o, gn + o, min(step, un - o), None) for o in range(0, un, step)]
-        D, F = self.slot_shape[1:]
-        rows = self.down_rows
-        pieces += [(dp, doff + r0 * D, None, min(rows, F - r0) * D, r0) for r0 in range(0, F, rows)]
-        load = _Load(i, key, len(pieces))
+        pieces, soff = [], 0
+        for segs in (parts if self.gguf else parts[:2]):
+            for path, foff, n in segs:
+                pieces += [(path, foff + o, soff + o, min(step, n - o), None) for o in range(0, n, step)]
+                soff += n
+        if not self.gguf:
+            (dp, doff, dn), = parts[2]
+            D, F = self.slot_shape[1:]
+            rows = self.down_rows
+            pieces += [(dp, doff + r0 * D, None, min(rows, F - r0) * D, r0) for r0 in range(0, F, rows)]
+            soff += dn
+        load = _Load(i, key, len(pieces), soff)
         for piece in pieces:
             self.io.submit(self._read_piece, load, *piece)
 
@@ -438,7 +457,7 @@ class ExpertCache:
                 pass
         now = time.perf_counter()
         with self.lock:
-            self.stats.bytes_read[key[0]] += self.expert_bytes if s.error is None else 0
+            self.stats.bytes_read[key[0]] += load.nbytes if s.error is None else 0
             self.stats.read_seconds += now - load.started
             self.stats.inflight -= 1
             if self.stats.inflight == 0:
@@ -455,11 +474,11 @@ class ExpertCache:
 
 
 class _Load:
-    """One expert's reads in flight: the last piece to finish completes the load."""
-    __slots__ = ("slot", "key", "left", "started", "_lock")
+    """One expert's reads in flight (nbytes in all): the last piece to finish completes the load."""
+    __slots__ = ("slot", "key", "left", "nbytes", "started", "_lock")
 
-    def __init__(self, slot: int, key, pieces: int):
-        self.slot, self.key, self.left = slot, key, pieces
+    def __init__(self, slot: int, key, pieces: int, nbytes: int):
+        self.slot, self.key, self.left, self.nbytes = slot, key, pieces, nbytes
         self.started = time.perf_counter()
         self._lock = threading.Lock()
 

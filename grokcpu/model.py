@@ -54,17 +54,21 @@ class Model:
             gguf = getattr(ckpt, "format", "ckpt-0") == "gguf"
             if gguf:
                 _gguf_options(options)
-            if options.expert_cache_gb != "off" and not gguf:     # a GGUF's experts: the memory map
+            if options.expert_cache_gb != "off":
                 budget = budget_bytes(options.expert_cache_gb, ckpt, self.context)
                 # Under a budget smaller than the experts, file pages are dropped after each read
                 # so RAM holds one copy; when all fit, the page cache keeps them for the next run.
+                every = c.num_layers * c.num_experts * ckpt.expert_bytes
                 self.experts = ExpertCache(ckpt, budget, policy=options.expert_cache_policy,
-                                           prefetch=options.prefetch, drop_page_cache=budget < c.all_expert_bytes)
+                                           prefetch=options.prefetch, drop_page_cache=budget < every)
                 if pins:
                     self.experts.pin(pins)
             elif pins:
                 raise OptionError("pin_experts", "{name} needs the expert cache",
                                   hint="drop expert_cache_gb='off' (--expert-cache-gb off) or the pins")
+            # weights read through the map (a GGUF's dense matrices, experts without the cache):
+            # a file that shrank would be a SIGBUS, so each step checks first
+            self.mapped = gguf or self.experts is None
             if options.routing_trace is not None:
                 self.trace = TraceWriter(options.routing_trace)
             if options.offload == "dense":
@@ -217,7 +221,7 @@ def forward(model: Model, step: Step) -> np.ndarray:
         try:
             if cache is not None:
                 cache.next_step()
-            else:           # experts come from the memory map: a shrunk file would be a SIGBUS
+            if model.mapped:
                 model.ckpt.check_intact()
             h = be.embed(step)
             for li in range(L):
@@ -246,14 +250,7 @@ def forward(model: Model, step: Step) -> np.ndarray:
 
 
 def _gguf_options(options: Options) -> None:
-    """What a GGUF model cannot do yet, as one-line errors: its experts come from the memory map."""
-    if options.expert_cache_gb != "auto" and options.expert_cache_gb != "off":
-        raise OptionError("expert_cache_gb", "{name} is for ckpt-0 models: a GGUF model's experts are read "
-                          "from its memory map (the page cache holds what fits)",
-                          hint="leave it out (or 'off') for a GGUF model")
-    if options.pin_experts:
-        raise OptionError("pin_experts", "{name} needs the expert cache, which GGUF models do not use",
-                          hint="leave it out for a GGUF model")
+    """What a GGUF model cannot do yet, as one-line errors."""
     if options.offload != "none":
         raise OptionError("offload", "{name} dense runs ckpt-0 models only: GGUF matrices are not on the GPU",
                           hint="leave it at none for a GGUF model")

@@ -156,8 +156,10 @@ def test_gguf_through_the_cli(demo_path, tmp_path):
         assert r.exit_code == 0, r.stderr
         texts.append(sorted((d["id"], d["text"]) for d in map(json.loads, o.read_text().splitlines())))
     assert texts[0] == texts[1] and len(texts[0]) == 2 and all(t for _, t in texts[0])
-    for flag, value, match in (("--expert-cache-gb", "2", "--expert-cache-gb is for ckpt-0 models"),
-                               ("--offload", "dense", "--offload dense runs ckpt-0 models only"),
+    r = cli("generate", "--model", out, "--expert-cache-gb", "0.002", "--pin-experts", "0:1", "--stats", "-n", "4", "hi")
+    assert r.exit_code == 0, r.stderr
+    assert "expert cache lru 1.82 MB" in r.stderr, r.stderr      # 5 slots of 363 kB (Q8_0, down F16)
+    for flag, value, match in (("--offload", "dense", "--offload dense runs ckpt-0 models only"),
                                ("--unembed", "int8", "--unembed int8 is for ckpt-0 models")):
         r = cli("generate", "--model", out, flag, value, "hi")
         assert r.exit_code == 1

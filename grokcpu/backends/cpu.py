@@ -303,7 +303,7 @@ class CpuBackend:
 
     def moe_rows(self, li, x, idx, gate, scratch) -> np.ndarray:
         """sum_j gate[t, j] * expert_{idx[t, j]}(x[t]); each expert runs once over its tokens,
-        its weights from the expert cache (down output-major) or the memory map."""
+        its weights from the expert cache (ckpt-0's down output-major) or the memory map."""
         lw, cache = self.layers[li], self.model.experts
         T, D = x.shape
         out = np.zeros((T, D), np.float32)
@@ -314,13 +314,13 @@ class CpuBackend:
         done = {}
         used = 0
         for e in order:
-            if self.gguf:               # GMatrix stacks (or per-expert lists): expert e's matrices
+            if cache is not None:
+                wg, wu, wd = cache.acquire(li, e)
+            elif self.gguf:             # GMatrix stacks (or per-expert lists): expert e's matrices
                 wg, wu, wd = lw.w_gate[e], lw.w_up[e], lw.w_down[e]
             else:
-                if cache is not None:
-                    wg, wu, wd = cache.acquire(li, e)
-                else:
-                    wg, wu, wd = lw.w_gate.w[e], lw.w_up.w[e], lw.w_down.w[e]
+                wg, wu, wd = lw.w_gate.w[e], lw.w_up.w[e], lw.w_down.w[e]
+            if not self.gguf:           # int8 with the scales in RAM
                 wg, wu, wd = (wg, lw.w_gate.s[e]), (wu, lw.w_up.s[e]), (wd, lw.w_down.s[e])
             try:
                 rows, slot = np.nonzero(idx == e)

@@ -3,14 +3,16 @@ every matrix a `GMatrix` (ggml type + the file's bytes, mapped, zero copy) inste
 
 Norms and routers are decoded to float32 in RAM at load (read with pread); every matrix stays
 in the map and goes through `GMatrix.product`: quant.matvec for a few rows, dequantized tiles and
-BLAS for many. The output layer is `output.weight` when the file has one, else the tied
+BLAS for many. With the expert cache on, experts are read into its slots instead
+(`expert_segments`, `expert_matrices`: GMatrix views of a slot; `expert_bytes` its size in the
+file's types). The output layer is `output.weight` when the file has one, else the tied
 `token_embd.weight` (llama.cpp's Grok graph does the same). Layer names: see formats/gguf.py.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +155,21 @@ class GGUFCheckpoint:
             wv=self.matrix(b + "attn_v.weight"), wo=self.matrix(b + "attn_output.weight"),
             router=np.ascontiguousarray(self.vector(b + "ffn_gate_inp.weight").T),
             w_gate=self._experts(n, "gate"), w_up=self._experts(n, "up"), w_down=self._experts(n, "down"))
+
+    def expert_segments(self, layer: int, expert: int) -> list[list[tuple[str, int, int]]]:
+        """(file, offset, length) segments of the expert's gate, up and down bytes (a part has
+        several where a .partNofM cut falls inside it)."""
+        return self.gguf.expert_segments(layer, expert)
+
+    def expert_matrices(self, layer: int, expert: int, buf: np.ndarray) -> list[GMatrix]:
+        """The expert's gate, up and down over buf, their bytes end to end as expert_segments
+        lists them (an expert cache slot): the mapped matrices' types, shapes and names."""
+        lw, out, off = self.layers[layer], [], 0
+        for w in (lw.w_gate, lw.w_up, lw.w_down):
+            m = w[expert]
+            out.append(replace(m, data=buf[off:off + m.nbytes].reshape(m.data.shape)))
+            off += m.nbytes
+        return out
 
     def embedding_rows(self, toks: np.ndarray) -> np.ndarray:
         """Emb[toks] float32 [T, D], each row dequantized on lookup."""
