@@ -140,7 +140,7 @@ def test_gguf_through_the_cli(demo_path, tmp_path):
     r = cli("info", "--model", out)
     assert r.exit_code == 0, r.stderr
     assert "ffn_gate_exps         Q8_0" in r.stdout and "output_norm           F32" in r.stdout
-    assert "layers 4" in r.stdout
+    assert "layers 4" in r.stdout and "memory plan" in r.stdout and "expert budget" in r.stdout
     r = cli("bench", "--model", out, "-p", "8", "-g", "4", "-r", "1", "--json")
     assert r.exit_code == 0, r.stderr
     # batch decodes sessions together (several rows per product): the same texts from the F32

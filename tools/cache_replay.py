@@ -34,9 +34,10 @@ def main(argv=None) -> int:
     try:
         acc = read_trace(a.trace)
         if a.model:
-            from grokcpu.checkpoint import Checkpoint
-            c = Checkpoint(a.model).config
-            eb = c.expert_bytes / 1e9
+            from grokcpu import open_checkpoint
+            ck = open_checkpoint(a.model)
+            eb = ck.expert_bytes / 1e9
+            ck.close()
         else:
             eb = a.expert_gb
         if a.slots:

@@ -1,5 +1,5 @@
 """grok-cli info: describe a checkpoint from its headers: config, sizes, checksums, memory plan
-(a GGUF model: config, sizes and the ggml type of each tensor group)."""
+(a GGUF model: config, sizes, the ggml type of each tensor group and the memory plan)."""
 
 from __future__ import annotations
 
@@ -41,11 +41,7 @@ def info(
         return
     ck = Checkpoint(model, weights=False)        # headers only
     c = ck.config
-    ctx = c.sequence_len if run.options.context is None else run.options.context
-    if not 1 <= ctx <= c.sequence_len:
-        raise GrokError(f"--context {ctx} is outside 1..{c.sequence_len}",
-                        hint=f"pass a context length up to the model's sequence_len {c.sequence_len}")
-    plan = memory_plan(ck, ctx, run.options.expert_cache_gb, run.options.unembed)
+    plan = memory_plan(ck, _context(run, c), run.options.expert_cache_gb, run.options.unembed)
     try:
         tk = Tokenizer(find_tokenizer(ck.root, run.tokenizer))
         tok_info = {"path": str(tk.path), "vocab_size": tk.vocab_size,
@@ -76,8 +72,9 @@ def info(
 
 
 def gguf_info(run: Run, path, as_json: bool, verify: bool) -> None:
-    """A GGUF model: config, files, and the ggml type of each tensor group (from the headers)."""
+    """A GGUF model: config, files, the ggml type of each tensor group and the memory plan."""
     from ..formats.gguf_checkpoint import GGUFCheckpoint
+    from ..plan import memory_plan
     from ..tokenizer import model_tokenizer
     if verify:
         raise GrokError("--verify checks a ckpt-0 checkpoint against its config.json; a GGUF lists no sha256",
@@ -92,10 +89,11 @@ def gguf_info(run: Run, path, as_json: bool, verify: bool) -> None:
             tok_info = {"error": str(e)}
         groups = ck.groups()
         params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in ck.gguf.tensors.values())
+        plan = memory_plan(ck, _context(run, c), run.options.expert_cache_gb)
         doc = {"model": str(path), "format": f"GGUF (llama.cpp), {len(ck.files)} file(s)", "files": ck.files,
                "bytes": ck.nbytes, "config": c.to_dict(), "parameters": params,
                "tensor_types": {g: {t: n for t, n in d.items()} for g, d in groups.items()},
-               "read_per_token_bytes": ck.read_per_token()["total"], "tokenizer": tok_info}
+               "read_per_token_bytes": plan["read_per_token_bytes"], "tokenizer": tok_info, "memory_plan": plan}
     finally:
         ck.close()
     if as_json:
@@ -109,7 +107,15 @@ def gguf_info(run: Run, path, as_json: bool, verify: bool) -> None:
     out("tensor types\n")
     for g, d in groups.items():
         out(f"  {g:<22}" + ", ".join(f"{t} {gb(n)}" for t, n in d.items()) + "\n")
-    out(f"read per token {gb(doc['read_per_token_bytes'])} (experts from the memory map)\n")
+    print_plan(plan, c)
+
+
+def _context(run: Run, c) -> int:
+    ctx = c.sequence_len if run.options.context is None else run.options.context
+    if not 1 <= ctx <= c.sequence_len:
+        raise GrokError(f"--context {ctx} is outside 1..{c.sequence_len}",
+                        hint=f"pass a context length up to the model's sequence_len {c.sequence_len}")
+    return ctx
 
 
 def _config_line(c) -> str:
@@ -192,7 +198,10 @@ def print_info(doc, c, plan, tok_info, checks, manifest) -> None:
         rows.append(("checksums", f"MISMATCH in {len(checks['mismatched'])} files: {', '.join(checks['mismatched'][:5])}"))
     for k, v in rows:
         out(f"{k:<13}{v}\n")
-    p = plan
+    print_plan(plan, c)
+
+
+def print_plan(p: dict, c) -> None:
     budget_how = "auto" if p["expert_budget_auto"] else "--expert-cache-gb"
     out(f"memory plan  (this machine: {gb(p['ram_total_bytes'])} RAM, {gb(p['ram_available_bytes'])} available)\n")
     out(f"  weights           {gb(p['payload_bytes']):>10}   = dense {gb(p['dense_bytes'])} + experts "
