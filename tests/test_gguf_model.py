@@ -2,7 +2,8 @@
 
 F32 files against the reference's logits; Q8_0 files against a float64 forward (refmodel) over
 gguf-py's own dequantization of the same file; the demo model's greedy tokens; convert's
-atomicity and shards; the CLI on a GGUF model.
+atomicity and shards; the CLI on a GGUF model; the expert cache over GGUF files (the logits of
+the memory map, bit for bit; byte accounting and the auto budget in the file's own types).
 """
 
 from __future__ import annotations
@@ -254,3 +255,153 @@ def test_gguf_written_by_gguf_py_matches_a_float64_forward(tmp_path, qtype, layo
     scale = np.abs(want).max()
     assert np.abs(got - want).max() <= 2e-5 * scale
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+# -- the expert cache over GGUF files ----------------------------------------------------------------
+
+# rows of 256 values everywhere, so the K-quants need no fallback; 2 layers: q4_k_m keeps layer
+# 1's down projections in Q6_K and layer 0's in Q4_K (llama.cpp's use_more_bits)
+KQ = dict(vocab_size=256, sequence_len=64, emb_size=256, key_size=64, num_q_heads=4, num_kv_heads=2,
+          num_layers=2, num_experts=4, num_selected_experts=2, ffn_size=512)
+CACHE_TOKS = [5, 17, 200, 3, 99, 42, 7, 128, 250, 1, 64, 33, 90, 11, 180, 77, 240]   # 17 rows: the BLAS path
+CACHE_DECODE = [2, 60, 131, 9, 255, 44]
+
+
+@pytest.fixture(scope="module")
+def kq_ckpt(tmp_path_factory):
+    from grokcpu.synth import make_checkpoint
+    out = tmp_path_factory.mktemp("kq")
+    make_checkpoint(out, dict(KQ), seed=5)
+    return out
+
+
+def expert_sizes(path) -> list[int]:
+    """Bytes of one expert of each layer, from the file's tensor table (gate + up + down)."""
+    with open_gguf(path) as m:
+        E = m.metadata["grok.expert_count"]
+        n = m.metadata["grok.block_count"]
+        return [sum(m.tensors[f"blk.{i}.ffn_{p}_exps.weight"].nbytes // E for p in ("gate", "up", "down"))
+                if f"blk.{i}.ffn_gate_exps.weight" in m.tensors else
+                sum(m.tensors[f"blk.{i}.ffn_{p}.0.weight"].nbytes for p in ("gate", "up", "down")) for i in range(n)]
+
+
+def cached_run(path, **kw):
+    """Logits of prefill + decode steps, and the cache's statistics once every read has landed."""
+    model = grokcpu.load(path, threads=1, **kw)
+    s = model.new_session()
+    pre = s.prefill(CACHE_TOKS)
+    dec = np.stack([s.decode(t) for t in CACHE_DECODE])
+    st = None
+    if model.experts is not None:
+        for slot in model.experts.slots:          # a guess may still be in flight: let it land
+            slot.ready.wait()
+        st = model.stats()["expert_cache"]
+        st["pinned_resident"] = all(k in model.experts.where for k in model.experts.pinned)
+    model.close()
+    return pre, dec, st
+
+
+def check_cached_runs(path, sizes, slots_list, E):
+    """Under budgets below the experts (evictions), with pins, prefetch and LFU: the logits of
+    the cache off, bit for bit; every read counted at the expert's size in the file (sizes: per
+    layer). Guesses take free slots in prefill, so the prefetch runs leave room for a few."""
+    want = cached_run(path, expert_cache_gb="off")
+    slot = max(sizes)
+    L = len(sizes)
+    for n, extra in zip(slots_list, (dict(), dict(prefetch=True, pin_experts=[(1, 2)]),
+                                     dict(prefetch=True, expert_cache_policy="lfu"))):
+        pre, dec, st = cached_run(path, expert_cache_gb=n * slot * 1.0001 / 1e9, **extra)
+        assert np.array_equal(pre, want[0]) and np.array_equal(dec, want[1]), (n, extra)
+        assert st["slots"] == n and st["expert_bytes"] == slot and st["budget_bytes"] == n * slot
+        assert st["misses"] >= L * E // 2 and st["evictions"] > 0 and st["pinned_resident"]
+        for i, d in enumerate(st["per_layer"]):
+            assert d["bytes_read"] == (d["misses"] + d["prefetch_issued"]) * sizes[i], (i, d)
+        if extra.get("prefetch"):
+            assert st["prefetch_issued"] > 0
+    assert st["hits"] + st["prefetch_hits"] > 0
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_k_m"])
+def test_gguf_expert_cache_gives_the_maps_logits_bit_for_bit(kq_ckpt, tmp_path, qtype):
+    path = tmp_path / f"kq-{qtype}.gguf"
+    convert(kq_ckpt, path, qtype)
+    sizes = expert_sizes(path)
+    with open_gguf(path) as m:
+        downs = [m.tensors[f"blk.{i}.ffn_down_exps.weight"].type for i in range(2)]
+        assert m.tensors["blk.0.ffn_gate_exps.weight"].type == (QT.Q8_0 if qtype == "q8_0" else QT.Q4_K)
+    assert downs == ([QT.Q8_0] * 2 if qtype == "q8_0" else [QT.Q4_K, QT.Q6_K])
+    # bytes per 256 values: Q8_0 272, Q4_K 144, Q6_K 210 (ckpt-0's int8: 256)
+    DF = KQ["emb_size"] * KQ["ffn_size"] // 256
+    assert sizes == ([3 * DF * 272] * 2 if qtype == "q8_0" else [3 * DF * 144, DF * (2 * 144 + 210)])
+    from grokcpu.formats.gguf_checkpoint import GGUFCheckpoint
+    ck = GGUFCheckpoint(path)
+    assert ck.expert_bytes == max(sizes) and ck.all_expert_bytes == KQ["num_experts"] * sum(sizes)
+    # a slot's matrices: the mapped ones' bytes, type, shape and name, viewing the pool
+    from grokcpu.expert_cache import ExpertCache
+    cache = ExpertCache(ck, 2 * ck.expert_bytes)
+    for key in [(0, 3), (1, 2), (0, 1)]:
+        lw = ck.layers[key[0]]
+        for got, mapped in zip(cache.acquire(*key), (lw.w_gate[key[1]], lw.w_up[key[1]], lw.w_down[key[1]])):
+            assert [got.qtype, got.K, got.name, got.data.shape] == \
+                [mapped.qtype, mapped.K, mapped.name, mapped.data.shape]
+            assert np.array_equal(got.data, mapped.data) and np.shares_memory(got.data, cache.pool)
+        cache.release(*key)
+    cache.close()
+    ck.close()
+    check_cached_runs(path, sizes, (3, 6, 7), KQ["num_experts"])
+
+
+def test_gguf_expert_cache_per_expert_tensors_and_pieces_cut_inside_experts(tmp_path):
+    """The older one-tensor-per-expert layout, and .partNofM pieces (page-aligned cuts, so the
+    dense matrices map) whose cuts fall inside experts' ranges: the cache reads them segment by
+    segment."""
+    import mmap
+    from test_gguf import TINY, cut, write_grok
+    per = tmp_path / "per.gguf"
+    write_grok(per, layout="per-expert", seed=4)
+    whole = tmp_path / "whole.gguf"
+    write_grok(whole, seed=4)
+    piece = 2 * mmap.PAGESIZE
+    pieces = cut(whole, -(-whole.stat().st_size // piece), piece)
+    with open_gguf(pieces[0]) as m:
+        cuts = [(i, e) for i in range(TINY.num_layers) for e in range(TINY.num_experts)
+                if any(len(segs) > 1 for segs in m.expert_segments(i, e))]
+    assert len(cuts) >= 2
+    sizes = [3 * TINY.ffn_size * TINY.emb_size // 32 * 34] * TINY.num_layers         # Q8_0
+    for path in (per, pieces[1]):
+        assert expert_sizes(path) == sizes
+        check_cached_runs(path, sizes, (2, 6, 7), TINY.num_experts)
+
+
+def test_auto_budget_counts_the_gguf_bytes(kq_ckpt, tmp_path, monkeypatch):
+    """auto_budget, the memory plan and a loaded model's cache size a GGUF's experts in the
+    file's own types (Q4_K + Q6_K here, not ckpt-0's int8)."""
+    import psutil
+
+    from grokcpu.expert_cache import auto_budget
+    from grokcpu.formats.gguf_checkpoint import GGUFCheckpoint
+    from grokcpu.plan import memory_plan
+    path = tmp_path / "kq.gguf"
+    convert(kq_ckpt, path, "q4_k_m")
+    sizes = expert_sizes(path)
+    with open_gguf(path) as m:
+        small = sum(t.nbytes for t in m.tensors.values() if len(t.shape) == 1 or "gate_inp" in t.name)
+    ck = GGUFCheckpoint(path)
+    c = ck.config
+    assert ck.resident_bytes == small                       # norms and routers, read at load
+    dense = ck.nbytes - c.num_experts * sum(sizes) - small  # mapped: to be held by the page cache
+    slot, kv, margin = max(sizes), c.kv_cache_bytes(64), 1e9    # 3 % of 10 GB is under the 1 GB floor
+    room = 5 * slot + 123
+    monkeypatch.setattr(psutil, "virtual_memory",
+                        lambda: SimpleNamespace(total=10e9, available=margin + dense + kv + room))
+    assert auto_budget(ck, 64) == room
+    assert auto_budget(ck, 64, share=1000) == c.num_selected_experts * slot     # the floor
+    plan = memory_plan(ck, 64, "auto")
+    assert plan["expert_budget_bytes"] == room and plan["experts_held"] == 5
+    assert plan["expert_bytes"] == c.num_experts * sum(sizes)
+    assert plan["dense_bytes"] + plan["expert_bytes"] == plan["payload_bytes"]
+    assert plan["auto_budget_parts"]["resident_non_expert"] == dense
+    ck.close()
+    model = grokcpu.load(path, threads=1, context=64)
+    assert model.experts.nslots == 5 and model.experts.budget_bytes == 5 * slot   # int8 sizes: 3 slots
+    model.close()
