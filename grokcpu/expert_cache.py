@@ -251,13 +251,14 @@ class ExpertCache:
         """Mark the start of a forward step (guesses may only evict what this step has not used)."""
         self.step += 1
 
-    def prefetch(self, keys, only_if_idle: bool = False) -> None:
+    def prefetch(self, keys, only_if_idle: bool = False, force: bool = False) -> None:
         """Guess: start loading these experts if a slot is free or holds one not used since the
         previous step. Guessing turns itself off while fewer than half the guesses are used.
         only_if_idle: guess only while no read is in flight and only into a free slot, so a
         guess never takes disk bandwidth from a read the model waits for, nor evicts an expert
-        (decode uses it: there a wrong guess's eviction cost more than right guesses saved)."""
-        if not self.prefetch_enabled:
+        (decode uses it: there a wrong guess's eviction cost more than right guesses saved).
+        force: guess even with prefetch off (prefill: see model._fetch_experts)."""
+        if not (self.prefetch_enabled or force):
             return
         if only_if_idle and self.stats.inflight:
             self.stats.guessing_paused += 1
@@ -294,11 +295,15 @@ class ExpertCache:
             return len(self.where)
 
     def close(self) -> None:
+        """Finish the reads in flight, close the files and give the pool's RAM back now (not when
+        a garbage collection finds the model's reference cycles)."""
         self.io.shutdown(wait=True)
         self.flush_page_cache()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self.pool = self.pool_view = None
+        self._slot_views = [None] * self.nslots
 
     # -- internals ------------------------------------------------------------------------------
     def _views(self, i: int):

@@ -265,13 +265,18 @@ def _note_routing(model: Model, step: Step, li: int, idx: np.ndarray, probs: np.
 
 
 def _fetch_experts(model: Model, li: int, experts: list, h, step: Step) -> None:
-    """Start reading every expert layer li needs (all misses in flight at once) and, with
-    prefetch on, guess layer li+1's from the residual h and start reading those too."""
+    """Start reading every expert layer li needs (all misses in flight at once) and guess layer
+    li+1's from the residual h, starting those reads too: always in a prefill chunk of several
+    tokens (they use most of a layer's experts, so the guesses are mostly right and the reads
+    overlap this layer's compute), otherwise only with prefetch on (in decode a wrong guess
+    costs a needed read)."""
     cache = model.experts
     cache.request([(li, e) for e in experts])
-    if cache.prefetch_enabled and li + 1 < model.config.num_layers:
+    chunk = not step.decode and step.T > 1
+    if (cache.prefetch_enabled or chunk) and li + 1 < model.config.num_layers:
         guess = model.backend.guess(li + 1, h, step)
-        cache.prefetch([(li + 1, e) for e in sorted(set(guess.ravel().tolist()))], only_if_idle=step.decode)
+        cache.prefetch([(li + 1, e) for e in sorted(set(guess.ravel().tolist()))], only_if_idle=step.decode,
+                       force=chunk)
 
 
 def _not_finite(model: Model, li: int, step: Step) -> None:
