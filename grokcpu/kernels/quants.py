@@ -5,7 +5,8 @@ one ggml type. dequant_rows decodes every type the same way: a block becomes its
 as float32 (q) and, per sub-block s of SUB values, a scale and an offset, so that
 value = scale[s] * q - offset[s]. The hot types (Q8_0, Q4_K, Q5_K, Q6_K) have a dedicated
 decode product each (matvec_fast); grokcpu.quant.matvec multiplies the others by tiles of
-dequant_rows.
+dequant_rows. Opt-in, the K-quants also have decode products on x rounded to 8 bits
+(quantize_x8, matvec_q8: integer sums, faster, not exact).
 """
 
 import math
