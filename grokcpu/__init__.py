@@ -46,7 +46,9 @@ def load(path: str | os.PathLike, *, config=None, options=None, **kwargs) -> "Mo
     context (KV-cache length; default: the model's sequence_len), expert_cache_gb ("auto",
     "off", or GB), expert_cache_policy ("lru", "lfu"), prefetch, pin_experts ((layer, expert)
     pairs), routing_trace (a JSONL path), unembed ("f32" exact, or "int8": 4x fewer bytes per
-    token), offload ("none", or "dense": attention, norms, router and embeddings on a CUDA GPU).
+    token), activations ("f32" exact, or "q8": a GGUF model's Q4_K/Q5_K/Q6_K decode products with
+    x rounded to 8 bits), offload ("none", or "dense": attention, norms, router and embeddings on
+    a CUDA GPU).
     """
     from .model import Model
     from .options import Options

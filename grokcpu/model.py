@@ -90,7 +90,7 @@ class Model:
 
     def stats(self) -> dict:
         out = {"threads": self.threads, "checkpoint_bytes": self.ckpt.nbytes, "unembed": self.options.unembed,
-               "offload": self.options.offload}
+               "activations": self.options.activations, "offload": self.options.offload}
         gpu = getattr(self.backend, "device_name", None)
         if gpu is not None:
             out["gpu"] = {"device": gpu, "bytes": self.backend.nbytes}

@@ -15,6 +15,7 @@ from .errors import GrokError
 
 POLICIES = ("lru", "lfu")
 UNEMBEDS = ("f32", "int8")
+ACTIVATIONS = ("f32", "q8")
 OFFLOADS = ("none", "dense")
 MAX_THREADS = 4096
 MAX_CONTEXT = 1 << 24
@@ -183,6 +184,7 @@ class Options:
     pin_experts: tuple = ()               # (layer, expert) pairs kept resident, or ("SPEC",)
     routing_trace: str | None = None      # append the routing to this JSONL file
     unembed: str = "f32"                  # output layer: f32 (exact) or int8
+    activations: str = "f32"              # GGUF K-quant decode products: f32 (exact) or q8 (8-bit x)
     offload: str = "none"                 # none, or dense (attention etc. on a CUDA GPU)
 
     @classmethod
@@ -212,5 +214,6 @@ class Options:
             pin_experts=pin_list(d.get("pin_experts", ())),
             routing_trace=trace,
             unembed=_choice("unembed", d.get("unembed", "f32"), UNEMBEDS),
+            activations=_choice("activations", d.get("activations", "f32"), ACTIVATIONS),
             offload=_choice("offload", d.get("offload", "none"), OFFLOADS),
         )

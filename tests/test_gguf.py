@@ -22,6 +22,7 @@ from conftest import SHARED, TOKENIZER, need_shared
 from grokcpu.config import GrokConfig
 from grokcpu.errors import CheckpointError
 from grokcpu.formats.convert import add_vocab, grok_writer, sentencepiece_vocab
+from grokcpu.formats.quantize import quantize
 from grokcpu.formats.gguf import (
     GGUFModel, check_grok_tensors, detect_format, grok_config, grok_tensor_shapes, open_gguf, tokenizer_proto)
 from grokcpu.tokenizer import Tokenizer
@@ -44,7 +45,7 @@ def write_grok(path, cfg: GrokConfig = TINY, layout: str = "merged", seed: int =
             w.add_tensor(name, x)
             written[name] = x
         else:
-            q = gguf.quants.quantize(x, qtype)
+            q = encode(x, qtype)
             w.add_tensor(name, q, raw_dtype=qtype)
             written[name] = gguf.quants.dequantize(q, qtype)
     w.write_header_to_file()
@@ -52,6 +53,14 @@ def write_grok(path, cfg: GrokConfig = TINY, layout: str = "merged", seed: int =
     w.write_tensors_to_file()
     w.close()
     return written
+
+
+def encode(x: np.ndarray, qtype) -> np.ndarray:
+    """x (float32 [..., K]) as ggml type qtype: by gguf-py, or by grokcpu for the K-quants, which
+    gguf-py cannot quantize."""
+    if qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K):
+        return quantize(x.reshape(-1, x.shape[-1]), int(qtype)).reshape(*x.shape[:-1], -1)
+    return gguf.quants.quantize(x, qtype)
 
 
 def values(m: GGUFModel, name: str) -> np.ndarray:

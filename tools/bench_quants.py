@@ -1,5 +1,7 @@
 """GB/s of quantized bytes read by grokcpu.quant.matvec per ggml type, beside the machine's
-read ceiling (a float32 sum), for 1 and 2 threads. Prints figures; asserts nothing.
+read ceiling (a float32 sum), for 1 and 2 threads: with float32 activations (exact) and, for the
+types that have it, with x rounded to 8 bits (activations="q8"; the rounding of x included).
+Prints figures; asserts nothing.
 
 Wall-clock GB/s are the best of --reps; "cpu" is GB per CPU second (time.process_time) at one
 thread, steadier than wall time on a shared machine.
@@ -81,9 +83,13 @@ def main():
         print(f"threads {threads}: read ceiling (float32 sum) {a.nbytes / t / 1e9:6.2f} {unit}")
         for name, (qt, w) in mats.items():
             out = np.empty((args.rows, w.shape[0]), np.float32)
-            t, med = best(lambda: quant.matvec(qt, w, x, out), args.reps, clock)
-            print(f"threads {threads}: {name:6s} matvec {w.nbytes / t / 1e9:6.2f} {unit} "
-                  f"(median {w.nbytes / med / 1e9:.2f}), {w.shape[0] * args.k / t / 1e9:.2f} G weights/s")
+            speed = {}
+            for act in ("f32", "q8") if qt in quant.Q8_ACT else ("f32",):
+                t, med = best(lambda: quant.matvec(qt, w, x, out, activations=act), args.reps, clock)
+                speed[act] = w.nbytes / t / 1e9, w.nbytes / med / 1e9
+            cols = "  ".join(f"{act} {b:6.2f} {unit} (median {m:.2f})" for act, (b, m) in speed.items())
+            ratio = f"  q8/f32 {speed['q8'][0] / speed['f32'][0]:.2f}x" if "q8" in speed else ""
+            print(f"threads {threads}: {name:6s} {cols}{ratio}")
 
 if __name__ == "__main__":
     main()

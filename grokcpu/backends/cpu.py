@@ -146,6 +146,11 @@ class CpuBackend:
         # decode's per-layer arguments: norms [3, D] (attn, attn_post, moe) and the attention weights
         self.attn_args = [] if self.gguf else [(np.stack([lw.attn_norm, lw.attn_post_norm, lw.moe_norm]), lw.wq.w, lw.wq.s,
                            lw.wk.w, lw.wk.s, lw.wv.w, lw.wv.s, lw.wo.w, lw.wo.s) for lw in self.layers]
+        self.activations = model.options.activations
+        if not self.gguf and self.activations == "q8":
+            from ..options import OptionError
+            raise OptionError("activations", "{name} q8 is for GGUF models: a ckpt-0 model's int8 weights are "
+                              "multiplied with float32 activations", hint="leave it at f32 for a ckpt-0 model")
         # int8 copy of the tied embedding with per-row scales, for the output layer only (4x fewer
         # bytes per token); the input lookup stays exact
         if self.gguf and model.options.unembed == "int8":
@@ -377,7 +382,7 @@ class CpuBackend:
             return matmul(x, w.w, w.s, self.threads, scratch, out_major, out)
         if isinstance(w, tuple):
             return matmul(x, *w, self.threads, scratch, out_major, out)
-        return w.product(np.ascontiguousarray(x), out, scratch)
+        return w.product(np.ascontiguousarray(x), out, scratch, self.activations)
 
     @property
     def unembed_bytes(self) -> int:

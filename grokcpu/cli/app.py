@@ -83,6 +83,8 @@ ENGINE_PARAMS = [
     ("routing_trace", Optional[str], None, _opt("--routing-trace",
      help="append the routing (pos, layer, experts) to this JSONL file; replay it with tools/cache_replay.py")),
     ("unembed", str, "f32", _opt("--unembed", help="output layer precision: f32 (exact) or int8 (4x fewer bytes per token)")),
+    ("activations", str, "f32", _opt("--activations",
+     help="GGUF Q4_K/Q5_K/Q6_K decode products: f32 (exact) or q8 (x rounded to 8 bits: faster)")),
     ("offload", str, "none", _opt("--offload", help="none, or dense: attention/norms/router/embeddings on a CUDA GPU")),
     ("stats", bool, False, _opt("--stats", help="timings and model statistics on stderr")),
     ("debug", bool, False, _opt("--debug", help="show the full traceback of errors")),
@@ -110,7 +112,7 @@ SAMPLING_PARAMS = [
 FLAGS = {name: (info.default if isinstance(info.default, str) else info.param_decls[0]).split("/")[0]
          for name, _, _, info in ENGINE_PARAMS + SAMPLING_PARAMS}
 ENGINE_OPTION_NAMES = ("threads", "context", "expert_cache_gb", "expert_cache_policy", "prefetch", "pin_experts",
-                       "routing_trace", "unembed", "offload")
+                       "routing_trace", "unembed", "activations", "offload")
 
 
 def flag(param: str) -> str:

@@ -77,10 +77,12 @@ class GMatrix:
             quant.dequant_rows(self.qtype, self.data, r0, r1, out, self.name)
         return out
 
-    def product(self, x: np.ndarray, out: np.ndarray | None = None, scratch=None) -> np.ndarray:
+    def product(self, x: np.ndarray, out: np.ndarray | None = None, scratch=None,
+                activations: str = "f32") -> np.ndarray:
         """x [T, K] @ W.T -> float32 [T, N] (into out): F32 with BLAS on the map itself; other
-        types with quant.matvec for a few rows, from GEMM_MIN_ROWS rows dequantized tiles and
-        BLAS (the tile from `scratch`, a cpu.Scratch, when given)."""
+        types with quant.matvec for a few rows (x rounded to 8 bits for the K-quants under
+        activations="q8"), from GEMM_MIN_ROWS rows dequantized tiles and BLAS (the tile from
+        `scratch`, a cpu.Scratch, when given)."""
         T, N = x.shape[0], self.N
         if out is None:
             out = np.empty((T, N), np.float32)
@@ -88,7 +90,7 @@ class GMatrix:
             np.matmul(x, self.data.view(np.float32).T, out=out)
             return out
         if T < GEMM_MIN_ROWS and self._kernels():
-            return quant.matvec(self.qtype, self.data, x, out, self.name)
+            return quant.matvec(self.qtype, self.data, x, out, self.name, activations)
         step = max(1, min(N, TILE_ELEMS // self.K))
         tile = scratch("tile", step * self.K) if scratch is not None else np.empty(step * self.K, np.float32)
         for r0 in range(0, N, step):

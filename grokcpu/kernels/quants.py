@@ -5,7 +5,8 @@ one ggml type. dequant_rows decodes every type the same way: a block becomes its
 as float32 (q) and, per sub-block s of SUB values, a scale and an offset, so that
 value = scale[s] * q - offset[s]. The hot types (Q8_0, Q4_K, Q5_K, Q6_K) have a dedicated
 decode product each (matvec_fast); grokcpu.quant.matvec multiplies the others by tiles of
-dequant_rows.
+dequant_rows. Opt-in, the K-quants also have decode products on x rounded to 8 bits
+(quantize_x8, matvec_q8: integer sums, faster, not exact).
 """
 
 import math
@@ -445,3 +446,199 @@ def matvec_fast(qt, w, w16, x, xs, out, f16, parts, n32):
             _rows_q45_K(w, w16, x, xs, out, f16, n0, n1, n32 // 4, qt == Q5_K)
         else:
             _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n32 // 4)
+
+
+# ---- 8-bit activations (opt-in) for the K-quants. x is rounded once per call to int8 steps
+# with one scale per 256 values (quantize_x8; llama.cpp's Q8_K), so that every product inside a
+# block is an integer: per block one int32 sum, then one float multiply-add (d * xd * sum; for
+# Q4_K/Q5_K minus dmin * xd * the sum of min * the integer sum of x over each sub-block). The
+# sums are exact (bounds at each kernel); the only error is x's rounding.
+# x is stored as int16 in kernel order: each 32 values as their 16 even-indexed, then their 16
+# odd-indexed ones, so that a uint16 word of quants (two bytes: values 2m and 2m+1) meets x at
+# m and m + 16 of its chunk. The kernels read the matrix as words (w16) and take the quants out
+# with shifts and masks: the word lanes are int16 already, with no widening shuffle. A quant
+# times its sub-block's integer scale still fits int16; its products with x are summed into
+# one int32 over a loop of 16 words (n16, at run time: see _decode), which LLVM turns into
+# pmaddwd (eight words per instruction with 256-bit vectors, vpdpwssd with VNNI). The loop must
+# run at least as many words as one vector iteration takes (8 to 32 with interleaving, by
+# target): hence 16 words per iteration's index, and for Q6_K, whose sub-blocks are 8 words, a
+# scale chosen per word rather than a loop of 8.
+
+@njit(cache=True, nogil=True)
+def quantize_x8(x, qx, xd, qs):
+    """x [T, K] to 8 bits: qx[T, K] (int16, kernel order) = x / d rounded to nearest (ties to
+    even), d = xd[t, b] = amax / 127 over each 256 values; qs[t, c] = the sum of qx over each 32
+    values. A non-finite value makes its d NaN or inf and its block's quants zero, so that the
+    products come out NaN as in float32."""
+    T, K = x.shape
+    for t in range(T):
+        for b in range(K // 256):
+            amax = np.float32(0.0)
+            for i in range(256 * b, 256 * b + 256):
+                a = abs(x[t, i])
+                if a > amax or a != a:
+                    amax = a
+                    if a != a:
+                        break
+            xd[t, b] = amax / np.float32(127.0)
+            inv = np.float32(127.0) / amax if np.isfinite(amax) and amax > 0 else np.float32(0.0)
+            for c in range(256 * b, 256 * b + 256, 32):
+                tot = np.int32(0)
+                for m in range(16):
+                    qx[t, c + m] = np.int16(np.rint(x[t, c + 2 * m] * inv))
+                    qx[t, c + 16 + m] = np.int16(np.rint(x[t, c + 2 * m + 1] * inv))
+                    tot += np.int32(qx[t, c + m]) + np.int32(qx[t, c + 16 + m])
+                qs[t, c // 32] = tot
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _sq(s, v, x):
+    """(s * v) * x as int32, for a scale and a quant whose product fits int16 and an int16 x:
+    summed over a loop, the form LLVM makes pmaddwd of (the quant cast to int16 first: without
+    it LLVM keeps the arithmetic in int64)."""
+    return np.int32(np.int16(s * np.int16(v))) * np.int32(x)
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _k4_ints(r, o):
+    """The eight 6-bit scales and mins of the Q4_K/Q5_K block at r[o:], as ints."""
+    sc0, m0, sc1, m1 = _k4_pair(r, o, 0)
+    sc2, m2, sc3, m3 = _k4_pair(r, o, 1)
+    sc4, m4, sc5, m5 = _k4_pair(r, o, 2)
+    sc6, m6, sc7, m7 = _k4_pair(r, o, 3)
+    return sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, m0, m1, m2, m3, m4, m5, m6, m7
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _k4_group(w, h, j, s0, s1, qx, i, five):
+    """The products of word w of a Q4_K/Q5_K group j (64 values: its bytes' low nibbles in
+    sub-block 2j, scale s0; high nibbles in 2j+1, s1), for Q5_K (five) with fifth bits 2j, 2j+1
+    of the bytes of word h; x at qx[i], i+16 (sub-block 2j) and i+32, i+48. A quant is at most
+    31, times a scale at most 63: 1953 fits int16; a block's sum at most 256 * 1953 * 127."""
+    q0, q1, q2, q3 = w & 15, (w >> 8) & 15, (w >> 4) & 15, w >> 12
+    if five:
+        q0 |= ((h >> (2 * j)) & 1) << 4
+        q1 |= ((h >> (8 + 2 * j)) & 1) << 4
+        q2 |= ((h >> (2 * j + 1)) & 1) << 4
+        q3 |= ((h >> (9 + 2 * j)) & 1) << 4
+    return ((_sq(s0, q0, qx[i]) + _sq(s0, q1, qx[i + 16]))
+            + (_sq(s1, q2, qx[i + 32]) + _sq(s1, q3, qx[i + 48])))
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _row8_k45(row, r16, qx, xd, qs, t, f16, n16, five):
+    """The dot product of x[t] (8-bit) with one Q4_K or (five) Q5_K row."""
+    BB = 176 if five else 144
+    tot = np.float32(0.0)
+    xt = qx[t]
+    for b in range(xt.shape[0] // 256):
+        o = b * BB
+        sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, m0, m1, m2, m3, m4, m5, m6, m7 = _k4_ints(row, o)
+        k = 8 * b
+        mins = (((m0 * qs[t, k] + m1 * qs[t, k + 1]) + (m2 * qs[t, k + 2] + m3 * qs[t, k + 3]))
+                + ((m4 * qs[t, k + 4] + m5 * qs[t, k + 5]) + (m6 * qs[t, k + 6] + m7 * qs[t, k + 7])))
+        s0, s1, s2, s3 = np.int16(sc0), np.int16(sc1), np.int16(sc2), np.int16(sc3)
+        s4, s5, s6, s7 = np.int16(sc4), np.int16(sc5), np.int16(sc6), np.int16(sc7)
+        q = o // 2 + (24 if five else 8)
+        hw = o // 2 + 8
+        xo = b * 256
+        acc = np.int32(0)
+        for m in range(n16):
+            h = np.int32(r16[hw + m]) if five else np.int32(0)
+            acc = np.int32(acc + (_k4_group(np.int32(r16[q + m]), h, 0, s0, s1, xt, xo + m, five)
+                                  + _k4_group(np.int32(r16[q + 16 + m]), h, 1, s2, s3, xt, xo + 64 + m, five))
+                           + (_k4_group(np.int32(r16[q + 32 + m]), h, 2, s4, s5, xt, xo + 128 + m, five)
+                              + _k4_group(np.int32(r16[q + 48 + m]), h, 3, s6, s7, xt, xo + 192 + m, five)))
+        tot += xd[t, b] * (f16[r16[o // 2]] * np.float32(acc) - f16[r16[o // 2 + 1]] * np.float32(mins))
+    return tot
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _row8_q4_K(row, r16, qx, xd, qs, t, f16, n16):
+    """_row8_k45 for Q4_K (its own function: `five` a constant to LLVM)."""
+    return _row8_k45(row, r16, qx, xd, qs, t, f16, n16, False)
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _row8_q5_K(row, r16, qx, xd, qs, t, f16, n16):
+    """_row8_k45 for Q5_K."""
+    return _row8_k45(row, r16, qx, xd, qs, t, f16, n16, True)
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _q6_word(a, h, ns, hs, s, qx, i):
+    """The products of the two Q6_K quants of word a (its bytes' nibbles at bit ns: 0 low, 4
+    high; top bits from word h at bits hs and hs + 8), minus 32, times the sub-block's scale s;
+    x at qx[i] and qx[i + 16]. |s * (q - 32)| <= 128 * 32 fits int16; a block's sum is at most
+    256 * 4096 * 127."""
+    qe = ((a >> ns) & 15) | (((h >> hs) & 3) << 4)
+    qo = ((a >> (ns + 8)) & 15) | (((h >> (hs + 8)) & 3) << 4)
+    return _sq(s, qe - 32, qx[i]) + _sq(s, qo - 32, qx[i + 16])
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _q6_half(r16, p, ph, m, qx, i, s0, s1, s2, s3, s4, s5, s6, s7):
+    """The products of word m (of 16) of each group of half a Q6_K block (128 values): nibble
+    words at p (low nibbles: values 2m, 2m+1 of group 0; high: group 2) and p + 16 (groups 1,
+    3), top bits at ph; x from qx[i]. Words 8..15 hold the second 16-value sub-block of their
+    group: s0..s7 are the scales of sub-blocks 0..7 of the half."""
+    u = m >= 8
+    a = np.int32(r16[p + m])
+    b = np.int32(r16[p + 16 + m])
+    h = np.int32(r16[ph + m])
+    return ((_q6_word(a, h, 0, 0, s1 if u else s0, qx, i + m) + _q6_word(b, h, 0, 2, s3 if u else s2, qx, i + 32 + m))
+            + (_q6_word(a, h, 4, 4, s5 if u else s4, qx, i + 64 + m)
+               + _q6_word(b, h, 4, 6, s7 if u else s6, qx, i + 96 + m)))
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _q6_scales(row, k):
+    """The eight int8 scales row[k:k+8] as int16."""
+    return (np.int16(np.int8(row[k])), np.int16(np.int8(row[k + 1])), np.int16(np.int8(row[k + 2])),
+            np.int16(np.int8(row[k + 3])), np.int16(np.int8(row[k + 4])), np.int16(np.int8(row[k + 5])),
+            np.int16(np.int8(row[k + 6])), np.int16(np.int8(row[k + 7])))
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _row8_q6_K(row, r16, qx, xd, t, f16, n16):
+    """The dot product of x[t] (8-bit) with one Q6_K row (both halves of a block in one loop)."""
+    tot = np.float32(0.0)
+    xt = qx[t]
+    for b in range(xt.shape[0] // 256):
+        o = b * 210
+        a0, a1, a2, a3, a4, a5, a6, a7 = _q6_scales(row, o + 192)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _q6_scales(row, o + 200)
+        p = o // 2
+        xo = b * 256
+        acc = np.int32(0)
+        for m in range(n16):
+            acc = np.int32(acc + _q6_half(r16, p, p + 64, m, xt, xo, a0, a1, a2, a3, a4, a5, a6, a7)
+                           + _q6_half(r16, p + 32, p + 80, m, xt, xo + 128, c0, c1, c2, c3, c4, c5, c6, c7))
+        tot += f16[r16[p + 104]] * xd[t, b] * np.float32(acc)
+    return tot
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _rows8(qt, w, w16, qx, xd, qs, out, f16, n0, n1, n16):
+    """Rows n0..n1-1 of Q4_K, Q5_K or Q6_K (qt) against 8-bit x, each row of x in turn."""
+    for n in range(n0, n1):
+        row = w[n]
+        r16 = w16[n]
+        for t in range(qx.shape[0]):
+            if qt == Q4_K:
+                out[t, n] = _row8_q4_K(row, r16, qx, xd, qs, t, f16, n16)
+            elif qt == Q5_K:
+                out[t, n] = _row8_q5_K(row, r16, qx, xd, qs, t, f16, n16)
+            else:
+                out[t, n] = _row8_q6_K(row, r16, qx, xd, t, f16, n16)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def matvec_q8(qt, w, w16, qx, xd, qs, out, f16, parts, n16):
+    """out[T, N] = x[T, K] @ W.T for Q4_K, Q5_K or Q6_K (qt), x given 8-bit by quantize_x8 (qx,
+    xd, qs), `parts` ranges of rows in parallel. n16 is 16 (see above)."""
+    N = w.shape[0]
+    parts = max(1, min(N, parts))
+    per = (N + parts - 1) // parts
+    for p in prange(parts):
+        _rows8(qt, w, w16, qx, xd, qs, out, f16, p * per, min(N, p * per + per), n16)

@@ -34,6 +34,7 @@ def parser() -> argparse.ArgumentParser:
     a("--pin-experts")
     a("--routing-trace")
     a("--unembed", default="f32")
+    a("--activations", default="f32")
     a("--offload", default="none")
     a("--log-level", default="warning", help="uvicorn's log level")
     return p
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
         opts = grokcpu.Options.make(threads=args.threads, context=args.context, expert_cache_gb=args.expert_cache_gb,
                                     expert_cache_policy=args.expert_cache_policy, prefetch=args.prefetch,
                                     pin_experts=args.pin_experts or (), routing_trace=args.routing_trace,
-                                    unembed=args.unembed, offload=args.offload)
+                                    unembed=args.unembed, activations=args.activations, offload=args.offload)
     except grokcpu.OptionError as e:
         p.error(str(e.render("--" + e.param.replace("_", "-"))))
     settings = Settings(model_path=args.model, tokenizer_path=args.tokenizer, options=opts, parallel=args.parallel,
