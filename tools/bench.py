@@ -30,12 +30,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--unembed", choices=("f32", "int8"), default="f32")
+    ap.add_argument("--activations", choices=("f32", "q8"), default="f32", help="GGUF models: q8 rounds x to 8 bits")
     ap.add_argument("--expert-cache-gb", default="auto")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     try:
         r = run_bench(a.model, a.prompt_tokens, a.gen_tokens, a.threads, a.reps,
-                      unembed=a.unembed, expert_cache_gb=a.expert_cache_gb)
+                      unembed=a.unembed, expert_cache_gb=a.expert_cache_gb,
+                      **({"activations": "q8"} if a.activations == "q8" else {}))
     except OptionError as e:
         print(f"error: {e.render('--' + e.param.replace('_', '-'))}", file=sys.stderr)
         return 2
@@ -46,6 +48,7 @@ def main(argv=None) -> int:
         print(json.dumps(r))
         return 0
     name = Path(a.model).name
+    print(f"activations {a.activations}")
     print("| model | threads | unembed | test | t/s |")
     print("|---|---:|---|---|---:|")
     print(f"| {name} | {r['threads']} | {r['unembed']} | pp{a.prompt_tokens} | {r['pp_tps']['median']:.2f} ± {r['pp_tps']['std']:.2f} |")
