@@ -127,6 +127,10 @@ def test_demo_greedy_tokens_via_f32_gguf_equal_ckpt0(demo_path, model, tok, tmp_
                            catch_exceptions=False)
     assert r.exit_code == 0, r.stderr
     assert r.stdout == tok.decode(want) + "\n"
+    # llama.cpp is told to encode prompts as the reference does: no [BOS], no [EOS]
+    m = open_gguf(out)
+    assert m.metadata["tokenizer.ggml.add_bos_token"] is False and m.metadata["tokenizer.ggml.add_eos_token"] is False
+    m.close()
 
 
 def cli(*args):

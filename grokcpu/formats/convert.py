@@ -115,6 +115,9 @@ def add_vocab(w: gguf.GGUFWriter, vocab: dict, vocab_size: int) -> None:
             add(int(vocab[key]))
     if vocab.get("space_prefix") is not None:
         w.add_add_space_prefix(bool(vocab["space_prefix"]))
+    # the reference feeds prompts without [BOS]: tell llama.cpp not to add one either
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
 
 
 def tensor_types(cfg: GrokConfig, type_name: str, layout_shapes: dict) -> dict:
