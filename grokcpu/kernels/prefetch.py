@@ -30,7 +30,11 @@ def prefetch(typingctx, a, i):
 @njit(cache=True, nogil=True, inline="always")
 def prefetch_bytes(a, s, n):
     """Prefetch bytes s..s+n-1 of the uint8 array a's data (C-contiguous), clipped to its size:
-    a hint every 64 bytes from s. (Hints at the multiples of 64 only, one per line of a stream
-    taken span by span, measured slower: 4-10 % at L2 size.)"""
-    for c in range(s, min(s + n, a.size), 64):
-        prefetch(a, c)
+    a hint every 64 bytes from s. Inlined, a literal n (a block's bytes) makes the common case
+    a fixed run of hints: a loop clipped at every call measured up to 10 % slower at L2 size."""
+    if s + n <= a.size:
+        for c in range(0, n, 64):
+            prefetch(a, s + c)
+    else:
+        for c in range(s, a.size, 64):
+            prefetch(a, c)
