@@ -232,12 +232,13 @@ def dequant_rows(qt, w, r0, r1, out, kv, n32):
 # stream) in a serial function: the same loops inside the parallel region ran 2.6x slower.
 # A block is decoded again for each row of x. w16 is w viewed as uint16, f16 = f16_table():
 # a half is one load.
-# Software prefetch: the hardware prefetchers alone left these loops well below the read
-# ceiling on DRAM-sized matrices (measured on a 2-core Xeon VM: Q8_0 at half of it). Q8_0 asks
-# for the next row at the start of each row; the K-quants ask, per block, for the block's bytes
-# AHEAD bytes on in the matrix (each row's pointer and w's flat offset of that point: pf). The
-# results are the same bits; at L2 size it costs a few percent (docs/PERFORMANCE.md).
+# Software prefetch (kernels/prefetch.py): the hardware prefetchers alone kept one stream per
+# thread far below the memory's speed (a 2-core Xeon VM: Q8_0 at a third of its speed from L2).
+# Q8_0 asks for the whole next row at the start of each row; the K-quants ask, per block, for
+# the bytes AHEAD further on in w (pf: w's flat offset of that point for the row's start).
+# Same bits out; 1.1-2x on DRAM-sized matrices, 0-13 % slower at L2 size (docs/PERFORMANCE.md).
 AHEAD = 3072
+
 
 def f16_table():
     """float32 [65536]: the value of each IEEE half bit pattern."""
