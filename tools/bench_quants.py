@@ -7,6 +7,7 @@ Wall-clock GB/s are the best of --reps; "cpu" is GB per CPU second (time.process
 thread, steadier than wall time on a shared machine.
 
     python tools/bench_quants.py [--mb 300] [--k 4096] [--rows 1] [--reps 3] [--types Q8_0,Q4_K]
+                                 [--threads 1,2]
 """
 
 import argparse
@@ -65,6 +66,7 @@ def main():
     ap.add_argument("--rows", type=int, default=1, help="rows of x (T)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--types", default="Q8_0,Q4_K,Q5_K,Q6_K")
+    ap.add_argument("--threads", default="1,2", help="thread counts to run, comma-separated")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     names = {v: k for k, v in kq.TYPE_NAMES.items()}
@@ -75,7 +77,7 @@ def main():
     for name in args.types.split(","):
         qt = names[name]
         mats[name] = qt, matrix(qt, args.mb * 1_000_000, args.k, rng)
-    for threads in (1, 2):
+    for threads in (int(v) for v in args.threads.split(",")):
         numba.set_num_threads(threads)
         clock = time.process_time if threads == 1 else time.perf_counter
         unit = "cpu GB/s" if threads == 1 else "GB/s"

@@ -14,6 +14,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from .prefetch import prefetch_bytes
+
 # ggml type ids (ggml.h's enum ggml_type), and the ones these kernels read
 F32, F16, Q4_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, BF16 = (
     0, 1, 2, 8, 10, 11, 12, 13, 14, 20, 23, 30)
@@ -284,6 +286,13 @@ def dequant_rows(qt, w, r0, r1, out, kv, n32):
 # stream) in a serial function: the same loops inside the parallel region ran 2.6x slower.
 # A block is decoded again for each row of x. w16 is w viewed as uint16, f16 = f16_table():
 # a half is one load.
+# Software prefetch (kernels/prefetch.py): the hardware prefetchers alone kept one stream per
+# thread far below the memory's speed (a 2-core Xeon VM: Q8_0 at a third of its speed from L2).
+# Q8_0 asks for the whole next row at the start of each row; the K-quants ask, per block, for
+# the bytes AHEAD further on in w (pf: w's flat offset of that point for the row's start).
+# Same bits out; 1.1-2x on DRAM-sized matrices, 0-13 % slower at L2 size (docs/PERFORMANCE.md).
+AHEAD = 3072
+
 
 def f16_table():
     """float32 [65536]: the value of each IEEE half bit pattern."""
@@ -294,7 +303,9 @@ def f16_table():
 def _rows_q8_0(w, w16, x, xs, out, f16, n0, n1, n32):
     """Rows n0..n1-1 of Q8_0 (34-byte blocks: half d, 32 int8)."""
     T, K = x.shape
+    rb = w.shape[1]
     for n in range(n0, n1):
+        prefetch_bytes(w, (n + 1) * rb, rb)
         row = w[n]
         r16 = w16[n]
         for t in range(T):
@@ -366,13 +377,14 @@ def _nibbles(r, q, xt, i, h, sh, five):
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _row_q4_K(row, r16, xt, xs, t, f16, acc, n8):
+def _row_q4_K(row, r16, xt, xs, t, f16, acc, n8, w, pf):
     """The dot product of x[t] with one Q4_K row (144-byte blocks: half d, half dmin, 12 bytes
     of 6-bit scales and mins, 128 bytes of nibbles; a value is d*sc*q - dmin*m)."""
     acc[:] = 0.0
     mins = np.float32(0.0)
     for b in range(xt.shape[0] // 256):
         o = b * 144
+        prefetch_bytes(w, pf + o, 144)
         a0, a1, a2, a3, a4, a5, a6, a7, m = _k4_block(row, o, f16[r16[o // 2]], f16[r16[o // 2 + 1]], xs, t, 8 * b)
         mins += m
         q = o + 16
@@ -387,7 +399,7 @@ def _row_q4_K(row, r16, xt, xs, t, f16, acc, n8):
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _row_q5_K(row, r16, xt, xs, t, f16, acc, n8):
+def _row_q5_K(row, r16, xt, xs, t, f16, acc, n8, w, pf):
     """The dot product of x[t] with one Q5_K row (176-byte blocks: Q4_K's, with 32 bytes of
     fifth bits before the nibbles). A separate function from Q4_K's so that LLVM sees `five`
     as a constant: a run-time flag inside the lane loop stops it vectorizing."""
@@ -395,6 +407,7 @@ def _row_q5_K(row, r16, xt, xs, t, f16, acc, n8):
     mins = np.float32(0.0)
     for b in range(xt.shape[0] // 256):
         o = b * 176
+        prefetch_bytes(w, pf + o, 176)
         a0, a1, a2, a3, a4, a5, a6, a7, m = _k4_block(row, o, f16[r16[o // 2]], f16[r16[o // 2 + 1]], xs, t, 8 * b)
         mins += m
         q = o + 48
@@ -413,11 +426,12 @@ def _rows_q45_K(w, w16, x, xs, out, f16, n0, n1, n8, five):
     """Rows n0..n1-1 of Q4_K or (five) Q5_K."""
     acc = np.empty(8, np.float32)
     for n in range(n0, n1):
+        pf = n * w.shape[1] + AHEAD
         for t in range(x.shape[0]):
             if five:
-                out[t, n] = _row_q5_K(w[n], w16[n], x[t], xs, t, f16, acc, n8)
+                out[t, n] = _row_q5_K(w[n], w16[n], x[t], xs, t, f16, acc, n8, w, pf)
             else:
-                out[t, n] = _row_q4_K(w[n], w16[n], x[t], xs, t, f16, acc, n8)
+                out[t, n] = _row_q4_K(w[n], w16[n], x[t], xs, t, f16, acc, n8, w, pf)
 
 
 @njit(cache=True, fastmath=True, nogil=True, inline="always")
@@ -446,13 +460,14 @@ def _q6_quarter(r, ql, qh, sh, xt, i):
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _row_q6_K(row, r16, xt, f16, acc, n8):
+def _row_q6_K(row, r16, xt, f16, acc, n8, w, pf):
     """The dot product of x[t] with one Q6_K row (210-byte blocks: 128 bytes of low nibbles,
     64 of high bit pairs, 16 int8 scales, half d; a value is d*sc*(q - 32), sc per 16 values).
     One lane iteration per half block (128 values, eight scales)."""
     acc[:] = 0.0
     for b in range(xt.shape[0] // 256):
         o = b * 210
+        prefetch_bytes(w, pf + o, 210)
         d = f16[r16[o // 2 + 104]]
         for h in range(2):
             sc = o + 192 + 8 * h
@@ -480,8 +495,9 @@ def _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n8):
     """Rows n0..n1-1 of Q6_K."""
     acc = np.empty(8, np.float32)
     for n in range(n0, n1):
+        pf = n * w.shape[1] + AHEAD
         for t in range(x.shape[0]):
-            out[t, n] = _row_q6_K(w[n], w16[n], x[t], f16, acc, n8)
+            out[t, n] = _row_q6_K(w[n], w16[n], x[t], f16, acc, n8, w, pf)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -580,13 +596,14 @@ def _k4_group(w, h, j, s0, s1, qx, i, five):
 
 
 @njit(cache=True, fastmath=True, nogil=True, inline="always")
-def _row8_k45(row, r16, qx, xd, qs, t, f16, n16, five):
+def _row8_k45(row, r16, qx, xd, qs, t, f16, n16, five, w, pf):
     """The dot product of x[t] (8-bit) with one Q4_K or (five) Q5_K row."""
     BB = 176 if five else 144
     tot = np.float32(0.0)
     xt = qx[t]
     for b in range(xt.shape[0] // 256):
         o = b * BB
+        prefetch_bytes(w, pf + o, BB)
         sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, m0, m1, m2, m3, m4, m5, m6, m7 = _k4_ints(row, o)
         k = 8 * b
         mins = (((m0 * qs[t, k] + m1 * qs[t, k + 1]) + (m2 * qs[t, k + 2] + m3 * qs[t, k + 3]))
@@ -608,15 +625,15 @@ def _row8_k45(row, r16, qx, xd, qs, t, f16, n16, five):
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _row8_q4_K(row, r16, qx, xd, qs, t, f16, n16):
+def _row8_q4_K(row, r16, qx, xd, qs, t, f16, n16, w, pf):
     """_row8_k45 for Q4_K (its own function: `five` a constant to LLVM)."""
-    return _row8_k45(row, r16, qx, xd, qs, t, f16, n16, False)
+    return _row8_k45(row, r16, qx, xd, qs, t, f16, n16, False, w, pf)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _row8_q5_K(row, r16, qx, xd, qs, t, f16, n16):
+def _row8_q5_K(row, r16, qx, xd, qs, t, f16, n16, w, pf):
     """_row8_k45 for Q5_K."""
-    return _row8_k45(row, r16, qx, xd, qs, t, f16, n16, True)
+    return _row8_k45(row, r16, qx, xd, qs, t, f16, n16, True, w, pf)
 
 
 @njit(cache=True, fastmath=True, nogil=True, inline="always")
@@ -654,12 +671,13 @@ def _q6_scales(row, k):
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _row8_q6_K(row, r16, qx, xd, t, f16, n16):
+def _row8_q6_K(row, r16, qx, xd, t, f16, n16, w, pf):
     """The dot product of x[t] (8-bit) with one Q6_K row (both halves of a block in one loop)."""
     tot = np.float32(0.0)
     xt = qx[t]
     for b in range(xt.shape[0] // 256):
         o = b * 210
+        prefetch_bytes(w, pf + o, 210)
         a0, a1, a2, a3, a4, a5, a6, a7 = _q6_scales(row, o + 192)
         c0, c1, c2, c3, c4, c5, c6, c7 = _q6_scales(row, o + 200)
         p = o // 2
@@ -678,13 +696,14 @@ def _rows8(qt, w, w16, qx, xd, qs, out, f16, n0, n1, n16):
     for n in range(n0, n1):
         row = w[n]
         r16 = w16[n]
+        pf = n * w.shape[1] + AHEAD
         for t in range(qx.shape[0]):
             if qt == Q4_K:
-                out[t, n] = _row8_q4_K(row, r16, qx, xd, qs, t, f16, n16)
+                out[t, n] = _row8_q4_K(row, r16, qx, xd, qs, t, f16, n16, w, pf)
             elif qt == Q5_K:
-                out[t, n] = _row8_q5_K(row, r16, qx, xd, qs, t, f16, n16)
+                out[t, n] = _row8_q5_K(row, r16, qx, xd, qs, t, f16, n16, w, pf)
             else:
-                out[t, n] = _row8_q6_K(row, r16, qx, xd, t, f16, n16)
+                out[t, n] = _row8_q6_K(row, r16, qx, xd, t, f16, n16, w, pf)
 
 
 @njit(parallel=True, cache=True, nogil=True)
