@@ -274,10 +274,10 @@ def dequant_rows(qt, w, r0, r1, out, kv, n32):
 
 
 # ---- Dedicated decode products for the hot types: out[T, N] = x[T, K] @ W.T, one kernel per
-# type, index arithmetic only. Q8_0: per block a float32 dot of the 32 int8 with x (a vector
-# loop: its trip count n32 comes at run time; a literal 32 is unrolled into scalar code), times
-# d. K-quants: a loop over eight lanes (n8 = 8 at run time: one 8-wide vector iteration) takes
-# lane l of every group of eight values of a whole block (Q4_K, Q5_K) or half block (Q6_K),
+# type, index arithmetic only. Q8_0: a loop over eight lanes takes lane l of every group of
+# eight values of eight blocks, each block's share times its d. K-quants: a loop over eight
+# lanes (n8 = 8 at run time: one 8-wide vector iteration; a literal 8 is unrolled into scalar
+# code) takes lane l of every group of eight values of a whole block (Q4_K, Q5_K) or half block (Q6_K),
 # sums quant * x per sub-block and adds those sums times the sub-blocks' scales, decoded once
 # per block, into eight lane accumulators summed once per row; Q4_K/Q5_K offsets go through
 # xs, the sums of x over each 32-value sub-block. Quants are cast through int32 (int64 has no
@@ -299,26 +299,51 @@ def f16_table():
     return np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _q8_lane(row, o, xt, xo, l):
+    """Lane l of one Q8_0 block's dot product: its int8 at o + l, o + 8 + l, .. times x."""
+    return ((np.float32(np.int8(row[o + l])) * xt[xo + l] + np.float32(np.int8(row[o + 8 + l])) * xt[xo + 8 + l])
+            + (np.float32(np.int8(row[o + 16 + l])) * xt[xo + 16 + l]
+               + np.float32(np.int8(row[o + 24 + l])) * xt[xo + 24 + l]))
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _row_q8_0(row, r16, xt, f16, acc, n8, n32):
+    """The dot product of x with one Q8_0 row (34-byte blocks: half d, 32 int8). Eight blocks
+    per lane iteration, each lane's sum scaled by its block's d: no horizontal sum per block
+    (1.4-1.6x the block-at-a-time loop). Blocks past the last whole eight: one at a time."""
+    acc[:] = 0.0
+    K = xt.shape[0]
+    for g in range(K // 256):
+        o = g * 272 + 2
+        h = g * 136
+        d0, d1, d2, d3 = f16[r16[h]], f16[r16[h + 17]], f16[r16[h + 34]], f16[r16[h + 51]]
+        d4, d5, d6, d7 = f16[r16[h + 68]], f16[r16[h + 85]], f16[r16[h + 102]], f16[r16[h + 119]]
+        xo = g * 256
+        for l in range(n8):
+            acc[l] += (((d0 * _q8_lane(row, o, xt, xo, l) + d1 * _q8_lane(row, o + 34, xt, xo + 32, l))
+                        + (d2 * _q8_lane(row, o + 68, xt, xo + 64, l) + d3 * _q8_lane(row, o + 102, xt, xo + 96, l)))
+                       + ((d4 * _q8_lane(row, o + 136, xt, xo + 128, l) + d5 * _q8_lane(row, o + 170, xt, xo + 160, l))
+                          + (d6 * _q8_lane(row, o + 204, xt, xo + 192, l)
+                             + d7 * _q8_lane(row, o + 238, xt, xo + 224, l))))
+    tot = acc.sum()
+    for b in range(K // 256 * 8, K // 32):
+        s = np.float32(0.0)
+        for i in range(n32):
+            s += np.float32(np.int8(row[b * 34 + 2 + i])) * xt[b * 32 + i]
+        tot += f16[r16[b * 17]] * s
+    return tot
+
+
 @njit(cache=True, fastmath=True, nogil=True)
 def _rows_q8_0(w, w16, x, xs, out, f16, n0, n1, n32):
-    """Rows n0..n1-1 of Q8_0 (34-byte blocks: half d, 32 int8)."""
-    T, K = x.shape
+    """Rows n0..n1-1 of Q8_0, the next row's bytes prefetched as each row starts."""
     rb = w.shape[1]
+    acc = np.empty(8, np.float32)
     for n in range(n0, n1):
         prefetch_bytes(w, (n + 1) * rb, rb)
-        row = w[n]
-        r16 = w16[n]
-        for t in range(T):
-            xt = x[t]
-            tot = np.float32(0.0)
-            for b in range(K // 32):
-                o = b * 34 + 2
-                xo = b * 32
-                s = np.float32(0.0)
-                for i in range(n32):
-                    s += np.float32(np.int8(row[o + i])) * xt[xo + i]
-                tot += f16[r16[b * 17]] * s
-            out[t, n] = tot
+        for t in range(x.shape[0]):
+            out[t, n] = _row_q8_0(w[n], w16[n], x[t], f16, acc, n32 // 4, n32)
 
 
 @njit(cache=True, nogil=True)
