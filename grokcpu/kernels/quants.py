@@ -1,9 +1,9 @@
 """Products and dequantization on ggml's block formats, with float32 activations.
 
 A matrix is uint8 [N_out, row_bytes]: each row holds K input values as consecutive blocks of
-one ggml type. dequant_rows decodes every type the same way: a block becomes its quant values
-as float32 (q) and, per sub-block s of SUB values, a scale and an offset, so that
-value = scale[s] * q - offset[s]. The hot types (Q8_0, Q4_K, Q5_K, Q6_K) have a dedicated
+one ggml type. dequant_rows decodes Q8_0, Q4_K and Q6_K with a loop each and every other type
+the same way: a block becomes its quant values as float32 (q) and, per sub-block s of SUB
+values, a scale and an offset, so that value = scale[s] * q - offset[s]. The hot types (Q8_0, Q4_K, Q5_K, Q6_K) have a dedicated
 decode product each (matvec_fast); grokcpu.quant.matvec multiplies the others by tiles of
 dequant_rows. Opt-in, the K-quants also have decode products on x rounded to 8 bits
 (quantize_x8, matvec_q8: integer sums, faster, not exact).
@@ -91,23 +91,12 @@ def _k4_scales(r, o, d, dmin, scale, off):
 @njit(cache=True, nogil=True)
 def _decode(qt, r, o, q, qu, scale, off, kv, n32):
     """The block at r[o:o+bytes] -> quant values q[QK] (float32; qu is q's uint32 view),
-    scale[nsub] and off[nsub]. Indexing, not slicing: a slice costs a reference count.
+    scale[nsub] and off[nsub], for the types without a loop of their own in dequant_rows.
+    Indexing, not slicing: a slice costs a reference count.
     n32 is 32, passed at run time: LLVM unrolls a literal 32-iteration loop into scalar code
     rather than vectorizing it (four times slower here)."""
     n16 = n32 // 2
-    if qt == Q8_0:
-        scale[0] = f16_to_f32(r[o], r[o + 1])
-        off[0] = 0.0
-        for i in range(n32):
-            q[i] = np.float32(np.int8(r[o + 2 + i]))
-    elif qt == Q4_K:
-        _k4_scales(r, o + 4, f16_to_f32(r[o], r[o + 1]), f16_to_f32(r[o + 2], r[o + 3]), scale, off)
-        for j in range(4):
-            for i in range(n32):
-                b = r[o + 16 + 32 * j + i]
-                q[64 * j + i] = np.float32(b & 15)
-                q[64 * j + 32 + i] = np.float32(b >> 4)
-    elif qt == Q5_K:
+    if qt == Q5_K:
         _k4_scales(r, o + 4, f16_to_f32(r[o], r[o + 1]), f16_to_f32(r[o + 2], r[o + 3]), scale, off)
         for j in range(4):
             for i in range(n32):
@@ -115,20 +104,6 @@ def _decode(qt, r, o, q, qu, scale, off, kv, n32):
                 h = r[o + 16 + i] >> (2 * j)
                 q[64 * j + i] = np.float32((b & 15) | ((h & 1) << 4))
                 q[64 * j + 32 + i] = np.float32((b >> 4) | ((h & 2) << 3))
-    elif qt == Q6_K:
-        d = f16_to_f32(r[o + 208], r[o + 209])
-        for j in range(16):
-            scale[j] = d * np.float32(np.int8(r[o + 192 + j]))
-            off[j] = 0.0
-        for h in range(2):
-            for i in range(n32):
-                a = np.int32(r[o + 64 * h + i])
-                b = np.int32(r[o + 64 * h + 32 + i])
-                c = np.int32(r[o + 128 + 32 * h + i])
-                q[128 * h + i] = np.float32(((a & 15) | ((c & 3) << 4)) - 32)
-                q[128 * h + 32 + i] = np.float32(((b & 15) | (((c >> 2) & 3) << 4)) - 32)
-                q[128 * h + 64 + i] = np.float32(((a >> 4) | (((c >> 4) & 3) << 4)) - 32)
-                q[128 * h + 96 + i] = np.float32(((b >> 4) | (((c >> 6) & 3) << 4)) - 32)
     elif qt == Q4_0 or qt == IQ4_NL:
         scale[0] = f16_to_f32(r[o], r[o + 1])
         off[0] = 0.0
@@ -251,22 +226,22 @@ def _deq_q6_K(row, o, n32):
 def dequant_rows(qt, w, r0, r1, out, kv, n32):
     """out[r1-r0, K] = rows r0..r1-1 of the ggml matrix w of type qt, as float32 (a tile for
     BLAS). Q8_0, Q4_K and Q6_K (the prefill types of Q8_0 and Q4_K_M files) have a loop each,
-    15-30x faster than the generic block decoder the others take; the same values to the bit.
+    6-15x faster than the generic block decoder the others take; the same values to the bit.
     kv: KVALUES_IQ4NL; n32: 32 (see _decode)."""
     K = out.shape[1]
     QK, BB, SUB = _layout(qt)
     for r in prange(r1 - r0):
         row = w[r0 + r]
         o = out[r]
-        scale = np.empty(QK // SUB, np.float32)
-        off = np.empty(QK // SUB, np.float32)
         if qt == Q8_0:
             _deq_q8_0(row, o, n32)
-        elif qt == Q4_K:
-            _deq_q4_K(row, o, scale, off, n32)
         elif qt == Q6_K:
             _deq_q6_K(row, o, n32)
+        elif qt == Q4_K:
+            _deq_q4_K(row, o, np.empty(8, np.float32), np.empty(8, np.float32), n32)
         else:
+            scale = np.empty(QK // SUB, np.float32)
+            off = np.empty(QK // SUB, np.float32)
             q = np.empty(QK, np.float32)
             qu = q.view(np.uint32)
             for b in range(K // QK):
