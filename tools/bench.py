@@ -36,8 +36,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         r = run_bench(a.model, a.prompt_tokens, a.gen_tokens, a.threads, a.reps,
-                      unembed=a.unembed, expert_cache_gb=a.expert_cache_gb,
-                      **({"activations": "q8"} if a.activations == "q8" else {}))
+                      unembed=a.unembed, activations=a.activations, expert_cache_gb=a.expert_cache_gb)
     except OptionError as e:
         print(f"error: {e.render('--' + e.param.replace('_', '-'))}", file=sys.stderr)
         return 2
