@@ -8,6 +8,7 @@ import numpy as np
 
 from .errors import CheckpointError
 from .kernels import quants as kq
+from .kernels import simd
 
 TYPE_NAMES = kq.TYPE_NAMES
 LAYOUT = kq.LAYOUT
@@ -78,11 +79,17 @@ def matvec(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = No
     parts = numba.get_num_threads()
     if activations == "q8" and qtype in Q8_ACT:
         T = x.shape[0]
-        qx = np.empty((T, K), np.int16)
         xd = np.empty((T, K // 256), np.float32)
         qs = np.empty((T, K // 32), np.int32)
-        kq.quantize_x8(x, qx, xd, qs)
-        kq.matvec_q8(qtype, w, w.view(np.uint16), qx, xd, qs, out, F16_TABLE, parts, 16)
+        if simd.AVX2:
+            qx = np.empty((T, K), np.int8)
+            bs = np.empty((T, K // 16), np.int16)
+            kq.quantize_x8(x, qx, xd, qs, bs)
+            simd.matvec_q8(qtype, w, w.view(np.uint16), qx, xd, qs, bs, out, F16_TABLE, parts)
+        else:
+            qx = np.empty((T, K), np.int16)
+            kq.quantize_x8(x, qx, xd, qs)
+            kq.matvec_q8(qtype, w, w.view(np.uint16), qx, xd, qs, out, F16_TABLE, parts, 16)
     elif qtype in FAST:
         xs = x.reshape(x.shape[0], -1, 32).sum(axis=2, dtype=np.float32) if qtype in (kq.Q4_K, kq.Q5_K) \
             else np.zeros((1, 1), np.float32)

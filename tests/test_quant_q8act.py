@@ -14,6 +14,7 @@ import grokcpu
 from grokcpu import quant
 from grokcpu.cli import app
 from grokcpu.kernels import quants as kq
+from grokcpu.kernels import simd
 from test_gguf import TINY, write_grok
 from test_quants import random_matrix
 
@@ -28,6 +29,33 @@ def quantize8(x):
     kq.quantize_x8(x, qx, xd, qs)
     natural = qx.reshape(T, K // 32, 2, 16).transpose(0, 1, 3, 2).reshape(T, K)   # undo evens-then-odds
     return natural.astype(np.int64), xd, qs
+
+
+def quantize8_bytes(x):
+    """The byte layout (kernels/simd.py): (qx int8 natural order, xd, qs, bs)."""
+    T, K = x.shape
+    out = (np.empty((T, K), np.int8), np.empty((T, K // 256), np.float32), np.empty((T, K // 32), np.int32),
+           np.empty((T, K // 16), np.int16))
+    kq.quantize_x8(x, *out)
+    return out
+
+
+def q8_kernel(kind, qtype, w, x, parts):
+    """out = x @ W.T by the int16-word kernel (portable) or the AVX2 byte kernel, in `parts` ranges."""
+    T, N = x.shape[0], w.shape[0]
+    out = np.empty((T, N), np.float32)
+    if kind == "words":
+        qx, xd, qs = (np.empty((T, x.shape[1]), np.int16), np.empty((T, x.shape[1] // 256), np.float32),
+                      np.empty((T, x.shape[1] // 32), np.int32))
+        kq.quantize_x8(x, qx, xd, qs)
+        kq.matvec_q8(qtype, w, w.view(np.uint16), qx, xd, qs, out, quant.F16_TABLE, parts, 16)
+    else:
+        qx, xd, qs, bs = quantize8_bytes(x)
+        simd.matvec_q8(qtype, w, w.view(np.uint16), qx, xd, qs, bs, out, quant.F16_TABLE, parts)
+    return out
+
+
+KINDS = ["words", "bytes"] if simd.AVX2 else ["words"]
 
 
 def dequantize8(x):
@@ -53,6 +81,11 @@ def test_quantizer_against_float64():
     assert np.abs(q).max() == 127 and q[2, 7] == 127
     assert (q[1, 256:512] == 0).all() and xd[1, 1] == 0
     np.testing.assert_array_equal(qs, q.reshape(T, -1, 32).sum(axis=2))
+    qb, xdb, qsb, bs = quantize8_bytes(x)                 # the byte layout: the same numbers
+    np.testing.assert_array_equal(qb, q)
+    np.testing.assert_array_equal(xdb, xd)
+    np.testing.assert_array_equal(qsb, qs)
+    np.testing.assert_array_equal(bs, q.reshape(T, -1, 16).sum(axis=2))
 
 
 def test_non_finite_x_gives_nan_like_float32():
@@ -80,13 +113,34 @@ def test_kernel_equals_float64_product_of_the_rounded_x(qtype):
             bound = 4e-7 * (K // 256 + 4) * scale
             got = quant.matvec(qtype, w, x, activations="q8")
             assert np.all(np.abs(got - ref) <= bound), (N, K, T, np.abs(got - ref).max())
-            for parts in (1, 3, N + 2):                   # range splits other than the thread count
-                qx, xd, qs = (np.empty((T, K), np.int16), np.empty((T, K // 256), np.float32),
-                              np.empty((T, K // 32), np.int32))
-                kq.quantize_x8(x, qx, xd, qs)
-                out = np.empty((T, N), np.float32)
-                kq.matvec_q8(qtype, w, w.view(np.uint16), qx, xd, qs, out, quant.F16_TABLE, parts, 16)
-                np.testing.assert_array_equal(out, got)
+            for kind in KINDS:
+                first = q8_kernel(kind, qtype, w, x, 1)
+                assert np.all(np.abs(first - ref) <= bound), (kind, N, K, T, np.abs(first - ref).max())
+                for parts in (3, N + 2):                  # range splits other than the thread count
+                    np.testing.assert_array_equal(q8_kernel(kind, qtype, w, x, parts), first)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=IDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_integer_sums_do_not_overflow_at_the_extremes(qtype, kind):
+    """Every quant and scale at its largest magnitude, x at +-127 steps: the bounds the kernels'
+    int16 pair sums and int32 block sums rely on, checked against float64."""
+    N, K = 3, 512
+    w = np.full((N, K // 256 * kq.LAYOUT[qtype][1]), 0xFF, np.uint8)
+    b = w.reshape(N, -1, kq.LAYOUT[qtype][1])
+    if qtype == kq.Q6_K:
+        b[:, :, 192:208] = 0x80                           # scales -128; quants 63 - 32 = 31
+        b[:, :, 208:210] = (0x00, 0x3C)                   # d = 1.0
+        b[1, :, 0:128] = 0x00                             # row 1: quants 0 | top bits 48 -> 48-32
+        b[2, :, 0:192] = 0x00                             # row 2: quants 0 - 32 = -32
+    else:
+        b[:, :, 0:4] = (0x00, 0x3C, 0x00, 0x00)           # d = 1.0, dmin = 0: the sums alone
+    W = dequantize(w, qtype).reshape(N, K).astype(np.float64)
+    for sign in (1.0, -1.0):
+        x = np.full((2, K), sign, np.float32)
+        x[1, ::2] *= -1.0                                  # alternating signs
+        out = q8_kernel(kind, qtype, w, x, 2)
+        np.testing.assert_allclose(out, dequantize8(x) @ W.T, rtol=1e-6)
 
 
 def dequantize_mins(w, qtype, N, K):

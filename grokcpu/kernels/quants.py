@@ -535,11 +535,12 @@ def matvec_fast(qt, w, w16, x, xs, out, f16, parts, n32):
 # scale chosen per word rather than a loop of 8.
 
 @njit(cache=True, nogil=True)
-def quantize_x8(x, qx, xd, qs):
-    """x [T, K] to 8 bits: qx[T, K] (int16, kernel order) = x / d rounded to nearest (ties to
-    even), d = xd[t, b] = amax / 127 over each 256 values; qs[t, c] = the sum of qx over each 32
-    values. A non-finite value makes its d NaN or inf and its block's quants zero, so that the
-    products come out NaN as in float32."""
+def quantize_x8(x, qx, xd, qs, bs=None):
+    """x [T, K] to 8 bits: qx[T, K] = x / d rounded to nearest (ties to even), d = xd[t, b] =
+    amax / 127 over each 256 values; qs[t, c] = the sum of qx over each 32 values. qx int16: in
+    the kernel order above; int8 (with bs [T, K/16] int16, the sums over each 16 values): in
+    natural order, for kernels/simd.py. A non-finite value makes its d NaN or inf and its
+    block's quants zero, so that the products come out NaN as in float32."""
     T, K = x.shape
     for t in range(T):
         for b in range(K // 256):
@@ -553,12 +554,22 @@ def quantize_x8(x, qx, xd, qs):
             xd[t, b] = amax / np.float32(127.0)
             inv = np.float32(127.0) / amax if np.isfinite(amax) and amax > 0 else np.float32(0.0)
             for c in range(256 * b, 256 * b + 256, 32):
-                tot = np.int32(0)
-                for m in range(16):
-                    qx[t, c + m] = np.int16(np.rint(x[t, c + 2 * m] * inv))
-                    qx[t, c + 16 + m] = np.int16(np.rint(x[t, c + 2 * m + 1] * inv))
-                    tot += np.int32(qx[t, c + m]) + np.int32(qx[t, c + 16 + m])
-                qs[t, c // 32] = tot
+                if bs is not None:
+                    for h in range(2):
+                        tot = np.int32(0)
+                        for i in range(c + 16 * h, c + 16 * h + 16):
+                            v = np.int8(np.rint(x[t, i] * inv))
+                            qx[t, i] = v
+                            tot += np.int32(v)
+                        bs[t, c // 16 + h] = tot
+                    qs[t, c // 32] = np.int32(bs[t, c // 16]) + np.int32(bs[t, c // 16 + 1])
+                else:
+                    tot = np.int32(0)
+                    for m in range(16):
+                        qx[t, c + m] = np.int16(np.rint(x[t, c + 2 * m] * inv))
+                        qx[t, c + 16 + m] = np.int16(np.rint(x[t, c + 2 * m + 1] * inv))
+                        tot += np.int32(qx[t, c + m]) + np.int32(qx[t, c + 16 + m])
+                    qs[t, c // 32] = tot
 
 
 @njit(cache=True, fastmath=True, nogil=True, inline="always")
