@@ -16,9 +16,9 @@ SUPPORTED = ", ".join(TYPE_NAMES[t] for t in LAYOUT)
 F16_TABLE = kq.f16_table()
 F16_TABLE.flags.writeable = False
 FAST = (kq.Q8_0, kq.Q4_K, kq.Q5_K, kq.Q6_K)          # the types with a dedicated decode product
-# the types whose decode product can take x rounded to 8 bits (activations="q8"); Q8_0's float32
-# product already reads near memory speed, and its 8-bit one measured no faster
-Q8_ACT = (kq.Q4_K, kq.Q5_K, kq.Q6_K)
+# the types whose decode product can take x rounded to 8 bits (activations="q8"). Q8_0 only with
+# AVX2's byte products (kernels/simd.py): its int16-word product measured no faster than float32
+Q8_ACT = (kq.Q4_K, kq.Q5_K, kq.Q6_K) + ((kq.Q8_0,) if simd.AVX2 else ())
 # the other types multiply by float32 tiles of about this many bytes (dequant_rows, then BLAS)
 TILE_BYTES = 1 << 20
 
@@ -77,7 +77,7 @@ def matvec(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = No
         raise ValueError(f"{name or 'matrix'}: out must be float32 {(x.shape[0], w.shape[0])}")
     x = _readonly(x)
     parts = numba.get_num_threads()
-    if activations == "q8" and qtype in Q8_ACT:
+    if activations == "q8" and qtype in Q8_ACT and K % 256 == 0:
         T = x.shape[0]
         xd = np.empty((T, K // 256), np.float32)
         qs = np.empty((T, K // 32), np.int32)

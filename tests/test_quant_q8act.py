@@ -18,7 +18,7 @@ from grokcpu.kernels import simd
 from test_gguf import TINY, write_grok
 from test_quants import random_matrix
 
-TYPES = [kq.Q4_K, kq.Q5_K, kq.Q6_K]
+TYPES = [kq.Q4_K, kq.Q5_K, kq.Q6_K] + ([kq.Q8_0] if simd.AVX2 else [])
 IDS = [kq.TYPE_NAMES[t] for t in TYPES]
 
 
@@ -56,6 +56,11 @@ def q8_kernel(kind, qtype, w, x, parts):
 
 
 KINDS = ["words", "bytes"] if simd.AVX2 else ["words"]
+
+
+def kinds(qtype):
+    """The q8 kernels of a type: Q8_0 has the byte kernel only."""
+    return [k for k in KINDS if not (k == "words" and qtype == kq.Q8_0)]
 
 
 def dequantize8(x):
@@ -113,7 +118,7 @@ def test_kernel_equals_float64_product_of_the_rounded_x(qtype):
             bound = 4e-7 * (K // 256 + 4) * scale
             got = quant.matvec(qtype, w, x, activations="q8")
             assert np.all(np.abs(got - ref) <= bound), (N, K, T, np.abs(got - ref).max())
-            for kind in KINDS:
+            for kind in kinds(qtype):
                 first = q8_kernel(kind, qtype, w, x, 1)
                 assert np.all(np.abs(first - ref) <= bound), (kind, N, K, T, np.abs(first - ref).max())
                 for parts in (3, N + 2):                  # range splits other than the thread count
@@ -123,12 +128,19 @@ def test_kernel_equals_float64_product_of_the_rounded_x(qtype):
 @pytest.mark.parametrize("qtype", TYPES, ids=IDS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_integer_sums_do_not_overflow_at_the_extremes(qtype, kind):
+    if kind not in kinds(qtype):
+        pytest.skip("Q8_0 has no int16-word kernel")
     """Every quant and scale at its largest magnitude, x at +-127 steps: the bounds the kernels'
     int16 pair sums and int32 block sums rely on, checked against float64."""
     N, K = 3, 512
-    w = np.full((N, K // 256 * kq.LAYOUT[qtype][1]), 0xFF, np.uint8)
-    b = w.reshape(N, -1, kq.LAYOUT[qtype][1])
-    if qtype == kq.Q6_K:
+    qk, bb, _ = kq.LAYOUT[qtype]
+    w = np.full((N, K // qk * bb), 0xFF, np.uint8)
+    b = w.reshape(N, -1, bb)
+    if qtype == kq.Q8_0:
+        b[:, :, 0:2] = (0x00, 0x3C)                       # d = 1.0
+        b[1, :, 2:] = 0x80                                # row 1: q = -128; rows 0, 2: q = -1
+        b[2, :, 2::2] = 0x7F                              # row 2: 127, -1, 127, ..
+    elif qtype == kq.Q6_K:
         b[:, :, 192:208] = 0x80                           # scales -128; quants 63 - 32 = 31
         b[:, :, 208:210] = (0x00, 0x3C)                   # d = 1.0
         b[1, :, 0:128] = 0x00                             # row 1: quants 0 | top bits 48 -> 48-32
@@ -145,7 +157,7 @@ def test_integer_sums_do_not_overflow_at_the_extremes(qtype, kind):
 
 def dequantize_mins(w, qtype, N, K):
     """The -dmin * m part of each value of a Q4_K/Q5_K matrix (zero for Q6_K): decoded with d = 0."""
-    if qtype == kq.Q6_K:
+    if qtype in (kq.Q6_K, kq.Q8_0):
         return np.zeros((N, K))
     b = w.reshape(N, -1, kq.LAYOUT[qtype][1]).copy()
     b[:, :, 0:2] = 0                                      # d = +0.0

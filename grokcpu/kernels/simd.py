@@ -20,7 +20,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .prefetch import prefetch_bytes
-from .quants import AHEAD, Q4_K, Q5_K, _k4_ints
+from .quants import AHEAD, Q4_K, Q5_K, Q8_0, _k4_ints
 
 
 def _avx2() -> bool:
@@ -163,6 +163,35 @@ def q6k_dot(typingctx, w, o, x, xo, bs, bo):
     return sig, codegen
 
 
+@intrinsic
+def q80_dot8(typingctx, w, o, x, xo):
+    """sum over the eight Q8_0 blocks at w[o:] (34 bytes each: half d, 32 int8) of d * (the
+    block's integer sum of q * x[xo + i]), as float32. |q| <= 128 (its magnitude as an unsigned
+    byte, x given q's sign): pair sums at most 2*128*127, within int16."""
+    sig = types.float32(w, o, x, xo)
+
+    def codegen(context, builder, sig, args):
+        op = _Ops(context, builder, sig, args)
+        b = builder
+        wp, xp = op.ptr(0, 1), op.ptr(2, 3)
+        f32, v8f = ir.FloatType(), ir.VectorType(ir.FloatType(), 8)
+        absf = _fn(b, "llvm.abs.v32i8", _V32B, _V32B, ir.IntType(1))
+        sign = _fn(b, "llvm.x86.avx2.psign.b", _V32B, _V32B, _V32B)
+        ones = op.splat(_V16W, 1)
+        acc = ir.Constant(v8f, None)
+        for k in range(8):
+            hp = b.bitcast(b.gep(wp, [ir.Constant(_I32, 34 * k)]), ir.HalfType().as_pointer())
+            d = b.fpext(b.load(hp, align=1), f32)
+            q = op.load32(wp, 34 * k + 2)
+            p = op.maddubs(b.call(absf, [q, ir.Constant(ir.IntType(1), 0)]),
+                           b.call(sign, [op.load32(xp, 32 * k), q]))
+            f = b.sitofp(op.maddwd(p, ones), v8f)
+            acc = b.fadd(acc, b.fmul(f, op._splat(v8f, d)))
+        red = _fn(b, "llvm.vector.reduce.fadd.v8f32", f32, f32, v8f)
+        return b.call(red, [ir.Constant(f32, 0.0), acc], fastmath=("reassoc",))
+    return sig, codegen
+
+
 # ---- Rows: out[t, n] = x[t] . W[n] for Q4_K, Q5_K or Q6_K against x from quantize_x8 (bytes).
 # Per block one integer sum from the functions above, then d * xd * sum (Q4_K/Q5_K minus dmin *
 # xd * the mins times x's sums per 32). The integer sums are exact, so the results equal
@@ -199,13 +228,25 @@ def _row_q6(row, r16, xt, xd, bs, t, f16, w, pf):
 
 
 @njit(cache=True, fastmath=True, nogil=True)
+def _row_q8_0(row, xt, xd, t):
+    tot = np.float32(0.0)
+    for g in range(xt.shape[0] // 256):
+        tot += xd[t, g] * q80_dot8(row, 272 * g, xt, 256 * g)
+    return tot
+
+
+@njit(cache=True, fastmath=True, nogil=True)
 def _rows(qt, w, w16, qx, xd, qs, bs, out, f16, n0, n1):
     for n in range(n0, n1):
         row = w[n]
         r16 = w16[n]
         pf = n * w.shape[1] + AHEAD
+        if qt == Q8_0:
+            prefetch_bytes(w, (n + 1) * w.shape[1], w.shape[1])
         for t in range(qx.shape[0]):
-            if qt == Q4_K:
+            if qt == Q8_0:
+                out[t, n] = _row_q8_0(row, qx[t], xd, t)
+            elif qt == Q4_K:
                 out[t, n] = _row_k45(row, r16, qx[t], xd, qs, t, f16, False, w, pf)
             elif qt == Q5_K:
                 out[t, n] = _row_k45(row, r16, qx[t], xd, qs, t, f16, True, w, pf)
@@ -215,7 +256,8 @@ def _rows(qt, w, w16, qx, xd, qs, bs, out, f16, n0, n1):
 
 @njit(parallel=True, cache=True, nogil=True)
 def matvec_q8(qt, w, w16, qx, xd, qs, bs, out, f16, parts):
-    """out[T, N] = x[T, K] @ W.T for Q4_K, Q5_K or Q6_K (qt), x from quantize_x8 as bytes (qx
+    """out[T, N] = x[T, K] @ W.T for Q8_0, Q4_K, Q5_K or Q6_K (qt; Q8_0 with K a multiple of
+    256), x from quantize_x8 as bytes (qx
     int8 [T, K], xd, qs, bs), `parts` ranges of rows in parallel."""
     N = w.shape[0]
     parts = max(1, min(N, parts))
