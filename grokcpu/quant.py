@@ -85,7 +85,7 @@ def matvec(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = No
             qx = np.empty((T, K), np.int8)
             bs = np.empty((T, K // 16), np.int16)
             kq.quantize_x8(x, qx, xd, qs, bs)
-            simd.matvec_q8(qtype, w, w.view(np.uint16), qx, xd, qs, bs, out, F16_TABLE, parts)
+            simd.matvec_q8(qtype, w, qx, xd, bs, out, parts)
         else:
             qx = np.empty((T, K), np.int16)
             kq.quantize_x8(x, qx, xd, qs)

@@ -51,7 +51,7 @@ def q8_kernel(kind, qtype, w, x, parts):
         kq.matvec_q8(qtype, w, w.view(np.uint16), qx, xd, qs, out, quant.F16_TABLE, parts, 16)
     else:
         qx, xd, qs, bs = quantize8_bytes(x)
-        simd.matvec_q8(qtype, w, w.view(np.uint16), qx, xd, qs, bs, out, quant.F16_TABLE, parts)
+        simd.matvec_q8(qtype, w, qx, xd, bs, out, parts)
     return out
 
 

@@ -1,14 +1,16 @@
-"""Byte dot products of one K-quant block with 8-bit x, as AVX2 vector code (numba intrinsics).
+"""Row dot products of Q8_0/Q4_K/Q5_K/Q6_K with 8-bit x, as AVX2 vector code (numba intrinsics).
 
 LLVM's loop vectorizer widens a byte product to int16 lanes (pmaddwd: 16 products per
 256-bit instruction). AVX2's pmaddubsw multiplies 32 unsigned bytes by 32 signed bytes into
 16 int16 pair sums in one instruction, and pmaddwd by a vector of scales then sums those pairs
-into int32: the sequence llama.cpp's K-quant kernels are built on, written here as LLVM IR.
-Each function returns one block's integer sum (exact: bounds at each function); the caller
-scales it by the block's d and x's step. Compiled only where `AVX2` is true (the intrinsics
-do not exist elsewhere): kernels/quants.py keeps portable int16 kernels for other CPUs.
+into int32: the sequence llama.cpp's kernels are built on, written here as LLVM IR, whole rows
+at a time (scales unpacked in vector registers, one horizontal sum per row). Within a block
+the sums are integers (exact: bounds at each type); per block they are scaled by the block's d
+(and x's step) into eight float32 lanes. Compiled only where `AVX2` is true (the intrinsics do
+not exist elsewhere): kernels/quants.py keeps portable int16 kernels for other CPUs.
 
-x is int8 [K] in natural order (quantize_x8 with bytes=True), blocks of 256 values.
+x is int8 [T, K] in natural order with its step per 256 values and its sums per 16
+(quantize_x8 given int8 qx and bs).
 """
 
 import llvmlite.binding as llvm
@@ -20,7 +22,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .prefetch import prefetch_bytes
-from .quants import AHEAD, Q4_K, Q5_K, Q8_0, _k4_ints
+from .quants import Q4_K, Q5_K, Q8_0
 
 
 def _avx2() -> bool:
@@ -28,16 +30,21 @@ def _avx2() -> bool:
     say otherwise)."""
     feats = numba.config.CPU_FEATURES
     if feats:
-        return "+avx2" in feats.split(",")
+        return {"+avx2", "+f16c"} <= set(feats.split(","))
     if numba.config.CPU_NAME not in (None, "host"):
         return False
-    return bool(llvm.get_host_cpu_features().get("avx2"))
+    f = llvm.get_host_cpu_features()
+    return bool(f.get("avx2") and f.get("f16c"))          # F16C: a half's conversion in one instruction
 
 
 AVX2 = _avx2()
+AHEAD = 3072            # bytes ahead of the block being read that each block asks for (quants.AHEAD)
 
-_I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
-_V32B, _V16W, _V8D = ir.VectorType(_I8, 32), ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
+_I1, _I8, _I16, _I32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32)
+_F32 = ir.FloatType()
+_V32B, _V16B, _V16W, _V8D = (ir.VectorType(_I8, 32), ir.VectorType(_I8, 16), ir.VectorType(_I16, 16),
+                             ir.VectorType(_I32, 8))
+_V8F, _V4D = ir.VectorType(_F32, 8), ir.VectorType(_I32, 4)
 
 
 def _fn(builder, name, ret, *args):
@@ -45,32 +52,31 @@ def _fn(builder, name, ret, *args):
 
 
 class _Ops:
-    """IR helpers over one builder: 32-byte loads, splats, the two multiply-adds."""
+    """IR helpers over one builder: loads at byte offsets, splats, shuffles, the multiply-adds."""
 
-    def __init__(self, context, builder, sig, args):
+    def __init__(self, builder):
         self.b = builder
-        self.ctx = context
-        self.sig = sig
-        self.args = args
 
-    def ptr(self, k, off_arg):
-        """i8* to element args[off_arg] of the uint8/int8 array args[k]."""
-        ary = self.ctx.make_array(self.sig.args[k])(self.ctx, self.b, self.args[k])
-        idx = self.ctx.cast(self.b, self.args[off_arg], self.sig.args[off_arg], types.intp)
-        return self.b.bitcast(self.b.gep(ary.data, [idx]), _I8.as_pointer())
+    def at(self, p, off):
+        """i8* p + off (an int or an IR integer)."""
+        return self.b.gep(p, [off if isinstance(off, ir.Value) else ir.Constant(_I32, off)])
 
-    def load32(self, p, off):
-        """32 bytes at p + off (unaligned)."""
-        q = self.b.gep(p, [ir.Constant(_I32, off)])
-        return self.b.load(self.b.bitcast(q, _V32B.as_pointer()), align=1)
+    def load(self, p, off, ty):
+        return self.b.load(self.b.bitcast(self.at(p, off), ty.as_pointer()), align=1)
+
+    def half(self, p, off):
+        return self.b.fpext(self.load(p, off, ir.HalfType()), _F32)
 
     def splat(self, vt, v):
-        return ir.Constant(vt, [v] * vt.count) if isinstance(v, int) else self._splat(vt, v)
-
-    def _splat(self, vt, v):
+        if not isinstance(v, ir.Value):
+            return ir.Constant(vt, [v] * vt.count)
         undef = ir.Constant(vt, ir.Undefined)
         one = self.b.insert_element(undef, v, ir.Constant(_I32, 0))
         return self.b.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_I32, vt.count), [0] * vt.count))
+
+    def lanes(self, v, idx):
+        """v's lanes idx, as a vector."""
+        return self.b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(ir.VectorType(_I32, len(idx)), idx))
 
     def maddubs(self, u, s):
         """16 int16: u[2i]*s[2i] + u[2i+1]*s[2i+1], u unsigned and s signed bytes."""
@@ -80,187 +86,161 @@ class _Ops:
         """8 int32: a[2i]*c[2i] + a[2i+1]*c[2i+1]."""
         return self.b.call(_fn(self.b, "llvm.x86.avx2.pmadd.wd", _V8D, _V16W, _V16W), [a, c])
 
-    def hsum(self, v):
-        return self.b.call(_fn(self.b, "llvm.vector.reduce.add.v8i32", _I32, _V8D), [v])
+    def scaled(self, ints, f):
+        """The int32 lanes as float32 times the float f."""
+        return self.b.fmul(self.b.sitofp(ints, _V8F), self.splat(_V8F, f))
 
-    def scale(self, k):
-        """Argument k (an integer scale) splat to 16 int16."""
-        v = self.ctx.cast(self.b, self.args[k], self.sig.args[k], types.int16)
-        return self._splat(_V16W, v)
+    def prefetch(self, p, off, n):
+        """Hints for the n bytes at p + off (a prefetch never faults, past the row's end too)."""
+        fn = _fn(self.b, "llvm.prefetch.p0", ir.VoidType(), _I8.as_pointer(), _I32, _I32, _I32)
+        for c in range(0, n, 64):
+            self.b.call(fn, [self.at(self.at(p, off), c), _I32(0), _I32(3), _I32(1)])
 
 
-def _k45_dot(five: bool):
+def _k45(op, w, x, bs, sx, five):
+    """A Q4_K (Q5_K) block at w (half d, half dmin, 12 bytes of 6-bit scales and mins, Q5_K's
+    32 bytes of fifth bits, 128 of nibbles) times x: d*sx * sum sc*q*x - dmin*sx * sum m*(x's
+    sums per 32). Scales and mins unpacked as ggml's get_scale_min_k4, four words at a time (as
+    llama.cpp does). Pair sums at most 2*31*127 (int16), times a scale at most 63: the block's
+    sum stays below 2**31."""
+    b = op.b
+    u0, u1, u2 = (op.load(w, 4 + 4 * i, _I32) for i in range(3))
+    k1, k2, k3 = _I32(0x3F3F3F3F), _I32(0x0F0F0F0F), _I32(0x03030303)
+    sm = [b.and_(u0, k1),                                                     # scales 0-3
+          b.or_(b.and_(u2, k2), b.shl(b.and_(b.lshr(u0, _I32(6)), k3), _I32(4))),   # scales 4-7
+          b.and_(u1, k1),                                                     # mins 0-3
+          b.or_(b.and_(b.lshr(u2, _I32(4)), k2), b.shl(b.and_(b.lshr(u1, _I32(6)), k3), _I32(4)))]
+    v = ir.Constant(_V4D, ir.Undefined)
+    for i, word in enumerate(sm):
+        v = b.insert_element(v, word, _I32(i))
+    s16 = b.zext(b.bitcast(v, _V16B), _V16W)          # lanes 0-7 the scales, 8-15 the mins
+    m15, m1, s4 = op.splat(_V32B, 15), op.splat(_V32B, 1), op.splat(_V32B, 4)
+    qs = 48 if five else 16
+    h = op.load(w, 16, _V32B) if five else None
+    acc = ir.Constant(_V8D, None)
+    for j in range(4):
+        q = op.load(w, qs + 32 * j, _V32B)
+        lo, hi = b.and_(q, m15), b.lshr(q, s4)
+        if five:        # fifth bits: bit 2j of byte i for value i, bit 2j+1 for i + 32
+            lo = b.or_(lo, b.shl(b.and_(b.lshr(h, op.splat(_V32B, 2 * j)), m1), s4))
+            hi = b.or_(hi, b.shl(b.and_(b.lshr(h, op.splat(_V32B, 2 * j + 1)), m1), s4))
+        pl = op.maddwd(op.maddubs(lo, op.load(x, 64 * j, _V32B)), op.lanes(s16, [2 * j] * 16))
+        ph = op.maddwd(op.maddubs(hi, op.load(x, 64 * j + 32, _V32B)), op.lanes(s16, [2 * j + 1] * 16))
+        acc = b.add(acc, b.add(pl, ph))
+    mins = op.maddwd(op.load(bs, 0, _V16W), op.lanes(s16, [8 + i // 2 for i in range(16)]))
+    d, dmin = b.fmul(op.half(w, 0), sx), b.fmul(op.half(w, 2), sx)
+    return b.fsub(op.scaled(acc, d), op.scaled(mins, dmin))
+
+
+def _q6(op, w, x, bs, sx):
+    """A Q6_K block at w (128 bytes of low nibbles, 64 of bit pairs, 16 int8 scales, half d)
+    times x: d*sx * sum sc*(q - 32)*x, the minus 32 through x's sums per 16. Pair sums at most
+    2*63*127, times |sc| <= 128: within int32."""
+    b = op.b
+    sc = b.sext(op.load(w, 192, _V16B), _V16W)
+    m15, m3, s4 = op.splat(_V32B, 15), op.splat(_V32B, 3), op.splat(_V32B, 4)
+    acc = ir.Constant(_V8D, None)
+    for n in range(2):
+        A, B = op.load(w, 64 * n, _V32B), op.load(w, 64 * n + 32, _V32B)
+        H = op.load(w, 128 + 32 * n, _V32B)
+        top = [b.shl(b.and_(b.lshr(H, op.splat(_V32B, 2 * t)), m3), s4) for t in range(4)]
+        vals = (b.or_(b.and_(A, m15), top[0]), b.or_(b.and_(B, m15), top[1]),
+                b.or_(b.lshr(A, s4), top[2]), b.or_(b.lshr(B, s4), top[3]))
+        for g, v in enumerate(vals):             # 32 values: scale 8n+2g (first 16), 8n+2g+1
+            s = 8 * n + 2 * g
+            p = op.maddubs(v, op.load(x, 128 * n + 32 * g, _V32B))
+            acc = b.add(acc, op.maddwd(p, op.lanes(sc, [s] * 8 + [s + 1] * 8)))
+    corr = op.maddwd(op.load(bs, 0, _V16W), sc)
+    acc = b.sub(acc, b.shl(corr, op.splat(_V8D, 5)))
+    return op.scaled(acc, b.fmul(op.half(w, 208), sx))
+
+
+def _q8_0(op, w, x, bs, sx):
+    """Eight Q8_0 blocks at w (34 bytes each: half d, 32 int8) times x: per block d*sx * its
+    integer sum of q*x, |q| <= 128 as an unsigned byte times x given q's sign (pair sums at
+    most 2*128*127, within int16)."""
+    b = op.b
+    absf = _fn(b, "llvm.abs.v32i8", _V32B, _V32B, _I1)
+    sign = _fn(b, "llvm.x86.avx2.psign.b", _V32B, _V32B, _V32B)
+    ones = op.splat(_V16W, 1)
+    out = ir.Constant(_V8F, None)
+    for k in range(8):
+        q = op.load(w, 34 * k + 2, _V32B)
+        p = op.maddubs(b.call(absf, [q, _I1(0)]), b.call(sign, [op.load(x, 32 * k, _V32B), q]))
+        out = b.fadd(out, op.scaled(op.maddwd(p, ones), b.fmul(op.half(w, 34 * k), sx)))
+    return out
+
+
+def _row(block, nbytes, hints):
+    """An intrinsic f(w, wo, x, xo, xd, xdo, bs, bso, nb) -> float32: the dot product of the nb
+    units of 256 values at w[wo:] (nbytes each) with x[xo:] (flat element offsets; xd[xdo + u]
+    x's step for unit u, bs[bso + 16u:] its sums per 16), `block` giving each unit's eight
+    float32 lanes, summed once at the end. hints: prefetch AHEAD bytes on, per unit."""
     @intrinsic
-    def dot(typingctx, w, o, x, xo, s0, s1, s2, s3, s4, s5, s6, s7):
-        """sum over the Q4_K (or Q5_K) block at w[o:] of sc[sub] * q * x[xo + i], the quants
-        q (0..15, or 0..31 with the fifth bits) times x's int8 and their sub-block's 6-bit
-        scale s0..s7. Pair sums at most 2*31*127 (int16), times a scale at most 63: the
-        block's sum stays below 2**31."""
-        sig = types.int32(w, o, x, xo, s0, s1, s2, s3, s4, s5, s6, s7)
+    def row(typingctx, w, wo, x, xo, xd, xdo, bs, bso, nb):
+        sig = types.float32(w, wo, x, xo, xd, xdo, bs, bso, nb)
 
         def codegen(context, builder, sig, args):
-            op = _Ops(context, builder, sig, args)
-            wp, xp = op.ptr(0, 1), op.ptr(2, 3)
             b = builder
-            m15, m1 = op.splat(_V32B, 15), op.splat(_V32B, 1)
-            qs = 48 if five else 16
-            h = op.load32(wp, 16) if five else None
-            acc = ir.Constant(_V8D, None)
-            for j in range(4):
-                q = op.load32(wp, qs + 32 * j)
-                lo = b.and_(q, m15)
-                hi = b.lshr(q, op.splat(_V32B, 4))
-                if five:        # fifth bits: bit 2j of byte i for value i, bit 2j+1 for i + 32
-                    lo = b.or_(lo, b.shl(b.and_(b.lshr(h, op.splat(_V32B, 2 * j)), m1), op.splat(_V32B, 4)))
-                    hi = b.or_(hi, b.shl(b.and_(b.lshr(h, op.splat(_V32B, 2 * j + 1)), m1), op.splat(_V32B, 4)))
-                pl = op.maddubs(lo, op.load32(xp, 64 * j))
-                ph = op.maddubs(hi, op.load32(xp, 64 * j + 32))
-                acc = b.add(acc, b.add(op.maddwd(pl, op.scale(4 + 2 * j)), op.maddwd(ph, op.scale(5 + 2 * j))))
-            return op.hsum(acc)
+            op = _Ops(b)
+
+            def ptr(k):
+                ary = context.make_array(sig.args[k])(context, b, args[k])
+                idx = context.cast(b, args[k + 1], sig.args[k + 1], types.intp)
+                return b.bitcast(b.gep(ary.data, [idx]), _I8.as_pointer())
+            wp, xp, bp = ptr(0), ptr(2), ptr(6)
+            xda = context.make_array(sig.args[4])(context, b, args[4])
+            xdp = b.gep(xda.data, [context.cast(b, args[5], sig.args[5], types.intp)])
+            n = context.cast(b, args[8], sig.args[8], types.intp)
+            acc = cgutils.alloca_once_value(b, ir.Constant(_V8F, None))
+            with cgutils.for_range(b, n) as loop:
+                u = loop.index
+                wu = op.at(wp, b.mul(u, u.type(nbytes)))
+                if hints:
+                    op.prefetch(wu, AHEAD, nbytes)
+                lanes = block(op, wu, op.at(xp, b.mul(u, u.type(256))), op.at(bp, b.mul(u, u.type(32))),
+                              b.load(b.gep(xdp, [u])))
+                b.store(b.fadd(b.load(acc), lanes), acc)
+            red = _fn(b, "llvm.vector.reduce.fadd.v8f32", _F32, _F32, _V8F)
+            return b.call(red, [ir.Constant(_F32, 0.0), b.load(acc)], fastmath=("reassoc",))
         return sig, codegen
-    return dot
+    return row
 
 
-q4k_dot = _k45_dot(False)
-q5k_dot = _k45_dot(True)
+row_q4_K = _row(lambda op, w, x, bs, sx: _k45(op, w, x, bs, sx, False), 144, True)
+row_q5_K = _row(lambda op, w, x, bs, sx: _k45(op, w, x, bs, sx, True), 176, True)
+row_q6_K = _row(_q6, 210, True)
+row_q8_0 = _row(_q8_0, 272, False)
 
 
-@intrinsic
-def q6k_dot(typingctx, w, o, x, xo, bs, bo):
-    """sum over the Q6_K block at w[o:] of sc[sub] * (q - 32) * x[xo + i]: q (0..63) from the
-    low nibbles (128 bytes) and bit pairs (64 bytes), sc the block's 16 int8 scales (one per
-    16 values, at o + 192); bs[bo:bo+16] the sums of x over each 16 values (int16) give the
-    minus-32 share. Pair sums at most 2*63*127, times |sc| <= 128: within int32."""
-    sig = types.int32(w, o, x, xo, bs, bo)
-
-    def codegen(context, builder, sig, args):
-        op = _Ops(context, builder, sig, args)
-        b = builder
-        wp, xp = op.ptr(0, 1), op.ptr(2, 3)
-        bsa = context.make_array(sig.args[4])(context, builder, args[4])
-        bsi = context.cast(builder, args[5], sig.args[5], types.intp)
-        bsp = b.bitcast(b.gep(bsa.data, [bsi]), _V16W.as_pointer())
-        sc8 = b.load(b.bitcast(b.gep(wp, [ir.Constant(_I32, 192)]), ir.VectorType(_I8, 16).as_pointer()), align=1)
-        sc = b.sext(sc8, _V16W)                                    # the 16 scales as int16
-        undef = ir.Constant(_V16W, ir.Undefined)
-        m15, m3 = op.splat(_V32B, 15), op.splat(_V32B, 3)
-        acc = ir.Constant(_V8D, None)
-        for n in range(2):
-            A = op.load32(wp, 64 * n)
-            B = op.load32(wp, 64 * n + 32)
-            H = op.load32(wp, 128 + 32 * n)
-            top = [b.shl(b.and_(b.lshr(H, op.splat(_V32B, 2 * t)), m3), op.splat(_V32B, 4)) for t in range(4)]
-            vals = (b.or_(b.and_(A, m15), top[0]), b.or_(b.and_(B, m15), top[1]),
-                    b.or_(b.lshr(A, op.splat(_V32B, 4)), top[2]), b.or_(b.lshr(B, op.splat(_V32B, 4)), top[3]))
-            for g, v in enumerate(vals):             # 32 values: scales 8n+2g (first 16), 8n+2g+1
-                s = 8 * n + 2 * g
-                scv = b.shuffle_vector(sc, undef, ir.Constant(ir.VectorType(_I32, 16), [s] * 8 + [s + 1] * 8))
-                p = op.maddubs(v, op.load32(xp, 128 * n + 32 * g))
-                acc = b.add(acc, op.maddwd(p, scv))
-        corr = op.maddwd(b.load(bsp, align=1), sc)               # sum of sc * (x's sums per 16)
-        acc = b.sub(acc, b.shl(corr, op.splat(_V8D, 5)))          # minus 32 of each
-        return op.hsum(acc)
-    return sig, codegen
-
-
-@intrinsic
-def q80_dot8(typingctx, w, o, x, xo):
-    """sum over the eight Q8_0 blocks at w[o:] (34 bytes each: half d, 32 int8) of d * (the
-    block's integer sum of q * x[xo + i]), as float32. |q| <= 128 (its magnitude as an unsigned
-    byte, x given q's sign): pair sums at most 2*128*127, within int16."""
-    sig = types.float32(w, o, x, xo)
-
-    def codegen(context, builder, sig, args):
-        op = _Ops(context, builder, sig, args)
-        b = builder
-        wp, xp = op.ptr(0, 1), op.ptr(2, 3)
-        f32, v8f = ir.FloatType(), ir.VectorType(ir.FloatType(), 8)
-        absf = _fn(b, "llvm.abs.v32i8", _V32B, _V32B, ir.IntType(1))
-        sign = _fn(b, "llvm.x86.avx2.psign.b", _V32B, _V32B, _V32B)
-        ones = op.splat(_V16W, 1)
-        acc = ir.Constant(v8f, None)
-        for k in range(8):
-            hp = b.bitcast(b.gep(wp, [ir.Constant(_I32, 34 * k)]), ir.HalfType().as_pointer())
-            d = b.fpext(b.load(hp, align=1), f32)
-            q = op.load32(wp, 34 * k + 2)
-            p = op.maddubs(b.call(absf, [q, ir.Constant(ir.IntType(1), 0)]),
-                           b.call(sign, [op.load32(xp, 32 * k), q]))
-            f = b.sitofp(op.maddwd(p, ones), v8f)
-            acc = b.fadd(acc, b.fmul(f, op._splat(v8f, d)))
-        red = _fn(b, "llvm.vector.reduce.fadd.v8f32", f32, f32, v8f)
-        return b.call(red, [ir.Constant(f32, 0.0), acc], fastmath=("reassoc",))
-    return sig, codegen
-
-
-# ---- Rows: out[t, n] = x[t] . W[n] for Q4_K, Q5_K or Q6_K against x from quantize_x8 (bytes).
-# Per block one integer sum from the functions above, then d * xd * sum (Q4_K/Q5_K minus dmin *
-# xd * the mins times x's sums per 32). The integer sums are exact, so the results equal
-# quants.matvec_q8's int16 kernels' up to the float32 order of the per-block terms.
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _row_k45(row, r16, xt, xd, qs, t, f16, five, w, pf):
-    BB = 176 if five else 144
-    tot = np.float32(0.0)
-    for b in range(xt.shape[0] // 256):
-        o = b * BB
-        prefetch_bytes(w, pf + o, BB)
-        sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7, m0, m1, m2, m3, m4, m5, m6, m7 = _k4_ints(row, o)
-        k = 8 * b
-        mins = (((m0 * qs[t, k] + m1 * qs[t, k + 1]) + (m2 * qs[t, k + 2] + m3 * qs[t, k + 3]))
-                + ((m4 * qs[t, k + 4] + m5 * qs[t, k + 5]) + (m6 * qs[t, k + 6] + m7 * qs[t, k + 7])))
-        if five:
-            acc = q5k_dot(row, o, xt, 256 * b, sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7)
-        else:
-            acc = q4k_dot(row, o, xt, 256 * b, sc0, sc1, sc2, sc3, sc4, sc5, sc6, sc7)
-        tot += xd[t, b] * (f16[r16[o // 2]] * np.float32(acc) - f16[r16[o // 2 + 1]] * np.float32(mins))
-    return tot
-
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _row_q6(row, r16, xt, xd, bs, t, f16, w, pf):
-    tot = np.float32(0.0)
-    bt = bs[t]
-    for b in range(xt.shape[0] // 256):
-        o = b * 210
-        prefetch_bytes(w, pf + o, 210)
-        tot += f16[r16[o // 2 + 104]] * xd[t, b] * np.float32(q6k_dot(row, o, xt, 256 * b, bt, 16 * b))
-    return tot
-
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _row_q8_0(row, xt, xd, t):
-    tot = np.float32(0.0)
-    for g in range(xt.shape[0] // 256):
-        tot += xd[t, g] * q80_dot8(row, 272 * g, xt, 256 * g)
-    return tot
-
-
-@njit(cache=True, fastmath=True, nogil=True)
-def _rows(qt, w, w16, qx, xd, qs, bs, out, f16, n0, n1):
+@njit(cache=True, nogil=True)
+def _rows(qt, w, qx, xd, bs, out, n0, n1):
+    """Rows n0..n1-1 against each row of x; Q8_0 asks for the next row's bytes as a row starts
+    (the K-quants per unit, inside their rows)."""
+    rb = w.shape[1]
+    T, K = qx.shape
+    nb = K // 256
     for n in range(n0, n1):
-        row = w[n]
-        r16 = w16[n]
-        pf = n * w.shape[1] + AHEAD
         if qt == Q8_0:
-            prefetch_bytes(w, (n + 1) * w.shape[1], w.shape[1])
-        for t in range(qx.shape[0]):
+            prefetch_bytes(w, (n + 1) * rb, rb)
+        for t in range(T):
             if qt == Q8_0:
-                out[t, n] = _row_q8_0(row, qx[t], xd, t)
+                out[t, n] = row_q8_0(w, n * rb, qx, t * K, xd, t * nb, bs, t * 16 * nb, nb)
             elif qt == Q4_K:
-                out[t, n] = _row_k45(row, r16, qx[t], xd, qs, t, f16, False, w, pf)
+                out[t, n] = row_q4_K(w, n * rb, qx, t * K, xd, t * nb, bs, t * 16 * nb, nb)
             elif qt == Q5_K:
-                out[t, n] = _row_k45(row, r16, qx[t], xd, qs, t, f16, True, w, pf)
+                out[t, n] = row_q5_K(w, n * rb, qx, t * K, xd, t * nb, bs, t * 16 * nb, nb)
             else:
-                out[t, n] = _row_q6(row, r16, qx[t], xd, bs, t, f16, w, pf)
+                out[t, n] = row_q6_K(w, n * rb, qx, t * K, xd, t * nb, bs, t * 16 * nb, nb)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def matvec_q8(qt, w, w16, qx, xd, qs, bs, out, f16, parts):
-    """out[T, N] = x[T, K] @ W.T for Q8_0, Q4_K, Q5_K or Q6_K (qt; Q8_0 with K a multiple of
-    256), x from quantize_x8 as bytes (qx
-    int8 [T, K], xd, qs, bs), `parts` ranges of rows in parallel."""
+def matvec_q8(qt, w, qx, xd, bs, out, parts):
+    """out[T, N] = x[T, K] @ W.T for Q8_0, Q4_K, Q5_K or Q6_K (qt; K a multiple of 256), x from
+    quantize_x8 as bytes (qx int8 [T, K], xd [T, K/256], bs int16 [T, K/16]), `parts` ranges of
+    rows in parallel."""
     N = w.shape[0]
     parts = max(1, min(N, parts))
     per = (N + parts - 1) // parts
     for p in prange(parts):
-        _rows(qt, w, w16, qx, xd, qs, bs, out, f16, p * per, min(N, p * per + per))
+        _rows(qt, w, qx, xd, bs, out, p * per, min(N, p * per + per))
