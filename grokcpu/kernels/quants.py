@@ -1,15 +1,18 @@
 """Products and dequantization on ggml's block formats, with float32 activations.
 
 A matrix is uint8 [N_out, row_bytes]: each row holds K input values as consecutive blocks of
-one ggml type. dequant_rows decodes Q8_0, Q4_K and Q6_K with a loop each and every other type
-the same way: a block becomes its quant values as float32 (q) and, per sub-block s of SUB
-values, a scale and an offset, so that value = scale[s] * q - offset[s]. The hot types (Q8_0, Q4_K, Q5_K, Q6_K) have a dedicated
-decode product each (matvec_fast); grokcpu.quant.matvec multiplies the others by tiles of
-dequant_rows. Opt-in, the K-quants also have decode products on x rounded to 8 bits
-(quantize_x8, matvec_q8: integer sums, faster, not exact).
+one ggml type. dequant_rows decodes Q8_0, Q4_K and Q6_K with a loop each, the grid i-quants
+(IQ1_S .. IQ3_S) with one block decoder, and every other type the same way: a block becomes its
+quant values as float32 (q) and, per sub-block s of SUB values, a scale and an offset, so that
+value = scale[s] * q - offset[s]. The non-linear types' value tables come in as one Tables.
+The hot types (Q8_0, Q4_K, Q5_K, Q6_K) have a dedicated decode product each (matvec_fast);
+grokcpu.quant.matvec multiplies the others by tiles of dequant_rows. Opt-in, the K-quants also
+have decode products on x rounded to 8 bits (quantize_x8, matvec_q8: integer sums, faster, not
+exact).
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
@@ -19,6 +22,7 @@ from .prefetch import prefetch_bytes
 # ggml type ids (ggml.h's enum ggml_type), and the ones these kernels read
 F32, F16, Q4_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, BF16 = (
     0, 1, 2, 8, 10, 11, 12, 13, 14, 20, 23, 30)
+IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S, IQ1_M = 16, 17, 18, 19, 21, 22, 29
 TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
               10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
               17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
@@ -27,10 +31,23 @@ TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8:
 # type id -> (values per block, bytes per block, values per sub-block) for the types read here
 LAYOUT = {F32: (32, 128, 32), F16: (32, 64, 32), BF16: (32, 64, 32), Q8_0: (32, 34, 32),
           Q4_0: (32, 18, 32), IQ4_NL: (32, 18, 32), Q4_K: (256, 144, 32), Q5_K: (256, 176, 32),
-          Q6_K: (256, 210, 16), Q2_K: (256, 84, 16), Q3_K: (256, 110, 16), IQ4_XS: (256, 136, 32)}
-# IQ4_NL's and IQ4_XS's 16 non-linear levels (ggml-common.h kvalues_iq4nl)
-KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
-                         np.float32)
+          Q6_K: (256, 210, 16), Q2_K: (256, 84, 16), Q3_K: (256, 110, 16), IQ4_XS: (256, 136, 32),
+          IQ3_XXS: (256, 98, 32), IQ3_S: (256, 110, 32), IQ2_XXS: (256, 66, 32), IQ2_XS: (256, 74, 16),
+          IQ2_S: (256, 82, 16), IQ1_S: (256, 50, 32), IQ1_M: (256, 56, 16)}
+IQ1S_DELTA = np.float32(0.125)            # ggml's IQ1S_DELTA: IQ1_S/IQ1_M values are dl * (grid +- delta)
+
+
+class Tables(NamedTuple):
+    """The value tables of the non-linear types, one argument to the kernels (filled by
+    grokcpu.quant from gguf-py's classes). Grids: row g holds the values of grid index g."""
+    kvalues: np.ndarray     # float32 [16]: IQ4_NL's and IQ4_XS's levels (ggml's kvalues_iq4nl)
+    ksigns: np.ndarray      # uint8 [128]: 7 stored sign bits -> 8, the 8th giving even parity
+    iq2xxs: np.ndarray      # float32 [256, 8]
+    iq2xs: np.ndarray       # float32 [512, 8]
+    iq2s: np.ndarray        # float32 [1024, 8]
+    iq3xxs: np.ndarray      # float32 [256, 4]
+    iq3s: np.ndarray        # float32 [512, 4]
+    iq1s: np.ndarray        # float32 [2048, 8] of -1, 0, 1 (IQ1_S and IQ1_M)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -52,6 +69,20 @@ def _layout(qt):
         return 256, 110, 16
     if qt == IQ4_XS:
         return 256, 136, 32
+    if qt == IQ3_XXS:
+        return 256, 98, 32
+    if qt == IQ3_S:
+        return 256, 110, 32
+    if qt == IQ2_XXS:
+        return 256, 66, 32
+    if qt == IQ2_XS:
+        return 256, 74, 16
+    if qt == IQ2_S:
+        return 256, 82, 16
+    if qt == IQ1_S:
+        return 256, 50, 32
+    if qt == IQ1_M:
+        return 256, 56, 16
     if qt == F32:
         return 32, 128, 32
     return 32, 64, 32                     # F16, BF16
@@ -222,14 +253,127 @@ def _deq_q6_K(row, o, n32):
                     np.float32(np.int32((c >> 4) | (((e >> 6) & 3) << 4)) - 32)
 
 
+# ---- The grid i-quants (IQ1_*, IQ2_*, IQ3_*): a block of 256 values holds per group of 8
+# (IQ3: 4) values an index into a grid of value vectors, per 32 (or 16) values a scale, and
+# per value a sign (IQ1: per 8 values a shift +-delta instead). The values are computed in
+# gguf-py's (and ggml's dequantize_row_iq*) order of float32 operations: the same bits.
+
+@njit(cache=True, nogil=True, inline="always")
+def _u16(r, o):
+    """The little-endian uint16 at r[o:o+2], as int32."""
+    return np.int32(r[o]) | (np.int32(r[o + 1]) << 8)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _u32(r, o):
+    """The little-endian uint32 at r[o:o+4]."""
+    return (np.uint32(r[o]) | (np.uint32(r[o + 1]) << 8) | (np.uint32(r[o + 2]) << 16)
+            | (np.uint32(r[o + 3]) << 24))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _signed(out, v, db, grid, g, signs):
+    """out[v:v+w] = db * grid[g] (w its width), value j negated where bit j of signs is set."""
+    for j in range(grid.shape[1]):
+        a = db * grid[g, j]
+        out[v + j] = -a if (signs >> j) & 1 else a
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _shifted(out, v, dl, grid, g, delta):
+    """out[v:v+8] = dl * (grid[g] + delta) (IQ1_S, IQ1_M)."""
+    for j in range(8):
+        out[v + j] = dl * (grid[g, j] + delta)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _half_scale(d, s, quarter):
+    """d * (0.5 + s) * (0.25 or 0.5): the IQ2 and IQ3_XXS scales, in gguf-py's order."""
+    return d * (np.float32(0.5) + np.float32(s)) * (np.float32(0.25) if quarter else np.float32(0.5))
+
+
+@njit(cache=True, nogil=True)
+def _deq_grid_block(qt, r, o, out, v, tb):
+    """out[v:v+256] = the values of the grid i-quant block at r[o:] (qt: its type)."""
+    d = f16_to_f32(r[o], r[o + 1])
+    if qt == IQ3_XXS:                     # 64 grid bytes, then per 32 values a uint32: 4 x 7 sign bits, scale
+        for ib in range(8):
+            aux = _u32(r, o + 66 + 4 * ib)
+            db = _half_scale(d, aux >> 28, False)
+            for l in range(4):
+                s = tb.ksigns[(aux >> (7 * l)) & 127]
+                q = o + 2 + 8 * ib + 2 * l
+                _signed(out, v + 32 * ib + 8 * l, db, tb.iq3xxs, r[q], s)
+                _signed(out, v + 32 * ib + 8 * l + 4, db, tb.iq3xxs, r[q + 1], s >> 4)
+    elif qt == IQ3_S:                     # 64 grid low bytes, 8 of ninth bits, 32 of signs, 4 of scales
+        for ib in range(8):
+            db = d * np.float32(1 + 2 * ((np.int32(r[o + 106 + ib // 2]) >> (4 * (ib % 2))) & 15))
+            h = np.int32(r[o + 66 + ib])
+            for l in range(4):
+                s = r[o + 74 + 4 * ib + l]
+                q = o + 2 + 8 * ib + 2 * l
+                _signed(out, v + 32 * ib + 8 * l, db, tb.iq3s, np.int32(r[q]) | (((h >> (2 * l)) & 1) << 8), s)
+                _signed(out, v + 32 * ib + 8 * l + 4, db, tb.iq3s,
+                        np.int32(r[q + 1]) | (((h >> (2 * l + 1)) & 1) << 8), s >> 4)
+    elif qt == IQ2_XXS:                   # per 32 values: 4 grid bytes, a uint32 of 4 x 7 sign bits and scale
+        for ib in range(8):
+            aux = _u32(r, o + 6 + 8 * ib)
+            db = _half_scale(d, aux >> 28, True)
+            for l in range(4):
+                _signed(out, v + 32 * ib + 8 * l, db, tb.iq2xxs, r[o + 2 + 8 * ib + l],
+                        tb.ksigns[(aux >> (7 * l)) & 127])
+    elif qt == IQ2_XS:                    # uint16s of 9-bit grid index and 7 sign bits, then 8 scale bytes
+        for ib in range(8):
+            db0, db1 = _half_scale(d, r[o + 66 + ib] & 15, True), _half_scale(d, r[o + 66 + ib] >> 4, True)
+            for l in range(4):
+                g = _u16(r, o + 2 + 8 * ib + 2 * l)
+                _signed(out, v + 32 * ib + 8 * l, db0 if l < 2 else db1, tb.iq2xs, g & 511, tb.ksigns[g >> 9])
+    elif qt == IQ2_S:                     # 32 grid low bytes, 32 of signs, 8 of high bit pairs, 8 of scales
+        for ib in range(8):
+            db0, db1 = _half_scale(d, r[o + 74 + ib] & 15, True), _half_scale(d, r[o + 74 + ib] >> 4, True)
+            h = np.int32(r[o + 66 + ib])
+            for l in range(4):
+                _signed(out, v + 32 * ib + 8 * l, db0 if l < 2 else db1, tb.iq2s,
+                        np.int32(r[o + 2 + 4 * ib + l]) | (((h >> (2 * l)) & 3) << 8), r[o + 34 + 4 * ib + l])
+    elif qt == IQ1_S:                     # 32 grid low bytes; per 32 values a uint16: 4 x 3 high bits,
+        for ib in range(8):               # 3-bit scale, delta's sign
+            h = _u16(r, o + 34 + 2 * ib)
+            dl = d * np.float32(2 * ((h >> 12) & 7) + 1)
+            delta = -IQ1S_DELTA if h & 0x8000 else IQ1S_DELTA
+            for l in range(4):
+                g = np.int32(r[o + 2 + 4 * ib + l]) | (((h >> (3 * l)) & 7) << 8)
+                _shifted(out, v + 32 * ib + 8 * l, dl, tb.iq1s, g, delta)
+    else:                                 # IQ1_M: 32 grid low bytes, 16 bytes of (3 high bits, delta's sign)
+        # nibbles, four uint16 of 3-bit scales whose top nibbles make d
+        sc0, sc1, sc2, sc3 = _u16(r, o + 48), _u16(r, o + 50), _u16(r, o + 52), _u16(r, o + 54)
+        hd = (sc0 >> 12) | ((sc1 >> 8) & 0xF0) | ((sc2 >> 4) & 0xF00) | (sc3 & 0xF000)   # d, in four nibbles
+        d = f16_to_f32(hd & 255, hd >> 8)
+        for ib in range(8):
+            sc = (sc0, sc1, sc2, sc3)[ib // 2] >> (6 * (ib % 2))
+            for l in range(4):
+                h = np.int32(r[o + 32 + 2 * ib + l // 2]) >> (4 * (l % 2))
+                dl = d * np.float32(2 * ((sc >> (3 * (l // 2))) & 7) + 1)
+                _shifted(out, v + 32 * ib + 8 * l, dl, tb.iq1s, np.int32(r[o + 4 * ib + l]) | ((h & 7) << 8),
+                         -IQ1S_DELTA if h & 8 else IQ1S_DELTA)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _is_grid(qt):
+    """Whether qt is one of the grid i-quants (_deq_grid_block's types)."""
+    return (qt == IQ3_XXS or qt == IQ3_S or qt == IQ2_XXS or qt == IQ2_XS or qt == IQ2_S or qt == IQ1_S
+            or qt == IQ1_M)
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def dequant_rows(qt, w, r0, r1, out, kv, n32):
+def dequant_rows(qt, w, r0, r1, out, tb, n32):
     """out[r1-r0, K] = rows r0..r1-1 of the ggml matrix w of type qt, as float32 (a tile for
     BLAS). Q8_0, Q4_K and Q6_K (the prefill types of Q8_0 and Q4_K_M files) have a loop each,
     6-15x faster than the generic block decoder the others take; the same values to the bit.
-    kv: KVALUES_IQ4NL; n32: 32 (see _decode)."""
+    The grid i-quants decode a block at a time straight into the row. tb: Tables; n32: 32
+    (see _decode)."""
     K = out.shape[1]
     QK, BB, SUB = _layout(qt)
+    kv = tb.kvalues
     for r in prange(r1 - r0):
         row = w[r0 + r]
         o = out[r]
@@ -239,6 +383,9 @@ def dequant_rows(qt, w, r0, r1, out, kv, n32):
             _deq_q6_K(row, o, n32)
         elif qt == Q4_K:
             _deq_q4_K(row, o, np.empty(8, np.float32), np.empty(8, np.float32), n32)
+        elif _is_grid(qt):
+            for b in range(K // 256):
+                _deq_grid_block(qt, row, b * BB, o, b * 256, tb)
         else:
             scale = np.empty(QK // SUB, np.float32)
             off = np.empty(QK // SUB, np.float32)
