@@ -49,21 +49,24 @@ def random_matrix(qtype, N, K, rng):
     return w.reshape(N, K // qk * bb)
 
 
-def zero_scales(qtype, w, rng):
-    """w with the half scale d of every third block set to +0 or -0 (values +-0)."""
-    qk, bb, _ = kq.LAYOUT[qtype]
-    b = w.reshape(w.shape[0], -1, bb).copy()
-    pick = (np.arange(b.shape[0] * b.shape[1]) % 3 == 2).reshape(b.shape[:2])
-    sign = np.where(rng.random(b.shape[:2]) < 0.5, 0x80, 0).astype(np.uint8)
-    if qtype == kq.IQ1_M:
-        for o in IQ1_M_D_BYTES:
-            b[..., o] = np.where(pick, b[..., o] & 0x0F, b[..., o])
-        b[..., 55] = np.where(pick, b[..., 55] | sign, b[..., 55])
-    else:
-        o = HALF_HIGH_BYTES[qtype][0]
-        b[..., o - 1] = np.where(pick, 0, b[..., o - 1])
-        b[..., o] = np.where(pick, sign, b[..., o])
+def with_d(qtype, w, d, every=1):
+    """w (uint8 [N, row_bytes] of a grid i-quant) with the half scale d of every `every`-th block
+    set to d (float16, broadcast over [N, blocks])."""
+    b = w.reshape(w.shape[0], -1, kq.LAYOUT[qtype][1]).copy()
+    pick = (np.arange(b.shape[0] * b.shape[1]) % every == every - 1).reshape(b.shape[:2])
+    h = np.broadcast_to(np.asarray(d, np.float16), b.shape[:2]).view(np.uint16)
+    if qtype == kq.IQ1_M:                 # d's four nibbles: the top nibbles of IQ1_M_D_BYTES
+        for k, o in enumerate(IQ1_M_D_BYTES):
+            b[..., o] = np.where(pick, (b[..., o] & 0x0F) | (((h >> 4 * k) & 15) << 4), b[..., o])
+    else:                                 # d: bytes 0 and 1
+        b[..., 0] = np.where(pick, h & 255, b[..., 0])
+        b[..., 1] = np.where(pick, h >> 8, b[..., 1])
     return b.reshape(w.shape)
+
+
+def zero_scales(qtype, w, rng):
+    """w with d of every third block +0 or -0 (its values +-0)."""
+    return with_d(qtype, w, np.where(rng.random((w.shape[0], 1)) < 0.5, -0.0, 0.0), every=3)
 
 
 def shapes(qtype):
@@ -110,6 +113,22 @@ def test_grid_iquants_decode_to_gguf_bits(qtype):
         got = quant.dequant_rows(qtype, w, 0, N)
         np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
         assert np.array_equal(quant.dequant_rows(qtype, w, N - 1, N).view(np.uint32), ref[N - 1:].view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", GRID_TYPES, ids=[kq.TYPE_NAMES[t] for t in GRID_TYPES])
+def test_grid_iquants_matvec_equals_float64_product(qtype):
+    """quant.matvec on the grid i-quants against float64 dequantize(W) @ x: odd row counts, one
+    and several rows of x, a matrix over several float32 tiles (768 values: 341 rows a tile)."""
+    rng = np.random.default_rng(300 + qtype)
+    for N, K, Ts in [(1, 256, (1,)), (37, 1024, (1, 3)), (700, 768, (1, 4))]:
+        w = random_matrix(qtype, N, K, rng)
+        W = gguf_dequantize(w, qtype).reshape(N, K).astype(np.float64)
+        for T in Ts:
+            x = rng.standard_normal((T, K)).astype(np.float32)
+            out = quant.matvec(qtype, w, x)
+            # float32 products and sums: error bounded by a few ulps of the sum of |terms|
+            bound = 1e-6 * K ** 0.5 * (np.abs(x.astype(np.float64)) @ np.abs(W).T) + 1e-30
+            assert np.all(np.abs(out - x.astype(np.float64) @ W.T) <= bound), (N, K, T)
 
 
 def test_unsupported_type_names_type_and_tensor():
