@@ -23,8 +23,12 @@ def _tables() -> kq.Tables:
     def grid(cls):
         cls.init_grid()
         return cls.grid.reshape(cls.grid_shape)
+    def packed(g):                        # a grid's rows of four integers < 256: value j in bits 8j..
+        return (g.astype(np.uint32) << (8 * np.arange(4, dtype=np.uint32))).sum(axis=1, dtype=np.uint32)
+    iq3xxs, iq3s = grid(gq.IQ3_XXS), grid(gq.IQ3_S)
     t = kq.Tables(np.array(gq.IQ4_NL.kvalues, np.float32), np.frombuffer(gq.IQ2_XXS.ksigns, np.uint8),
-                  grid(gq.IQ2_XXS), grid(gq.IQ2_XS), grid(gq.IQ2_S), grid(gq.IQ3_XXS), grid(gq.IQ3_S), grid(gq.IQ1_S))
+                  grid(gq.IQ2_XXS), grid(gq.IQ2_XS), grid(gq.IQ2_S), iq3xxs, iq3s, grid(gq.IQ1_S),
+                  packed(iq3xxs), packed(iq3s))
     t = kq.Tables(*(np.array(a) for a in t))
     for a in t:
         a.flags.writeable = False
@@ -32,7 +36,7 @@ def _tables() -> kq.Tables:
 
 
 TABLES = _tables()
-FAST = (kq.Q8_0, kq.Q4_K, kq.Q5_K, kq.Q6_K)          # the types with a dedicated decode product
+FAST = (kq.Q8_0, kq.Q4_K, kq.Q5_K, kq.Q6_K, kq.IQ3_XXS, kq.IQ3_S)   # the types with a dedicated decode product
 # the types whose decode product can take x rounded to 8 bits (activations="q8"); Q8_0's float32
 # product already reads near memory speed, and its 8-bit one measured no faster
 Q8_ACT = (kq.Q4_K, kq.Q5_K, kq.Q6_K)
@@ -101,6 +105,9 @@ def matvec(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = No
         qs = np.empty((T, K // 32), np.int32)
         kq.quantize_x8(x, qx, xd, qs)
         kq.matvec_q8(qtype, w, w.view(np.uint16), qx, xd, qs, out, F16_TABLE, parts, 16)
+    elif qtype in (kq.IQ3_XXS, kq.IQ3_S):
+        xp = _readonly(kq.x_order_iq3(x))
+        kq.matvec_iq3(qtype, w, w.view(np.uint16), xp, out, F16_TABLE, TABLES, parts, 64)
     elif qtype in FAST:
         xs = x.reshape(x.shape[0], -1, 32).sum(axis=2, dtype=np.float32) if qtype in (kq.Q4_K, kq.Q5_K) \
             else np.zeros((1, 1), np.float32)

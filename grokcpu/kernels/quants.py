@@ -5,10 +5,10 @@ one ggml type. dequant_rows decodes Q8_0, Q4_K and Q6_K with a loop each, the gr
 (IQ1_S .. IQ3_S) with one block decoder, and every other type the same way: a block becomes its
 quant values as float32 (q) and, per sub-block s of SUB values, a scale and an offset, so that
 value = scale[s] * q - offset[s]. The non-linear types' value tables come in as one Tables.
-The hot types (Q8_0, Q4_K, Q5_K, Q6_K) have a dedicated decode product each (matvec_fast);
-grokcpu.quant.matvec multiplies the others by tiles of dequant_rows. Opt-in, the K-quants also
-have decode products on x rounded to 8 bits (quantize_x8, matvec_q8: integer sums, faster, not
-exact).
+The hot types (Q8_0, Q4_K, Q5_K, Q6_K; IQ3_XXS, IQ3_S) have a dedicated decode product each
+(matvec_fast; matvec_iq3); grokcpu.quant.matvec multiplies the others by tiles of dequant_rows.
+Opt-in, the K-quants also have decode products on x rounded to 8 bits (quantize_x8, matvec_q8:
+integer sums, faster, not exact).
 """
 
 import math
@@ -48,6 +48,8 @@ class Tables(NamedTuple):
     iq3xxs: np.ndarray      # float32 [256, 4]
     iq3s: np.ndarray        # float32 [512, 4]
     iq1s: np.ndarray        # float32 [2048, 8] of -1, 0, 1 (IQ1_S and IQ1_M)
+    iq3xxs_packed: np.ndarray   # uint32 [256]: iq3xxs's rows, a value a byte (the decode products)
+    iq3s_packed: np.ndarray     # uint32 [512]
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -663,6 +665,104 @@ def matvec_fast(qt, w, w16, x, xs, out, f16, parts, n32):
             _rows_q45_K(w, w16, x, xs, out, f16, n0, n1, n32 // 4, qt == Q5_K)
         else:
             _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n32 // 4)
+
+
+# ---- Decode products for IQ3_XXS and IQ3_S (the bulk of the published IQ3_XS file). Per block,
+# a scalar pass writes each of its 64 grid entries' scale (dbe), sign bits (sg) and, for IQ3_S,
+# 9-bit grid index (gi) into scratch; then one loop over the 64 entries, a sum (no stores: the
+# gathers of grid entries would defeat LLVM's alias checks on a store), gathers each entry's
+# four values packed in one uint32 (tb.iq3xxs_packed / iq3s_packed) and takes x from xp, x in
+# kernel order (x_order_iq3: value 4e + j of each 256 at 64j + e), in 8- or 16-wide loads. A
+# loop over a sub-block's 8 entries alone ran scalar: LLVM sizes a reduction's vector loop
+# for more iterations than that. The signed grid values are integers: exact products.
+
+def x_order_iq3(x):
+    """x [T, K] -> float32 [T, K] in the IQ3 products' order (value 256b + 4e + j at 256b + 64j + e)."""
+    T, K = x.shape
+    return np.ascontiguousarray(x.reshape(T, K // 256, 64, 4).transpose(0, 1, 3, 2)).reshape(T, K)
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _grid_value(u, sb, j):
+    """Byte j of u as float32, negated where bit j of sb is set (a two's complement negation)."""
+    m = -((sb >> j) & 1)
+    return np.float32(np.int32((((u >> (8 * j)) & 255) ^ m) - m))
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _row_iq3(row, r16, xp, f16, tb, dbe, sg, gi, n64, w, pf, xxs):
+    """The dot product of xp (kernel order) with one IQ3_XXS (xxs) or IQ3_S row; dbe, sg, gi:
+    float32 [64], int32 [64], int32 [64] scratch."""
+    BB = 98 if xxs else 110
+    grid = tb.iq3xxs_packed if xxs else tb.iq3s_packed
+    tot = np.float32(0.0)
+    for b in range(xp.shape[0] // 256):
+        o = b * BB
+        prefetch_bytes(w, pf + o, BB)
+        d = f16[r16[o // 2]]
+        for ib in range(8):
+            if xxs:                       # 4 x 7 sign bits (each pair of entries: ksigns' 8) and the scale
+                aux = _u32(row, o + 66 + 4 * ib)
+                db = _half_scale(d, aux >> 28, False)
+                for p in range(4):
+                    k = np.int32(tb.ksigns[(aux >> (7 * p)) & 127])
+                    sg[8 * ib + 2 * p] = k
+                    sg[8 * ib + 2 * p + 1] = k >> 4
+            else:                         # a byte of ninth index bits, 4 sign bytes, a 4-bit scale
+                db = d * np.float32(1 + 2 * ((np.int32(row[o + 106 + ib // 2]) >> (4 * (ib % 2))) & 15))
+                h = np.int32(row[o + 66 + ib])
+                for l in range(8):
+                    gi[8 * ib + l] = np.int32(row[o + 2 + 8 * ib + l]) | (((h >> l) & 1) << 8)
+                    sg[8 * ib + l] = np.int32(row[o + 74 + 4 * ib + l // 2]) >> (4 * (l % 2))
+            for l in range(8):
+                dbe[8 * ib + l] = db
+        xo = b * 256
+        s = np.float32(0.0)
+        for e in range(n64):
+            u = grid[np.int32(row[o + 2 + e])] if xxs else grid[gi[e]]
+            sb = sg[e]
+            s += dbe[e] * ((_grid_value(u, sb, 0) * xp[xo + e] + _grid_value(u, sb, 1) * xp[xo + 64 + e])
+                           + (_grid_value(u, sb, 2) * xp[xo + 128 + e] + _grid_value(u, sb, 3) * xp[xo + 192 + e]))
+        tot += s
+    return tot
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _row_iq3_xxs(row, r16, xp, f16, tb, dbe, sg, gi, n64, w, pf):
+    """_row_iq3 for IQ3_XXS (its own function: `xxs` a constant to LLVM)."""
+    return _row_iq3(row, r16, xp, f16, tb, dbe, sg, gi, n64, w, pf, True)
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _row_iq3_s(row, r16, xp, f16, tb, dbe, sg, gi, n64, w, pf):
+    """_row_iq3 for IQ3_S."""
+    return _row_iq3(row, r16, xp, f16, tb, dbe, sg, gi, n64, w, pf, False)
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _rows_iq3(qt, w, w16, xp, out, f16, tb, n0, n1, n64):
+    """Rows n0..n1-1 of IQ3_XXS or IQ3_S (qt)."""
+    dbe = np.empty(64, np.float32)
+    sg = np.empty(64, np.int32)
+    gi = np.empty(64, np.int32)
+    for n in range(n0, n1):
+        pf = n * w.shape[1] + AHEAD
+        for t in range(xp.shape[0]):
+            if qt == IQ3_XXS:
+                out[t, n] = _row_iq3_xxs(w[n], w16[n], xp[t], f16, tb, dbe, sg, gi, n64, w, pf)
+            else:
+                out[t, n] = _row_iq3_s(w[n], w16[n], xp[t], f16, tb, dbe, sg, gi, n64, w, pf)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def matvec_iq3(qt, w, w16, xp, out, f16, tb, parts, n64):
+    """out[T, N] = x[T, K] @ W.T for IQ3_XXS or IQ3_S (qt), xp = x_order_iq3(x), `parts` ranges
+    of rows in parallel; n64 is 64 at run time (a literal loop would be unrolled, not vectorized)."""
+    N = w.shape[0]
+    parts = max(1, min(N, parts))
+    per = (N + parts - 1) // parts
+    for p in prange(parts):
+        _rows_iq3(qt, w, w16, xp, out, f16, tb, p * per, min(N, p * per + per), n64)
 
 
 # ---- 8-bit activations (opt-in) for the K-quants. x is rounded once per call to int8 steps
