@@ -3,7 +3,8 @@
 F32 files against the reference's logits; Q8_0 files against a float64 forward (refmodel) over
 gguf-py's own dequantization of the same file; the demo model's greedy tokens; convert's
 atomicity and shards; the CLI on a GGUF model; the expert cache over GGUF files (the logits of
-the memory map, bit for bit; byte accounting and the auto budget in the file's own types).
+the memory map, bit for bit; byte accounting and the auto budget in the file's own types); files
+whose experts are grid i-quants (random blocks) against a float64 forward and through the cache.
 """
 
 from __future__ import annotations
@@ -268,30 +269,6 @@ def logits_and_float64(path, written, layout="merged"):
     return np.concatenate([pre, dec]), want
 
 
-# the published Grok-1 IQ3_XS file's mix first (IQ3_XXS, IQ3_S), then every other grid i-quant
-IQ_EXPERTS = [(QT.IQ3_XXS, QT.IQ3_XXS, QT.IQ3_S), (QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S), (QT.IQ1_S, QT.IQ1_M, QT.IQ3_S)]
-
-
-@pytest.mark.parametrize("types", IQ_EXPERTS, ids=["-".join(t.name for t in ts) for ts in IQ_EXPERTS])
-def test_iquant_experts_match_a_float64_forward_and_cache(tmp_path, types):
-    """Experts in the grid i-quants (gate, up, down: `types`; dense matrices Q8_0): the logits
-    of a float64 forward over gguf-py's values; with the expert cache (slots of the file's
-    bytes) under evictions, the map's logits bit for bit."""
-    from test_gguf import TINY, write_grok
-    from dataclasses import replace
-    cfg = replace(TINY, emb_size=256, key_size=128, ffn_size=512)     # expert rows: whole 256-value blocks
-    path = tmp_path / "iq.gguf"
-    written = write_grok(path, cfg, seed=13, experts=dict(zip(("gate", "up", "down"), types)))
-    with open_gguf(path) as m:
-        assert [m.tensors[f"blk.1.ffn_{p}_exps.weight"].type for p in ("gate", "up", "down")] == list(types)
-    got, want = logits_and_float64(path, written)
-    assert np.abs(got - want).max() <= TOL, np.abs(got - want).max()
-    assert (got.argmax(-1) == want.argmax(-1)).all()
-    sizes = expert_sizes(path)
-    assert sizes == [cfg.emb_size * cfg.ffn_size // 256 * sum(gguf.GGML_QUANT_SIZES[t][1] for t in types)] * 2
-    check_cached_runs(path, sizes, (3, 6, 7), cfg.num_experts)
-
-
 # -- the expert cache over GGUF files ----------------------------------------------------------------
 
 # rows of 256 values everywhere, so the K-quants need no fallback; 2 layers: q4_k_m keeps layer
@@ -440,3 +417,32 @@ def test_auto_budget_counts_the_gguf_bytes(kq_ckpt, tmp_path, monkeypatch):
     model = grokcpu.load(path, threads=1, context=64)
     assert model.experts.nslots == 5 and model.experts.budget_bytes == 5 * slot   # int8 sizes: 3 slots
     model.close()
+
+
+# -- the grid i-quants -----------------------------------------------------------------------------
+
+# the published Grok-1 IQ3_XS file's mix first (IQ3_XXS, IQ3_S), then every other grid i-quant
+IQ_EXPERTS = [(QT.IQ3_XXS, QT.IQ3_XXS, QT.IQ3_S), (QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S), (QT.IQ1_S, QT.IQ1_M, QT.IQ3_S)]
+
+
+@pytest.mark.parametrize("types", IQ_EXPERTS, ids=["-".join(t.name for t in ts) for ts in IQ_EXPERTS])
+def test_iquant_experts_match_a_float64_forward_and_cache(tmp_path, types):
+    """Experts in the grid i-quants (gate, up, down: `types`; dense matrices Q8_0): `info` names
+    the types; the logits of a float64 forward over gguf-py's values; with the expert cache
+    (slots of the file's bytes) under evictions, the map's logits bit for bit."""
+    from dataclasses import replace
+
+    from test_gguf import TINY, write_grok
+    cfg = replace(TINY, emb_size=256, key_size=128, ffn_size=512)     # expert rows: whole 256-value blocks
+    path = tmp_path / "iq.gguf"
+    written = write_grok(path, cfg, seed=13, experts=dict(zip(("gate", "up", "down"), types)))
+    with open_gguf(path) as m:
+        assert [m.tensors[f"blk.1.ffn_{p}_exps.weight"].type for p in ("gate", "up", "down")] == list(types)
+    r = cli("info", "--model", path)
+    assert r.exit_code == 0 and f"{'ffn_down_exps':<22}{types[2].name} " in r.stdout, r.stdout
+    got, want = logits_and_float64(path, written)
+    assert np.abs(got - want).max() <= TOL, np.abs(got - want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    sizes = expert_sizes(path)
+    assert sizes == [cfg.emb_size * cfg.ffn_size // 256 * sum(gguf.GGML_QUANT_SIZES[t][1] for t in types)] * 2
+    check_cached_runs(path, sizes, (3, 6, 7), cfg.num_experts)
