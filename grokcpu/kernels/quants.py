@@ -297,7 +297,12 @@ def _half_scale(d, s, quarter):
 @njit(cache=True, nogil=True)
 def _deq_grid_block(qt, r, o, out, v, tb):
     """out[v:v+256] = the values of the grid i-quant block at r[o:] (qt: its type)."""
-    d = f16_to_f32(r[o], r[o + 1])
+    if qt == IQ1_M:                       # its four uint16 of 3-bit scales carry d in their top nibbles
+        sc0, sc1, sc2, sc3 = _u16(r, o + 48), _u16(r, o + 50), _u16(r, o + 52), _u16(r, o + 54)
+        hd = (sc0 >> 12) | ((sc1 >> 8) & 0xF0) | ((sc2 >> 4) & 0xF00) | (sc3 & 0xF000)
+        d = f16_to_f32(hd & 255, hd >> 8)
+    else:
+        d = f16_to_f32(r[o], r[o + 1])
     if qt == IQ3_XXS:                     # 64 grid bytes, then per 32 values a uint32: 4 x 7 sign bits, scale
         for ib in range(8):
             aux = _u32(r, o + 66 + 4 * ib)
@@ -346,11 +351,7 @@ def _deq_grid_block(qt, r, o, out, v, tb):
                 g = np.int32(r[o + 2 + 4 * ib + l]) | (((h >> (3 * l)) & 7) << 8)
                 _shifted(out, v + 32 * ib + 8 * l, dl, tb.iq1s, g, delta)
     else:                                 # IQ1_M: 32 grid low bytes, 16 bytes of (3 high bits, delta's sign)
-        # nibbles, four uint16 of 3-bit scales whose top nibbles make d
-        sc0, sc1, sc2, sc3 = _u16(r, o + 48), _u16(r, o + 50), _u16(r, o + 52), _u16(r, o + 54)
-        hd = (sc0 >> 12) | ((sc1 >> 8) & 0xF0) | ((sc2 >> 4) & 0xF00) | (sc3 & 0xF000)   # d, in four nibbles
-        d = f16_to_f32(hd & 255, hd >> 8)
-        for ib in range(8):
+        for ib in range(8):               # nibbles, then the scales (above)
             sc = (sc0, sc1, sc2, sc3)[ib // 2] >> (6 * (ib % 2))
             for l in range(4):
                 h = np.int32(r[o + 32 + 2 * ib + l // 2]) >> (4 * (l % 2))
