@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from gguf import quants as gq
 
 from .errors import CheckpointError
 from .kernels import quants as kq
@@ -15,7 +16,28 @@ LAYOUT = kq.LAYOUT
 SUPPORTED = ", ".join(TYPE_NAMES[t] for t in LAYOUT)
 F16_TABLE = kq.f16_table()
 F16_TABLE.flags.writeable = False
-FAST = (kq.Q8_0, kq.Q4_K, kq.Q5_K, kq.Q6_K)          # the types with a dedicated decode product
+
+
+def _tables() -> kq.Tables:
+    """The non-linear types' value tables, read-only, from gguf-py's classes (one source of
+    truth: its grids are ggml's, decoded from hex by its own init_grid)."""
+    def grid(cls):
+        cls.init_grid()
+        return cls.grid.reshape(cls.grid_shape)
+    def packed(g):                        # a grid's rows of four integers < 256: value j in bits 8j..
+        return (g.astype(np.uint32) << (8 * np.arange(4, dtype=np.uint32))).sum(axis=1, dtype=np.uint32)
+    iq3xxs, iq3s = grid(gq.IQ3_XXS), grid(gq.IQ3_S)
+    t = kq.Tables(np.array(gq.IQ4_NL.kvalues, np.float32), np.frombuffer(gq.IQ2_XXS.ksigns, np.uint8),
+                  grid(gq.IQ2_XXS), grid(gq.IQ2_XS), grid(gq.IQ2_S), iq3xxs, iq3s, grid(gq.IQ1_S),
+                  packed(iq3xxs), packed(iq3s))
+    t = kq.Tables(*(np.array(a) for a in t))
+    for a in t:
+        a.flags.writeable = False
+    return t
+
+
+TABLES = _tables()
+FAST = (kq.Q8_0, kq.Q4_K, kq.Q5_K, kq.Q6_K, kq.IQ3_XXS, kq.IQ3_S)   # the types with a dedicated decode product
 # the types whose decode product can take x rounded to 8 bits (activations="q8"). Q8_0 only with
 # AVX2's byte products (kernels/simd.py): its int16-word product measured no faster than float32
 Q8_ACT = (kq.Q4_K, kq.Q5_K, kq.Q6_K) + ((kq.Q8_0,) if simd.AVX2 else ())
@@ -90,6 +112,9 @@ def matvec(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = No
             qx = np.empty((T, K), np.int16)
             kq.quantize_x8(x, qx, xd, qs)
             kq.matvec_q8(qtype, w, w.view(np.uint16), qx, xd, qs, out, F16_TABLE, parts, 16)
+    elif qtype in (kq.IQ3_XXS, kq.IQ3_S):
+        xp = _readonly(kq.x_order_iq3(x))
+        kq.matvec_iq3(qtype, w, w.view(np.uint16), xp, out, F16_TABLE, TABLES, parts, 64)
     elif qtype in FAST:
         xs = x.reshape(x.shape[0], -1, 32).sum(axis=2, dtype=np.float32) if qtype in (kq.Q4_K, kq.Q5_K) \
             else np.zeros((1, 1), np.float32)
@@ -99,7 +124,7 @@ def matvec(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = No
         tile = np.empty((min(rows, w.shape[0]), K), np.float32)
         for r0 in range(0, w.shape[0], rows):
             r1 = min(w.shape[0], r0 + rows)
-            kq.dequant_rows(qtype, w, r0, r1, tile[:r1 - r0], kq.KVALUES_IQ4NL, 32)
+            kq.dequant_rows(qtype, w, r0, r1, tile[:r1 - r0], TABLES, 32)
             out[:, r0:r1] = x @ tile[:r1 - r0].T
     return out
 
@@ -115,5 +140,5 @@ def dequant_rows(qtype: int, w: np.ndarray, r0: int, r1: int, out: np.ndarray | 
         out = np.empty((r1 - r0, K), np.float32)
     elif out.shape != (r1 - r0, K) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"{name or 'matrix'}: out must be float32 {(r1 - r0, K)}")
-    kq.dequant_rows(qtype, w, r0, r1, out, kq.KVALUES_IQ4NL, 32)
+    kq.dequant_rows(qtype, w, r0, r1, out, TABLES, 32)
     return out

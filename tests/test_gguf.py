@@ -32,8 +32,10 @@ TINY = GrokConfig(vocab_size=256, sequence_len=128, emb_size=64, key_size=32, nu
                   embedding_multiplier_scale=8.0, attn_output_multiplier=32 ** -0.5)
 
 
-def write_grok(path, cfg: GrokConfig = TINY, layout: str = "merged", seed: int = 0, qtype=QT.Q8_0, **kw):
-    """A tiny Grok GGUF: matrices qtype (quantized by gguf-py), norms and router F32.
+def write_grok(path, cfg: GrokConfig = TINY, layout: str = "merged", seed: int = 0, qtype=QT.Q8_0,
+               experts: dict | None = None, **kw):
+    """A tiny Grok GGUF: matrices qtype (quantized by gguf-py), norms and router F32; experts
+    {"gate"|"up"|"down": grid i-quant type}: those expert tensors random blocks of that type.
     Returns {name: float32 values as written (dequantized)}."""
     rng = np.random.default_rng(seed)
     w = grok_writer(path, cfg, **kw)
@@ -41,13 +43,15 @@ def write_grok(path, cfg: GrokConfig = TINY, layout: str = "merged", seed: int =
     written = {}
     for name, shape in grok_tensor_shapes(cfg, layout).items():
         x = rng.standard_normal(shape).astype(np.float32)
+        part = name.split(".")[2].removeprefix("ffn_").removesuffix("_exps") if name.startswith("blk.") else ""
         if len(shape) == 1 or "gate_inp" in name:
             w.add_tensor(name, x)
             written[name] = x
         else:
-            q = encode(x, qtype)
-            w.add_tensor(name, q, raw_dtype=qtype)
-            written[name] = gguf.quants.dequantize(q, qtype)
+            t = (experts or {}).get(part, qtype)
+            q = encode(x, t) if t == qtype else grid_blocks(t, shape, rng)
+            w.add_tensor(name, q, raw_dtype=t)
+            written[name] = gguf.quants.dequantize(q, t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -61,6 +65,16 @@ def encode(x: np.ndarray, qtype) -> np.ndarray:
     if qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K):
         return quantize(x.reshape(-1, x.shape[-1]), int(qtype)).reshape(*x.shape[:-1], -1)
     return gguf.quants.quantize(x, qtype)
+
+
+def grid_blocks(qtype, shape, rng) -> np.ndarray:
+    """Random blocks of a grid i-quant (gguf-py cannot quantize to one) for a matrix of `shape`,
+    d scaled so that the values' RMS is about 1, as the other matrices'."""
+    from test_quants import random_matrix, with_d
+    *lead, K = shape
+    q = with_d(qtype, random_matrix(qtype, int(np.prod(lead)), K, rng), 1.0)
+    rms = np.sqrt(np.mean(np.square(gguf.quants.dequantize(q, qtype), dtype=np.float64)))
+    return with_d(qtype, q, 1.0 / rms).reshape(*lead, -1)
 
 
 def values(m: GGUFModel, name: str) -> np.ndarray:

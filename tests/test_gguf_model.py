@@ -3,7 +3,8 @@
 F32 files against the reference's logits; Q8_0 files against a float64 forward (refmodel) over
 gguf-py's own dequantization of the same file; the demo model's greedy tokens; convert's
 atomicity and shards; the CLI on a GGUF model; the expert cache over GGUF files (the logits of
-the memory map, bit for bit; byte accounting and the auto budget in the file's own types).
+the memory map, bit for bit; byte accounting and the auto budget in the file's own types); files
+whose experts are grid i-quants (random blocks) against a float64 forward and through the cache.
 """
 
 from __future__ import annotations
@@ -230,15 +231,25 @@ def test_convert_killed_midway_leaves_no_output(demo_path, tmp_path, sig):
 def test_gguf_written_by_gguf_py_matches_a_float64_forward(tmp_path, qtype, layout):
     """A file quantized by gguf-py itself (another type, the older one-tensor-per-expert layout
     too): prefill and decode against the float64 forward over the values gguf-py wrote."""
-    from test_gguf import TINY, write_grok
+    from test_gguf import write_grok
     written = write_grok(tmp_path / "m.gguf", layout=layout, seed=11, qtype=qtype)
+    got, want = logits_and_float64(tmp_path / "m.gguf", written, layout)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 2e-5 * scale
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def logits_and_float64(path, written, layout="merged"):
+    """The model's logits (prefill of 16 rows: the BLAS path, then 2 decode steps: the products
+    on the file's blocks) and refmodel's float64 forward over the values write_grok wrote."""
     T = lambda a: np.swapaxes(a, -1, -2).astype(np.float64)       # noqa: E731
-    E = TINY.num_experts
+    model = grokcpu.load(path, threads=1)
+    c = model.config
 
     def experts(n, part):
         if layout == "merged":
             return T(written[f"blk.{n}.ffn_{part}_exps.weight"])
-        return np.stack([T(written[f"blk.{n}.ffn_{part}.{e}.weight"]) for e in range(E)])
+        return np.stack([T(written[f"blk.{n}.ffn_{part}.{e}.weight"]) for e in range(c.num_experts)])
 
     layers = [SimpleNamespace(
         attn_norm=written[f"blk.{n}.attn_norm.weight"], attn_post_norm=written[f"blk.{n}.attn_output_norm.weight"],
@@ -246,19 +257,16 @@ def test_gguf_written_by_gguf_py_matches_a_float64_forward(tmp_path, qtype, layo
         wq=T(written[f"blk.{n}.attn_q.weight"]), wk=T(written[f"blk.{n}.attn_k.weight"]),
         wv=T(written[f"blk.{n}.attn_v.weight"]), wo=T(written[f"blk.{n}.attn_output.weight"]),
         router=T(written[f"blk.{n}.ffn_gate_inp.weight"]), w_gate=experts(n, "gate"), w_up=experts(n, "up"),
-        w_down=experts(n, "down")) for n in range(TINY.num_layers)]
-    model = grokcpu.load(tmp_path / "m.gguf", threads=1)
-    ck = SimpleNamespace(config=model.config, embeddings=written["token_embd.weight"].astype(np.float64),
+        w_down=experts(n, "down")) for n in range(c.num_layers)]
+    ck = SimpleNamespace(config=c, embeddings=written["token_embd.weight"].astype(np.float64),
                          final_norm=written["output_norm.weight"], layers=layers)
-    toks = [5, 17, 200, 3, 99, 42, 7, 128, 250, 1, 64, 33, 90, 11, 180, 77, 240, 2]   # 16+ rows: the BLAS path
+    toks = [5, 17, 200, 3, 99, 42, 7, 128, 250, 1, 64, 33, 90, 11, 180, 77, 240, 2]
     want = refmodel.forward(ck, toks)
     s = model.new_session()
     pre = s.prefill(toks[:-2])
     dec = np.stack([s.decode(t) for t in toks[-2:]])
-    got = np.concatenate([pre, dec])
-    scale = np.abs(want).max()
-    assert np.abs(got - want).max() <= 2e-5 * scale
-    assert (got.argmax(-1) == want.argmax(-1)).all()
+    model.close()
+    return np.concatenate([pre, dec]), want
 
 
 # -- the expert cache over GGUF files ----------------------------------------------------------------
@@ -409,3 +417,32 @@ def test_auto_budget_counts_the_gguf_bytes(kq_ckpt, tmp_path, monkeypatch):
     model = grokcpu.load(path, threads=1, context=64)
     assert model.experts.nslots == 5 and model.experts.budget_bytes == 5 * slot   # int8 sizes: 3 slots
     model.close()
+
+
+# -- the grid i-quants -----------------------------------------------------------------------------
+
+# the published Grok-1 IQ3_XS file's mix first (IQ3_XXS, IQ3_S), then every other grid i-quant
+IQ_EXPERTS = [(QT.IQ3_XXS, QT.IQ3_XXS, QT.IQ3_S), (QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S), (QT.IQ1_S, QT.IQ1_M, QT.IQ3_S)]
+
+
+@pytest.mark.parametrize("types", IQ_EXPERTS, ids=["-".join(t.name for t in ts) for ts in IQ_EXPERTS])
+def test_iquant_experts_match_a_float64_forward_and_cache(tmp_path, types):
+    """Experts in the grid i-quants (gate, up, down: `types`; dense matrices Q8_0): `info` names
+    the types; the logits of a float64 forward over gguf-py's values; with the expert cache
+    (slots of the file's bytes) under evictions, the map's logits bit for bit."""
+    from dataclasses import replace
+
+    from test_gguf import TINY, write_grok
+    cfg = replace(TINY, emb_size=256, key_size=128, ffn_size=512)     # expert rows: whole 256-value blocks
+    path = tmp_path / "iq.gguf"
+    written = write_grok(path, cfg, seed=13, experts=dict(zip(("gate", "up", "down"), types)))
+    with open_gguf(path) as m:
+        assert [m.tensors[f"blk.1.ffn_{p}_exps.weight"].type for p in ("gate", "up", "down")] == list(types)
+    r = cli("info", "--model", path)
+    assert r.exit_code == 0 and f"{'ffn_down_exps':<22}{types[2].name} " in r.stdout, r.stdout
+    got, want = logits_and_float64(path, written)
+    assert np.abs(got - want).max() <= TOL, np.abs(got - want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    sizes = expert_sizes(path)
+    assert sizes == [cfg.emb_size * cfg.ffn_size // 256 * sum(gguf.GGML_QUANT_SIZES[t][1] for t in types)] * 2
+    check_cached_runs(path, sizes, (3, 6, 7), cfg.num_experts)

@@ -22,8 +22,13 @@ from grokcpu.kernels import quants as kq  # noqa: E402
 # blocks have finite scales (every other random byte pattern is a valid block)
 HALF_HIGH_BYTES = {kq.Q8_0: (1,), kq.Q4_0: (1,), kq.IQ4_NL: (1,), kq.IQ4_XS: (1,),
                    kq.Q4_K: (1, 3), kq.Q5_K: (1, 3), kq.Q6_K: (209,), kq.Q2_K: (81, 83),
-                   kq.Q3_K: (109,)}
+                   kq.Q3_K: (109,), kq.IQ3_XXS: (1,), kq.IQ3_S: (1,), kq.IQ2_XXS: (1,), kq.IQ2_XS: (1,),
+                   kq.IQ2_S: (1,), kq.IQ1_S: (1,)}
+# IQ1_M keeps its half d in the top nibbles of four uint16 fields (bytes 48..55): byte 55's top
+# bits are d's sign and highest exponent bits
+IQ1_M_D_BYTES = (49, 51, 53, 55)
 TYPES = list(kq.LAYOUT)
+GRID_TYPES = [kq.IQ3_XXS, kq.IQ3_S, kq.IQ2_XXS, kq.IQ2_XS, kq.IQ2_S, kq.IQ1_S, kq.IQ1_M]
 
 
 def random_matrix(qtype, N, K, rng):
@@ -37,9 +42,31 @@ def random_matrix(qtype, N, K, rng):
         return a.view(np.uint8)
     qk, bb, _ = kq.LAYOUT[qtype]
     w = rng.integers(0, 256, (N, K // qk, bb), dtype=np.uint8)
-    for o in HALF_HIGH_BYTES[qtype]:
+    if qtype == kq.IQ1_M:
+        w[:, :, 55] &= 0xBF               # exponent <= 15: |d| < 2
+    for o in HALF_HIGH_BYTES.get(qtype, ()):
         w[:, :, o] &= 0x3B                # exponent <= 14: |scale| < 1, never inf or NaN
     return w.reshape(N, K // qk * bb)
+
+
+def with_d(qtype, w, d, every=1):
+    """w (uint8 [N, row_bytes] of a grid i-quant) with the half scale d of every `every`-th block
+    set to d (float16, broadcast over [N, blocks])."""
+    b = w.reshape(w.shape[0], -1, kq.LAYOUT[qtype][1]).copy()
+    pick = (np.arange(b.shape[0] * b.shape[1]) % every == every - 1).reshape(b.shape[:2])
+    h = np.broadcast_to(np.asarray(d, np.float16), b.shape[:2]).view(np.uint16)
+    if qtype == kq.IQ1_M:                 # d's four nibbles: the top nibbles of IQ1_M_D_BYTES
+        for k, o in enumerate(IQ1_M_D_BYTES):
+            b[..., o] = np.where(pick, (b[..., o] & 0x0F) | (((h >> 4 * k) & 15) << 4), b[..., o])
+    else:                                 # d: bytes 0 and 1
+        b[..., 0] = np.where(pick, h & 255, b[..., 0])
+        b[..., 1] = np.where(pick, h >> 8, b[..., 1])
+    return b.reshape(w.shape)
+
+
+def zero_scales(qtype, w, rng):
+    """w with d of every third block +0 or -0 (its values +-0)."""
+    return with_d(qtype, w, np.where(rng.random((w.shape[0], 1)) < 0.5, -0.0, 0.0), every=3)
 
 
 def shapes(qtype):
@@ -74,10 +101,40 @@ def test_matvec_equals_float64_product(qtype):
             assert np.all(np.abs(out - ref) <= bound), (qtype, N, K, T, np.abs(out - ref).max())
 
 
+@pytest.mark.parametrize("qtype", GRID_TYPES, ids=[kq.TYPE_NAMES[t] for t in GRID_TYPES])
+def test_grid_iquants_decode_to_gguf_bits(qtype):
+    """The grid i-quants bit for bit (signed zeros too: blocks with d = +-0), rows of up to
+    Grok-1's 6144 values, a tile of the last row alone."""
+    rng = np.random.default_rng(200 + qtype)
+    for N, K in [(2, 512), (3, 1280), (5, 6144)]:
+        w = zero_scales(qtype, random_matrix(qtype, N, K, rng), rng)
+        ref = gguf_dequantize(w, qtype).reshape(N, K)
+        assert np.isfinite(ref).all() and (ref == 0).any()
+        got = quant.dequant_rows(qtype, w, 0, N)
+        np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+        assert np.array_equal(quant.dequant_rows(qtype, w, N - 1, N).view(np.uint32), ref[N - 1:].view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", GRID_TYPES, ids=[kq.TYPE_NAMES[t] for t in GRID_TYPES])
+def test_grid_iquants_matvec_equals_float64_product(qtype):
+    """quant.matvec on the grid i-quants against float64 dequantize(W) @ x: odd row counts, one
+    and several rows of x, a matrix over several float32 tiles (768 values: 341 rows a tile)."""
+    rng = np.random.default_rng(300 + qtype)
+    for N, K, Ts in [(1, 256, (1,)), (37, 1024, (1, 3)), (700, 768, (1, 4))]:
+        w = random_matrix(qtype, N, K, rng)
+        W = gguf_dequantize(w, qtype).reshape(N, K).astype(np.float64)
+        for T in Ts:
+            x = rng.standard_normal((T, K)).astype(np.float32)
+            out = quant.matvec(qtype, w, x)
+            # float32 products and sums: error bounded by a few ulps of the sum of |terms|
+            bound = 1e-6 * K ** 0.5 * (np.abs(x.astype(np.float64)) @ np.abs(W).T) + 1e-30
+            assert np.all(np.abs(out - x.astype(np.float64) @ W.T) <= bound), (N, K, T)
+
+
 def test_unsupported_type_names_type_and_tensor():
-    w = np.zeros((2, 66), np.uint8)
-    with pytest.raises(CheckpointError, match=r"'blk\.0\.ffn_up\.weight' has ggml type IQ2_XXS"):
-        quant.matvec(16, w, np.zeros((1, 256), np.float32), name="blk.0.ffn_up.weight")
+    w = np.zeros((2, 54), np.uint8)
+    with pytest.raises(CheckpointError, match=r"'blk\.0\.ffn_up\.weight' has ggml type TQ1_0 \(id 34\)"):
+        quant.matvec(34, w, np.zeros((1, 256), np.float32), name="blk.0.ffn_up.weight")
     with pytest.raises(CheckpointError, match="unknown type 99"):
         quant.dequant_rows(99, w, 0, 1, name="t")
 

@@ -54,6 +54,9 @@ def matrix(qtype, nbytes, K, rng):
         for o in {kq.Q6_K: (208,), kq.Q2_K: (80, 82), kq.Q3_K: (108,),
                   kq.Q4_K: (0, 2), kq.Q5_K: (0, 2)}.get(qtype, (0,)):
             w[:, :, o], w[:, :, o + 1] = d[0], d[1]
+        if qtype == kq.IQ1_M:              # its d: the top nibbles of bytes 49, 51, 53, 55 (2**-7 here)
+            w[:, :, [49, 51, 53]] &= 0x0F
+            w[:, :, 55] = (w[:, :, 55] & 0x0F) | 0x20
     else:
         w[:] = 0
     return w.reshape(w.shape[0], rb)

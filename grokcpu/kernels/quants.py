@@ -1,15 +1,18 @@
 """Products and dequantization on ggml's block formats, with float32 activations.
 
 A matrix is uint8 [N_out, row_bytes]: each row holds K input values as consecutive blocks of
-one ggml type. dequant_rows decodes Q8_0, Q4_K and Q6_K with a loop each and every other type
-the same way: a block becomes its quant values as float32 (q) and, per sub-block s of SUB
-values, a scale and an offset, so that value = scale[s] * q - offset[s]. The hot types (Q8_0, Q4_K, Q5_K, Q6_K) have a dedicated
-decode product each (matvec_fast); grokcpu.quant.matvec multiplies the others by tiles of
-dequant_rows. Opt-in, the K-quants also have decode products on x rounded to 8 bits
-(quantize_x8, matvec_q8: integer sums, faster, not exact).
+one ggml type. dequant_rows decodes Q8_0, Q4_K and Q6_K with a loop each, the grid i-quants
+(IQ1_S .. IQ3_S) with one block decoder, and every other type the same way: a block becomes its
+quant values as float32 (q) and, per sub-block s of SUB values, a scale and an offset, so that
+value = scale[s] * q - offset[s]. The non-linear types' value tables come in as one Tables.
+The hot types (Q8_0, Q4_K, Q5_K, Q6_K; IQ3_XXS, IQ3_S) have a dedicated decode product each
+(matvec_fast; matvec_iq3); grokcpu.quant.matvec multiplies the others by tiles of dequant_rows.
+Opt-in, the K-quants also have decode products on x rounded to 8 bits (quantize_x8, matvec_q8:
+integer sums, faster, not exact).
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
@@ -19,6 +22,7 @@ from .prefetch import prefetch_bytes
 # ggml type ids (ggml.h's enum ggml_type), and the ones these kernels read
 F32, F16, Q4_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, BF16 = (
     0, 1, 2, 8, 10, 11, 12, 13, 14, 20, 23, 30)
+IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ3_S, IQ2_S, IQ1_M = 16, 17, 18, 19, 21, 22, 29
 TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
               10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
               17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
@@ -27,10 +31,25 @@ TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8:
 # type id -> (values per block, bytes per block, values per sub-block) for the types read here
 LAYOUT = {F32: (32, 128, 32), F16: (32, 64, 32), BF16: (32, 64, 32), Q8_0: (32, 34, 32),
           Q4_0: (32, 18, 32), IQ4_NL: (32, 18, 32), Q4_K: (256, 144, 32), Q5_K: (256, 176, 32),
-          Q6_K: (256, 210, 16), Q2_K: (256, 84, 16), Q3_K: (256, 110, 16), IQ4_XS: (256, 136, 32)}
-# IQ4_NL's and IQ4_XS's 16 non-linear levels (ggml-common.h kvalues_iq4nl)
-KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
-                         np.float32)
+          Q6_K: (256, 210, 16), Q2_K: (256, 84, 16), Q3_K: (256, 110, 16), IQ4_XS: (256, 136, 32),
+          IQ3_XXS: (256, 98, 32), IQ3_S: (256, 110, 32), IQ2_XXS: (256, 66, 32), IQ2_XS: (256, 74, 16),
+          IQ2_S: (256, 82, 16), IQ1_S: (256, 50, 32), IQ1_M: (256, 56, 16)}
+IQ1S_DELTA = np.float32(0.125)            # ggml's IQ1S_DELTA: IQ1_S/IQ1_M values are dl * (grid +- delta)
+
+
+class Tables(NamedTuple):
+    """The value tables of the non-linear types, one argument to the kernels (filled by
+    grokcpu.quant from gguf-py's classes). Grids: row g holds the values of grid index g."""
+    kvalues: np.ndarray     # float32 [16]: IQ4_NL's and IQ4_XS's levels (ggml's kvalues_iq4nl)
+    ksigns: np.ndarray      # uint8 [128]: 7 stored sign bits -> 8, the 8th giving even parity
+    iq2xxs: np.ndarray      # float32 [256, 8]
+    iq2xs: np.ndarray       # float32 [512, 8]
+    iq2s: np.ndarray        # float32 [1024, 8]
+    iq3xxs: np.ndarray      # float32 [256, 4]
+    iq3s: np.ndarray        # float32 [512, 4]
+    iq1s: np.ndarray        # float32 [2048, 8] of -1, 0, 1 (IQ1_S and IQ1_M)
+    iq3xxs_packed: np.ndarray   # uint32 [256]: iq3xxs's rows, a value a byte (the decode products)
+    iq3s_packed: np.ndarray     # uint32 [512]
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -52,6 +71,20 @@ def _layout(qt):
         return 256, 110, 16
     if qt == IQ4_XS:
         return 256, 136, 32
+    if qt == IQ3_XXS:
+        return 256, 98, 32
+    if qt == IQ3_S:
+        return 256, 110, 32
+    if qt == IQ2_XXS:
+        return 256, 66, 32
+    if qt == IQ2_XS:
+        return 256, 74, 16
+    if qt == IQ2_S:
+        return 256, 82, 16
+    if qt == IQ1_S:
+        return 256, 50, 32
+    if qt == IQ1_M:
+        return 256, 56, 16
     if qt == F32:
         return 32, 128, 32
     return 32, 64, 32                     # F16, BF16
@@ -222,14 +255,128 @@ def _deq_q6_K(row, o, n32):
                     np.float32(np.int32((c >> 4) | (((e >> 6) & 3) << 4)) - 32)
 
 
+# ---- The grid i-quants (IQ1_*, IQ2_*, IQ3_*): a block of 256 values holds per group of 8
+# (IQ3: 4) values an index into a grid of value vectors, per 32 (or 16) values a scale, and
+# per value a sign (IQ1: per 8 values a shift +-delta instead). The values are computed in
+# gguf-py's (and ggml's dequantize_row_iq*) order of float32 operations: the same bits.
+
+@njit(cache=True, nogil=True, inline="always")
+def _u16(r, o):
+    """The little-endian uint16 at r[o:o+2], as int32."""
+    return np.int32(r[o]) | (np.int32(r[o + 1]) << 8)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _u32(r, o):
+    """The little-endian uint32 at r[o:o+4]."""
+    return (np.uint32(r[o]) | (np.uint32(r[o + 1]) << 8) | (np.uint32(r[o + 2]) << 16)
+            | (np.uint32(r[o + 3]) << 24))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _signed(out, v, db, grid, g, signs):
+    """out[v:v+w] = db * grid[g] (w its width), value j negated where bit j of signs is set."""
+    for j in range(grid.shape[1]):
+        a = db * grid[g, j]
+        out[v + j] = -a if (signs >> j) & 1 else a
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _shifted(out, v, dl, grid, g, delta):
+    """out[v:v+8] = dl * (grid[g] + delta) (IQ1_S, IQ1_M)."""
+    for j in range(8):
+        out[v + j] = dl * (grid[g, j] + delta)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _half_scale(d, s, quarter):
+    """d * (0.5 + s) * (0.25 or 0.5): the IQ2 and IQ3_XXS scales, in gguf-py's order."""
+    return d * (np.float32(0.5) + np.float32(s)) * (np.float32(0.25) if quarter else np.float32(0.5))
+
+
+@njit(cache=True, nogil=True)
+def _deq_grid_block(qt, r, o, out, v, tb):
+    """out[v:v+256] = the values of the grid i-quant block at r[o:] (qt: its type)."""
+    if qt == IQ1_M:                       # its four uint16 of 3-bit scales carry d in their top nibbles
+        sc0, sc1, sc2, sc3 = _u16(r, o + 48), _u16(r, o + 50), _u16(r, o + 52), _u16(r, o + 54)
+        hd = (sc0 >> 12) | ((sc1 >> 8) & 0xF0) | ((sc2 >> 4) & 0xF00) | (sc3 & 0xF000)
+        d = f16_to_f32(hd & 255, hd >> 8)
+    else:
+        d = f16_to_f32(r[o], r[o + 1])
+    if qt == IQ3_XXS:                     # 64 grid bytes, then per 32 values a uint32: 4 x 7 sign bits, scale
+        for ib in range(8):
+            aux = _u32(r, o + 66 + 4 * ib)
+            db = _half_scale(d, aux >> 28, False)
+            for l in range(4):
+                s = tb.ksigns[(aux >> (7 * l)) & 127]
+                q = o + 2 + 8 * ib + 2 * l
+                _signed(out, v + 32 * ib + 8 * l, db, tb.iq3xxs, r[q], s)
+                _signed(out, v + 32 * ib + 8 * l + 4, db, tb.iq3xxs, r[q + 1], s >> 4)
+    elif qt == IQ3_S:                     # 64 grid low bytes, 8 of ninth bits, 32 of signs, 4 of scales
+        for ib in range(8):
+            db = d * np.float32(1 + 2 * ((np.int32(r[o + 106 + ib // 2]) >> (4 * (ib % 2))) & 15))
+            h = np.int32(r[o + 66 + ib])
+            for l in range(4):
+                s = r[o + 74 + 4 * ib + l]
+                q = o + 2 + 8 * ib + 2 * l
+                _signed(out, v + 32 * ib + 8 * l, db, tb.iq3s, np.int32(r[q]) | (((h >> (2 * l)) & 1) << 8), s)
+                _signed(out, v + 32 * ib + 8 * l + 4, db, tb.iq3s,
+                        np.int32(r[q + 1]) | (((h >> (2 * l + 1)) & 1) << 8), s >> 4)
+    elif qt == IQ2_XXS:                   # per 32 values: 4 grid bytes, a uint32 of 4 x 7 sign bits and scale
+        for ib in range(8):
+            aux = _u32(r, o + 6 + 8 * ib)
+            db = _half_scale(d, aux >> 28, True)
+            for l in range(4):
+                _signed(out, v + 32 * ib + 8 * l, db, tb.iq2xxs, r[o + 2 + 8 * ib + l],
+                        tb.ksigns[(aux >> (7 * l)) & 127])
+    elif qt == IQ2_XS:                    # uint16s of 9-bit grid index and 7 sign bits, then 8 scale bytes
+        for ib in range(8):
+            db0, db1 = _half_scale(d, r[o + 66 + ib] & 15, True), _half_scale(d, r[o + 66 + ib] >> 4, True)
+            for l in range(4):
+                g = _u16(r, o + 2 + 8 * ib + 2 * l)
+                _signed(out, v + 32 * ib + 8 * l, db0 if l < 2 else db1, tb.iq2xs, g & 511, tb.ksigns[g >> 9])
+    elif qt == IQ2_S:                     # 32 grid low bytes, 32 of signs, 8 of high bit pairs, 8 of scales
+        for ib in range(8):
+            db0, db1 = _half_scale(d, r[o + 74 + ib] & 15, True), _half_scale(d, r[o + 74 + ib] >> 4, True)
+            h = np.int32(r[o + 66 + ib])
+            for l in range(4):
+                _signed(out, v + 32 * ib + 8 * l, db0 if l < 2 else db1, tb.iq2s,
+                        np.int32(r[o + 2 + 4 * ib + l]) | (((h >> (2 * l)) & 3) << 8), r[o + 34 + 4 * ib + l])
+    elif qt == IQ1_S:                     # 32 grid low bytes; per 32 values a uint16: 4 x 3 high bits,
+        for ib in range(8):               # 3-bit scale, delta's sign
+            h = _u16(r, o + 34 + 2 * ib)
+            dl = d * np.float32(2 * ((h >> 12) & 7) + 1)
+            delta = -IQ1S_DELTA if h & 0x8000 else IQ1S_DELTA
+            for l in range(4):
+                g = np.int32(r[o + 2 + 4 * ib + l]) | (((h >> (3 * l)) & 7) << 8)
+                _shifted(out, v + 32 * ib + 8 * l, dl, tb.iq1s, g, delta)
+    else:                                 # IQ1_M: 32 grid low bytes, 16 bytes of (3 high bits, delta's sign)
+        for ib in range(8):               # nibbles, then the scales (above)
+            sc = (sc0, sc1, sc2, sc3)[ib // 2] >> (6 * (ib % 2))
+            for l in range(4):
+                h = np.int32(r[o + 32 + 2 * ib + l // 2]) >> (4 * (l % 2))
+                dl = d * np.float32(2 * ((sc >> (3 * (l // 2))) & 7) + 1)
+                _shifted(out, v + 32 * ib + 8 * l, dl, tb.iq1s, np.int32(r[o + 4 * ib + l]) | ((h & 7) << 8),
+                         -IQ1S_DELTA if h & 8 else IQ1S_DELTA)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _is_grid(qt):
+    """Whether qt is one of the grid i-quants (_deq_grid_block's types)."""
+    return (qt == IQ3_XXS or qt == IQ3_S or qt == IQ2_XXS or qt == IQ2_XS or qt == IQ2_S or qt == IQ1_S
+            or qt == IQ1_M)
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def dequant_rows(qt, w, r0, r1, out, kv, n32):
+def dequant_rows(qt, w, r0, r1, out, tb, n32):
     """out[r1-r0, K] = rows r0..r1-1 of the ggml matrix w of type qt, as float32 (a tile for
     BLAS). Q8_0, Q4_K and Q6_K (the prefill types of Q8_0 and Q4_K_M files) have a loop each,
     6-15x faster than the generic block decoder the others take; the same values to the bit.
-    kv: KVALUES_IQ4NL; n32: 32 (see _decode)."""
+    The grid i-quants decode a block at a time straight into the row. tb: Tables; n32: 32
+    (see _decode)."""
     K = out.shape[1]
     QK, BB, SUB = _layout(qt)
+    kv = tb.kvalues
     for r in prange(r1 - r0):
         row = w[r0 + r]
         o = out[r]
@@ -239,6 +386,9 @@ def dequant_rows(qt, w, r0, r1, out, kv, n32):
             _deq_q6_K(row, o, n32)
         elif qt == Q4_K:
             _deq_q4_K(row, o, np.empty(8, np.float32), np.empty(8, np.float32), n32)
+        elif _is_grid(qt):
+            for b in range(K // 256):
+                _deq_grid_block(qt, row, b * BB, o, b * 256, tb)
         else:
             scale = np.empty(QK // SUB, np.float32)
             off = np.empty(QK // SUB, np.float32)
@@ -516,6 +666,104 @@ def matvec_fast(qt, w, w16, x, xs, out, f16, parts, n32):
             _rows_q45_K(w, w16, x, xs, out, f16, n0, n1, n32 // 4, qt == Q5_K)
         else:
             _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n32 // 4)
+
+
+# ---- Decode products for IQ3_XXS and IQ3_S (the bulk of the published IQ3_XS file). Per block,
+# a scalar pass writes each of its 64 grid entries' scale (dbe), sign bits (sg) and, for IQ3_S,
+# 9-bit grid index (gi) into scratch; then one loop over the 64 entries, a sum (no stores: the
+# gathers of grid entries would defeat LLVM's alias checks on a store), gathers each entry's
+# four values packed in one uint32 (tb.iq3xxs_packed / iq3s_packed) and takes x from xp, x in
+# kernel order (x_order_iq3: value 4e + j of each 256 at 64j + e), in 8- or 16-wide loads. A
+# loop over a sub-block's 8 entries alone ran scalar: LLVM sizes a reduction's vector loop
+# for more iterations than that. The signed grid values are integers: exact products.
+
+def x_order_iq3(x):
+    """x [T, K] -> float32 [T, K] in the IQ3 products' order (value 256b + 4e + j at 256b + 64j + e)."""
+    T, K = x.shape
+    return np.ascontiguousarray(x.reshape(T, K // 256, 64, 4).transpose(0, 1, 3, 2)).reshape(T, K)
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _grid_value(u, sb, j):
+    """Byte j of u as float32, negated where bit j of sb is set (a two's complement negation)."""
+    m = -((sb >> j) & 1)
+    return np.float32(np.int32((((u >> (8 * j)) & 255) ^ m) - m))
+
+
+@njit(cache=True, fastmath=True, nogil=True, inline="always")
+def _row_iq3(row, r16, xp, f16, tb, dbe, sg, gi, n64, w, pf, xxs):
+    """The dot product of xp (kernel order) with one IQ3_XXS (xxs) or IQ3_S row; dbe, sg, gi:
+    float32 [64], int32 [64], int32 [64] scratch."""
+    BB = 98 if xxs else 110
+    grid = tb.iq3xxs_packed if xxs else tb.iq3s_packed
+    tot = np.float32(0.0)
+    for b in range(xp.shape[0] // 256):
+        o = b * BB
+        prefetch_bytes(w, pf + o, BB)
+        d = f16[r16[o // 2]]
+        for ib in range(8):
+            if xxs:                       # 4 x 7 sign bits (each pair of entries: ksigns' 8) and the scale
+                aux = _u32(row, o + 66 + 4 * ib)
+                db = _half_scale(d, aux >> 28, False)
+                for p in range(4):
+                    k = np.int32(tb.ksigns[(aux >> (7 * p)) & 127])
+                    sg[8 * ib + 2 * p] = k
+                    sg[8 * ib + 2 * p + 1] = k >> 4
+            else:                         # a byte of ninth index bits, 4 sign bytes, a 4-bit scale
+                db = d * np.float32(1 + 2 * ((np.int32(row[o + 106 + ib // 2]) >> (4 * (ib % 2))) & 15))
+                h = np.int32(row[o + 66 + ib])
+                for l in range(8):
+                    gi[8 * ib + l] = np.int32(row[o + 2 + 8 * ib + l]) | (((h >> l) & 1) << 8)
+                    sg[8 * ib + l] = np.int32(row[o + 74 + 4 * ib + l // 2]) >> (4 * (l % 2))
+            for l in range(8):
+                dbe[8 * ib + l] = db
+        xo = b * 256
+        s = np.float32(0.0)
+        for e in range(n64):
+            u = grid[np.int32(row[o + 2 + e])] if xxs else grid[gi[e]]
+            sb = sg[e]
+            s += dbe[e] * ((_grid_value(u, sb, 0) * xp[xo + e] + _grid_value(u, sb, 1) * xp[xo + 64 + e])
+                           + (_grid_value(u, sb, 2) * xp[xo + 128 + e] + _grid_value(u, sb, 3) * xp[xo + 192 + e]))
+        tot += s
+    return tot
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _row_iq3_xxs(row, r16, xp, f16, tb, dbe, sg, gi, n64, w, pf):
+    """_row_iq3 for IQ3_XXS (its own function: `xxs` a constant to LLVM)."""
+    return _row_iq3(row, r16, xp, f16, tb, dbe, sg, gi, n64, w, pf, True)
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _row_iq3_s(row, r16, xp, f16, tb, dbe, sg, gi, n64, w, pf):
+    """_row_iq3 for IQ3_S."""
+    return _row_iq3(row, r16, xp, f16, tb, dbe, sg, gi, n64, w, pf, False)
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def _rows_iq3(qt, w, w16, xp, out, f16, tb, n0, n1, n64):
+    """Rows n0..n1-1 of IQ3_XXS or IQ3_S (qt)."""
+    dbe = np.empty(64, np.float32)
+    sg = np.empty(64, np.int32)
+    gi = np.empty(64, np.int32)
+    for n in range(n0, n1):
+        pf = n * w.shape[1] + AHEAD
+        for t in range(xp.shape[0]):
+            if qt == IQ3_XXS:
+                out[t, n] = _row_iq3_xxs(w[n], w16[n], xp[t], f16, tb, dbe, sg, gi, n64, w, pf)
+            else:
+                out[t, n] = _row_iq3_s(w[n], w16[n], xp[t], f16, tb, dbe, sg, gi, n64, w, pf)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def matvec_iq3(qt, w, w16, xp, out, f16, tb, parts, n64):
+    """out[T, N] = x[T, K] @ W.T for IQ3_XXS or IQ3_S (qt), xp = x_order_iq3(x), `parts` ranges
+    of rows in parallel; n64 is 64 at run time (a literal loop would be unrolled, not vectorized)."""
+    N = w.shape[0]
+    parts = max(1, min(N, parts))
+    per = (N + parts - 1) // parts
+    for p in prange(parts):
+        _rows_iq3(qt, w, w16, xp, out, f16, tb, p * per, min(N, p * per + per), n64)
 
 
 # ---- 8-bit activations (opt-in) for the K-quants. x is rounded once per call to int8 steps
