@@ -15,7 +15,6 @@ x is int8 [T, K] in natural order with its step per 256 values and its sums per 
 
 import llvmlite.binding as llvm
 import numba
-import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
