@@ -11,7 +11,8 @@ from .app import Run, command, demo_path, err, out
 @command()
 def warmup(run: Run):
     """Compile the kernels ahead of use: the demo model (and --model, if given) through prefill,
-    decode and batched decode, with and without the expert cache, f32 and int8 output layer.
+    decode and batched decode, with and without the expert cache, f32 and int8 output layer (a
+    GGUF model also with 8-bit activations).
 
     numba compiles them once per machine (40-120 s) and keeps them in its cache; a later run
     then starts at once. Prints each step and the time it took."""
@@ -24,10 +25,13 @@ def warmup(run: Run):
         paths.append((str(run.model), run.model))
     base = run.options
     variants = [("expert cache", dict(expert_cache_gb=base.expert_cache_gb if base.expert_cache_gb != "off" else "auto")),
-                ("no expert cache", dict(expert_cache_gb="off")),
-                ("int8 output layer", dict(unembed="int8"))]
+                ("no expert cache", dict(expert_cache_gb="off"))]
+    from ..formats.gguf import detect_format
     for name, path in paths:
-        for label, change in variants:
+        # the last variant by format: ckpt-0's int8 output layer, a GGUF model's 8-bit activations
+        last = (("8-bit activations", dict(activations="q8")) if detect_format(path) == "gguf"
+                else ("int8 output layer", dict(unembed="int8")))
+        for label, change in variants + [last]:
             opts = grokcpu.Options.make(**{**_fields(base), "routing_trace": None, **change})
             t = time.perf_counter()
             err(f"warmup: {name}, {label}: ", end="")
