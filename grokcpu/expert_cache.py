@@ -557,19 +557,19 @@ def ram_terms(ckpt, context: int, ram: tuple[int, int] | None = None, margin_fra
 
 
 def auto_budget(ckpt, context: int, margin_fraction: float = 0.03, min_margin: float = 1 * GB,
-                share: int = 1, ram: tuple[int, int] | None = None, terms: dict | None = None) -> int:
+                share: int = 1, terms: dict | None = None) -> int:
     """What `auto` picks: available RAM minus dense weights, KV cache and a safety margin
     (ram_terms), clamped to [experts one token needs, every expert]. Sizes are the
     checkpoint's own (a GGUF's in its ggml types). Dense weights the checkpoint has already
     read into RAM are out of `available` already, so only the rest counts. With `share` models
-    on the machine (Ray workers), each gets 1/share of (available - margin). `ram` assumes a
-    machine (see ram_terms); `terms` are ram_terms' figures when the caller has them already.
+    on the machine (Ray workers), each gets 1/share of (available - margin). `terms`: ram_terms'
+    figures, when the caller has them already (memory_plan's, perhaps of an assumed machine).
 
     The margin is a share of the machine, not of what is free: 10 % of the free RAM left the
     kernel's page cache 2.4 GB more for experts than the cache on a 24 GB machine (mmap then
     missed less), and would keep 25 GB idle on a 256 GB workstation."""
     c = ckpt.config
-    t = terms or ram_terms(ckpt, context, ram, margin_fraction, min_margin)
+    t = terms or ram_terms(ckpt, context, None, margin_fraction, min_margin)
     expert = ckpt.expert_bytes
     every = c.num_layers * c.num_experts * expert           # a slot for every expert
     budget = (t["available"] - t["margin"]) / share - t["resident_non_expert"] - t["kv_cache"]

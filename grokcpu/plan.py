@@ -109,7 +109,7 @@ def memory_plan(ckpt, context: int | None = None, expert_cache_gb=None, unembed:
     budget = budget_bytes("auto" if gb == "off" else gb, ckpt, context, terms)
     slot = ckpt.expert_bytes                     # what a cache slot holds (ckpt-0: the int8 weights)
     held = min(budget // slot, c.num_layers * c.num_experts)
-    kv = c.kv_cache_bytes(context)
+    kv = terms["kv_cache"]
     per_token = read_per_token(ckpt, unembed)
     needed = terms["resident_non_expert"] + kv + budget + terms["margin"]
     plan = {
