@@ -536,30 +536,46 @@ class _Stats:
         }
 
 
+def ram_terms(ckpt, context: int, ram: tuple[int, int] | None = None, margin_fraction: float = 0.03,
+              min_margin: float = 1 * GB) -> dict:
+    """auto_budget's terms, in bytes: total and available RAM, the non-expert bytes still to be
+    held, the KV cache, and the safety margin (3 % of total RAM, at least 1 GB).
+
+    ram=(total, available) plans for an assumed machine instead of this one: none of the
+    checkpoint is in its RAM yet, so every non-expert byte counts (here, the ones already read
+    are out of `available`)."""
+    import psutil
+    if ram is None:
+        mem = psutil.virtual_memory()
+        total, avail, read = mem.total, mem.available, ckpt.resident_bytes
+    else:
+        (total, avail), read = ram, 0
+    return {"total": int(total), "available": int(avail),
+            "resident_non_expert": ckpt.nbytes - ckpt.all_expert_bytes - read,
+            "kv_cache": ckpt.config.kv_cache_bytes(context),
+            "margin": int(max(min_margin, margin_fraction * total))}
+
+
 def auto_budget(ckpt, context: int, margin_fraction: float = 0.03, min_margin: float = 1 * GB,
-                share: int = 1) -> int:
+                share: int = 1, terms: dict | None = None) -> int:
     """What `auto` picks: available RAM minus dense weights, KV cache and a safety margin
-    (3 % of total RAM, at least 1 GB), clamped to [experts one token needs, every expert].
-    Sizes are the checkpoint's own (a GGUF's in its ggml types). Dense weights the checkpoint
-    has already read into RAM are out of `available` already, so only the rest counts. With
-    `share` models on the machine (Ray workers), each gets 1/share of (available - margin).
+    (ram_terms), clamped to [experts one token needs, every expert]. Sizes are the
+    checkpoint's own (a GGUF's in its ggml types). Dense weights the checkpoint has already
+    read into RAM are out of `available` already, so only the rest counts. With `share` models
+    on the machine (Ray workers), each gets 1/share of (available - margin). `terms`: ram_terms'
+    figures, when the caller has them already (memory_plan's, perhaps of an assumed machine).
 
     The margin is a share of the machine, not of what is free: 10 % of the free RAM left the
     kernel's page cache 2.4 GB more for experts than the cache on a 24 GB machine (mmap then
     missed less), and would keep 25 GB idle on a 256 GB workstation."""
-    import psutil
     c = ckpt.config
+    t = terms or ram_terms(ckpt, context, None, margin_fraction, min_margin)
     expert = ckpt.expert_bytes
     every = c.num_layers * c.num_experts * expert           # a slot for every expert
-    dense = ckpt.nbytes - ckpt.all_expert_bytes - ckpt.resident_bytes
-    mem = psutil.virtual_memory()
-    avail = mem.available
-    kv = c.kv_cache_bytes(context)
-    margin = max(min_margin, margin_fraction * mem.total)
-    budget = (avail - margin) / share - dense - kv
+    budget = (t["available"] - t["margin"]) / share - t["resident_non_expert"] - t["kv_cache"]
     return int(max(c.num_selected_experts * expert, min(every, budget)))
 
 
-def budget_bytes(value, ckpt, context: int) -> int:
+def budget_bytes(value, ckpt, context: int, terms: dict | None = None) -> int:
     """The budget in bytes for a validated expert_cache_gb ('auto' or GB; see options.py)."""
-    return auto_budget(ckpt, context) if value == "auto" else int(value * GB)
+    return auto_budget(ckpt, context, terms=terms) if value == "auto" else int(value * GB)

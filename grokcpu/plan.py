@@ -1,6 +1,7 @@
 """The memory plan of a checkpoint, from its file headers alone (no weight is read).
 
     plan = memory_plan(Checkpoint(path), context=8192, expert_cache_gb="auto", unembed="f32")
+    plan = memory_plan(GGUFCheckpoint(path), ram=256 * 10**9)    # as if on a 256 GB machine
 
 A GGUFCheckpoint works too: its sizes are its tensors' bytes in their ggml types.
 
@@ -9,12 +10,13 @@ Every total is the sum of parts listed beside it, so `info` can print figures th
   read per token     = layer dense + final norm + embedding row + output table + k*L experts
   auto expert budget = available RAM - resident non-expert bytes - KV cache - safety margin
                        (clamped to [k experts, every expert]; expert_cache.auto_budget's rule)
+  RAM needed         = resident non-expert bytes + KV cache + expert budget + safety margin
+                       ("fits" when it is within the available RAM)
 `read_per_token` is the one bytes-per-token formula: `info` and `bench` both use it.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 
 
@@ -75,13 +77,6 @@ def read_per_token(ckpt, unembed: str = "f32") -> dict:
     return parts
 
 
-def _auto_margin(total_ram: int) -> int:
-    """The safety margin expert_cache.auto_budget keeps (its own defaults, read from its signature)."""
-    from .expert_cache import auto_budget
-    p = inspect.signature(auto_budget).parameters
-    return int(max(p["min_margin"].default, p["margin_fraction"].default * total_ram))
-
-
 def _payload(ckpt) -> tuple[int, int, int]:
     """Bytes of the tensors (headers aside), of the embedding table and of every expert, in
     the files (ckpt-0's experts with their scales)."""
@@ -93,11 +88,14 @@ def _payload(ckpt) -> tuple[int, int, int]:
             expert_bytes(ckpt) * c.num_layers * c.num_experts)
 
 
-def memory_plan(ckpt, context: int | None = None, expert_cache_gb=None, unembed: str = "f32") -> dict:
-    """What a run of this checkpoint holds and reads, in bytes (no weights are touched)."""
-    import psutil
+def memory_plan(ckpt, context: int | None = None, expert_cache_gb=None, unembed: str = "f32",
+                ram: int | None = None) -> dict:
+    """What a run of this checkpoint holds and reads, in bytes (no weights are touched).
 
-    from .expert_cache import budget_bytes
+    RAM is this machine's (psutil), or with `ram` an assumed machine of that many bytes, all of
+    them available ("ram_assumed"). "fits": the non-expert weights, KV cache, expert budget and
+    safety margin are within the available RAM."""
+    from .expert_cache import budget_bytes, ram_terms
     from .options import expert_cache_gb as check_gb
 
     c = ckpt.config
@@ -105,14 +103,15 @@ def memory_plan(ckpt, context: int | None = None, expert_cache_gb=None, unembed:
     payload, embedding, experts = _payload(ckpt)
     one_expert = experts // (c.num_layers * c.num_experts)
     dense = payload - experts
-    vm = psutil.virtual_memory()
+    terms = ram_terms(ckpt, context, None if ram is None else (ram, ram))    # one reading of psutil
     gb = check_gb(expert_cache_gb)
     auto = gb == "auto"
-    budget = budget_bytes("auto" if gb == "off" else gb, ckpt, context)
+    budget = budget_bytes("auto" if gb == "off" else gb, ckpt, context, terms)
     slot = ckpt.expert_bytes                     # what a cache slot holds (ckpt-0: the int8 weights)
     held = min(budget // slot, c.num_layers * c.num_experts)
-    kv = c.kv_cache_bytes(context)
+    kv = terms["kv_cache"]
     per_token = read_per_token(ckpt, unembed)
+    needed = terms["resident_non_expert"] + kv + budget + terms["margin"]
     plan = {
         "context": context,
         "file_bytes": ckpt.nbytes,
@@ -122,22 +121,23 @@ def memory_plan(ckpt, context: int | None = None, expert_cache_gb=None, unembed:
         "expert_bytes": experts,
         "one_expert_bytes": one_expert,
         "kv_cache_bytes": kv,
-        "ram_total_bytes": vm.total,
-        "ram_available_bytes": vm.available,
+        "ram_total_bytes": terms["total"],
+        "ram_available_bytes": terms["available"],
+        "ram_assumed": ram is not None,
         "expert_budget_bytes": budget,
         "expert_budget_auto": auto,
         "experts_held": int(held),
         "experts_total": c.num_layers * c.num_experts,
+        "ram_needed_bytes": needed,
+        "fits": needed <= terms["available"],
         "read_per_token_bytes": per_token["total"],
         "read_per_token_parts": {k: v for k, v in per_token.items() if k != "total"},
         "kv_read_per_token_bytes_at_full_context": kv,
     }
     if auto:
         # auto_budget's own terms: it keeps everything but the experts resident
-        resident = ckpt.nbytes - ckpt.all_expert_bytes - ckpt.resident_bytes
-        margin = _auto_margin(vm.total)
-        raw = vm.available - resident - kv - margin
-        plan["auto_budget_parts"] = {"available": vm.available, "resident_non_expert": resident,
-                                     "kv_cache": kv, "margin": margin, "unclamped": raw,
-                                     "clamped": budget != raw}
+        raw = terms["available"] - terms["resident_non_expert"] - kv - terms["margin"]
+        plan["auto_budget_parts"] = {"available": terms["available"],
+                                     "resident_non_expert": terms["resident_non_expert"], "kv_cache": kv,
+                                     "margin": terms["margin"], "unclamped": raw, "clamped": budget != raw}
     return plan

@@ -50,9 +50,9 @@ def err(text: str, end: str = "\n") -> None:
 
 
 def gb(n: float) -> str:
-    if n >= 1e9:
+    if abs(n) >= 1e9:                  # abs: an unclamped auto budget can be negative
         return f"{n / 1e9:.2f} GB"
-    if n >= 1e6:
+    if abs(n) >= 1e6:
         return f"{n / 1e6:.2f} MB"
     return f"{n / 1e3:.1f} kB"
 

@@ -14,14 +14,16 @@ from ..errors import GrokError
 from .app import Run, command, err, gb
 
 
-def parse_size(text: str) -> int:
-    """'500M', '2G', '1.5G', '123456' (bytes) -> bytes, as llama-gguf-split's --split-max-size."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgGtT]?)[bB]?\s*", text or "")
+def parse_size(text: str, flag: str = "--split-max-size", bare: int = 1, least: int = 1,
+               example: str = "e.g. 500M, 2G or a number of bytes") -> int:
+    """'500M', '2G', '1.5G', '123456' -> bytes (decimal units, as llama-gguf-split's
+    --split-max-size); a number without a unit counts `bare` bytes each (1: bytes)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(([kKmMgGtT]?)[bB]?)\s*", text or "")
     if not m:
-        raise GrokError(f"--split-max-size {text!r} is not a size", hint="e.g. 500M, 2G or a number of bytes")
-    n = float(m.group(1)) * 1000 ** " kmgt".index(m.group(2).lower() or " ")
-    if n < 1 or n > 1 << 60:
-        raise GrokError(f"--split-max-size {text!r} is out of range", hint="e.g. 500M or 2G")
+        raise GrokError(f"{flag} {text!r} is not a size", hint=example)
+    n = float(m.group(1)) * (1000 ** " kmgt".index(m.group(3).lower() or " ") if m.group(2) else bare)
+    if n < least or n > 1 << 60:
+        raise GrokError(f"{flag} {text!r} is out of range", hint=example)
     return int(n)
 
 

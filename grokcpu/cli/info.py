@@ -8,13 +8,14 @@ import json
 import os
 import sys
 import time
-from typing import Annotated
+from typing import Annotated, Optional
 
 import numpy as np
 import typer
 
 from ..errors import GrokError
 from .app import Run, command, demo_path, err, gb, out
+from .convert import parse_size
 
 
 @command()
@@ -22,26 +23,32 @@ def info(
     run: Run,
     verify: Annotated[bool, typer.Option("--verify", help="hash every file and compare with config.json's sha256")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object instead of text")] = False,
+    ram: Annotated[Optional[str], typer.Option(
+        "--ram", show_default=False,
+        help="plan for a machine with this much RAM, all of it available (256G, 512G, or GB: 256)")] = None,
 ):
     """Describe a checkpoint without loading it: config, sizes, checksums, memory plan.
 
     Everything comes from the file headers (no weights are read, except with --verify, which
-    hashes every file and compares with the sha256 listed in config.json).
+    hashes every file and compares with the sha256 listed in config.json). The memory plan uses
+    this machine's RAM, or with --ram an assumed machine's (G = 10^9 bytes).
     """
     from ..checkpoint import Checkpoint
     from ..plan import memory_plan
     from ..tokenizer import Tokenizer, find_tokenizer
 
     model = demo_path() if run.model is None else run.model
+    ram_bytes = None if ram is None else parse_size(ram, "--ram", bare=10**9, least=10**6,
+                                                     example="give the RAM in GB, e.g. 256G or 256")
     t0 = time.perf_counter()
     if os.path.isfile(model):
-        gguf_info(run, model, as_json, verify)
+        gguf_info(run, model, as_json, verify, ram_bytes)
         if run.stats:
             err(f"stats: info took {time.perf_counter() - t0:.2f} s")
         return
     ck = Checkpoint(model, weights=False)        # headers only
     c = ck.config
-    plan = memory_plan(ck, _context(run, c), run.options.expert_cache_gb, run.options.unembed)
+    plan = memory_plan(ck, _context(run, c), run.options.expert_cache_gb, run.options.unembed, ram_bytes)
     try:
         tk = Tokenizer(find_tokenizer(ck.root, run.tokenizer))
         tok_info = {"path": str(tk.path), "vocab_size": tk.vocab_size,
@@ -71,7 +78,7 @@ def info(
                         + (" ..." if len(bad) > 5 else ""), hint="download these files again")
 
 
-def gguf_info(run: Run, path, as_json: bool, verify: bool) -> None:
+def gguf_info(run: Run, path, as_json: bool, verify: bool, ram: int | None = None) -> None:
     """A GGUF model: config, files, the ggml type of each tensor group and the memory plan."""
     from ..formats.gguf_checkpoint import GGUFCheckpoint
     from ..plan import memory_plan
@@ -89,7 +96,7 @@ def gguf_info(run: Run, path, as_json: bool, verify: bool) -> None:
             tok_info = {"error": str(e)}
         groups = ck.groups()
         params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in ck.gguf.tensors.values())
-        plan = memory_plan(ck, _context(run, c), run.options.expert_cache_gb)
+        plan = memory_plan(ck, _context(run, c), run.options.expert_cache_gb, ram=ram)
         doc = {"model": str(path), "format": f"GGUF (llama.cpp), {len(ck.files)} file(s)", "files": ck.files,
                "bytes": ck.nbytes, "config": c.to_dict(), "parameters": params,
                "tensor_types": {g: {t: n for t, n in d.items()} for g, d in groups.items()},
@@ -203,7 +210,11 @@ def print_info(doc, c, plan, tok_info, checks, manifest) -> None:
 
 def print_plan(p: dict, c) -> None:
     budget_how = "auto" if p["expert_budget_auto"] else "--expert-cache-gb"
-    out(f"memory plan  (this machine: {gb(p['ram_total_bytes'])} RAM, {gb(p['ram_available_bytes'])} available)\n")
+    if p["ram_assumed"]:
+        out(f"memory plan  (ASSUMED --ram: {gb(p['ram_total_bytes'])} RAM, all of it available; "
+            "not this machine's)\n")
+    else:
+        out(f"memory plan  (this machine: {gb(p['ram_total_bytes'])} RAM, {gb(p['ram_available_bytes'])} available)\n")
     out(f"  weights           {gb(p['payload_bytes']):>10}   = dense {gb(p['dense_bytes'])} + experts "
         f"{gb(p['expert_bytes'])} (files: {gb(p['file_bytes'])} with their headers)\n")
     out(f"  dense weights     {gb(p['dense_bytes']):>10}   used by every token (embedding table {gb(p['embedding_bytes'])})\n")
@@ -217,6 +228,9 @@ def print_plan(p: dict, c) -> None:
         out(f"                                 = available {gb(a['available'])} - resident non-expert bytes "
             f"{gb(a['resident_non_expert'])} - KV cache {gb(a['kv_cache'])} - safety margin {gb(a['margin'])}"
             f"{' = ' + gb(a['unclamped']) + ', ' + how if how else ''}\n")
+    out(f"  RAM needed        {gb(p['ram_needed_bytes']):>10}   = resident non-expert bytes + KV cache + expert "
+        f"budget + safety margin: {'fits' if p['fits'] else 'does NOT fit'} in {gb(p['ram_available_bytes'])} "
+        f"available{', every expert resident' if p['experts_held'] == p['experts_total'] else ''}\n")
     r = p["read_per_token_parts"]
     out(f"  read per token    {gb(p['read_per_token_bytes']):>10}   = attention/norms/routers {gb(r['layers_dense'])} "
         f"+ final norm {gb(r['final_norm'])} + embedding row {gb(r['embedding_row'])} + output table "

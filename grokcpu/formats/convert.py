@@ -17,6 +17,9 @@ Memory stays bounded: one dense tensor, or one expert's slice of an *_exps tenso
 at a time. Output goes to a temporary folder beside OUT, every file is fsynced, then renamed
 into place (shards NAME-0000k-of-0000n.gguf with --split-max-size); an interrupted conversion
 leaves no OUT.
+
+skeleton(out, cfg, type_name) writes the same header with no source: the tensor data is a hole
+(zeros, a sparse file), for memory plans of models too big to hold (tools/make_gguf_skeleton.py).
 """
 
 from __future__ import annotations
@@ -145,6 +148,11 @@ def tensor_types(cfg: GrokConfig, type_name: str, layout_shapes: dict) -> dict:
     return out
 
 
+def check_type(type_name: str) -> None:
+    if type_name not in TYPES:
+        raise GrokError(f"--type {type_name!r} is not one of {', '.join(TYPES)}", hint="pick one of those")
+
+
 def fit_type(qtype: QT, K: int) -> QT:
     """qtype, or the nearest type whose blocks divide a row of K values (F16's block is one value)."""
     for t in (qtype, QT.Q8_0, QT.F16):
@@ -256,6 +264,29 @@ class GGUFSource:
         self.gc.close()
 
 
+class HoleSource:
+    """No source weights: every tensor of cfg is left a hole (reads as zeros) in the written
+    file, which is extended to its full size without writing data (a sparse file)."""
+
+    holes = True
+
+    def __init__(self, cfg: GrokConfig, vocab: dict | None):
+        self.config, self.vocab, self.root = cfg, vocab, None
+        self.names = list(grok_tensor_shapes(cfg))
+
+    def close(self):
+        pass
+
+
+def sparse_ok(folder) -> bool:
+    """Whether files in `folder` keep holes: a 64 MB file made by truncate uses under 1 MB."""
+    import tempfile
+    with tempfile.TemporaryFile(dir=folder) as f:
+        f.truncate(64 << 20)
+        blocks = getattr(os.fstat(f.fileno()), "st_blocks", None)
+    return blocks is not None and blocks * 512 < 1 << 20
+
+
 def open_source(path, tokenizer=None):
     from ..tokenizer import find_tokenizer
     src = GGUFSource(path) if os.path.isfile(path) else CkptSource(path)
@@ -283,14 +314,21 @@ def convert(src_path, out, type_name: str, split_max_size: int = 0, tokenizer=No
 
     progress(done_bytes, total_bytes, tensor_name) is called after each piece; note(text) for
     remarks (type fallbacks, a missing tokenizer)."""
-    if type_name not in TYPES:
-        raise GrokError(f"--type {type_name!r} is not one of {', '.join(TYPES)}", hint="pick one of those")
+    check_type(type_name)
     out = Path(out)
     src = open_source(src_path, tokenizer)
     try:
         return _convert(src, out, type_name, split_max_size, progress or (lambda *a: None), note or (lambda s: None))
     finally:
         src.close()
+
+
+def skeleton(out, cfg: GrokConfig, type_name: str, tokenizer=None, note=None) -> list[Path]:
+    """Write a Grok GGUF of cfg's geometry whose header is what convert(..., type_name) writes
+    and whose tensor data is a hole (zeros, no disk used): a file for memory plans, not runs."""
+    check_type(type_name)
+    src = HoleSource(cfg, None if tokenizer is None else sentencepiece_vocab(tokenizer))
+    return _convert(src, Path(out), type_name, 0, lambda *a: None, note or (lambda s: None))
 
 
 def _convert(src, out: Path, type_name: str, split_max_size: int, progress, note) -> list[Path]:
@@ -306,7 +344,8 @@ def _convert(src, out: Path, type_name: str, split_max_size: int, progress, note
         if t != types[name]:
             fallback.setdefault((types[name].name, t.name, shape[-1]), []).append(name)
         types[name] = t
-    missing = sorted({t.name for t in types.values() if t != QT.F32 and int(t) not in ENCODERS})
+    holes = getattr(src, "holes", False)
+    missing = sorted({t.name for t in types.values() if t != QT.F32 and int(t) not in ENCODERS and not holes})
     if missing:
         have = ", ".join(k for k, (t, _) in TYPES.items() if int(t) in ENCODERS or t == QT.F32)
         raise GrokError(f"--type {type_name} needs the {'/'.join(missing)} encoder, which grokcpu does not have yet",
@@ -348,6 +387,12 @@ def _write(src, cfg, shapes, types, ftype, path: Path, split_max_size: int, prog
         sizes[name] = math.prod(shape[:-1]) * row
         w.add_tensor_info(name, (*shape[:-1], row), np.dtype(np.uint8), sizes[name], raw_dtype=types[name])
     shard_of = {name: i for i, part in enumerate(w.tensors) for name in part}
+    holes = getattr(src, "holes", False)
+    if holes and not sparse_ok(path.parent):
+        w.close()
+        raise GrokError(f"the filesystem of {str(path.parent.parent)!r} does not keep sparse files: the skeleton "
+                        f"would fill {sum(sizes.values()) / 1e9:.1f} GB of disk",
+                        hint="write it on ext4, xfs, btrfs or tmpfs")
     paths = w.format_shard_names(path)
     try:
         w.write_header_to_file()
@@ -358,16 +403,24 @@ def _write(src, cfg, shapes, types, ftype, path: Path, split_max_size: int, prog
             f = w.fout[shard_of[name]]
             w.write_padding(f, f.tell())
             n = 0
-            for rows in src.chunks(name):
-                b = encode(rows, types[name], name)
-                f.write(b)
-                n += b.nbytes
-                done += b.nbytes
+            if holes:                                # no bytes written: a hole, the file's size set below
+                f.seek(sizes[name], os.SEEK_CUR)
+                n = sizes[name]
+                done += n
                 progress(done, total, name)
+            else:
+                for rows in src.chunks(name):
+                    b = encode(rows, types[name], name)
+                    f.write(b)
+                    n += b.nbytes
+                    done += b.nbytes
+                    progress(done, total, name)
             if n != sizes[name]:
                 raise CheckpointError(f"tensor '{name}': wrote {n} bytes, its header says {sizes[name]}")
             w.write_padding(f, n)
         for f in w.fout:
+            if holes:
+                f.truncate(f.tell())                 # a file that ends in a hole: its full size
             f.flush()
             os.fsync(f.fileno())
     finally:
