@@ -41,6 +41,7 @@ class GMatrix:
     def of(cls, qtype: int, raw: np.ndarray, shape: tuple, name: str) -> "GMatrix":
         """The matrix (shape [N, K]) or stack of matrices ([E, N, K]) over the bytes raw."""
         *lead, K = shape
+        qtype = int(qtype)        # a plain int: numba types an IntEnum argument slowly on every call
         data = raw.reshape(*lead, raw.size // int(np.prod(lead)))
         if qtype not in _FLOAT and qtype != BF16:
             qk, _ = quant.layout(qtype, name)
