@@ -1,5 +1,6 @@
 """ggml's block formats: which types grokcpu reads, their layout, and the checked entry points
-of the products on them (the numba kernels are in kernels/quants.py)."""
+of the products on them (the numba kernels are in kernels/quants.py, the decode products'
+compiled entry in kernels/ggml.py)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,15 @@ import numba
 import numpy as np
 
 from .errors import CheckpointError
+from .kernels import ggml as kg
 from .kernels import quants as kq
 
 TYPE_NAMES = kq.TYPE_NAMES
 LAYOUT = kq.LAYOUT
 SUPPORTED = ", ".join(TYPE_NAMES[t] for t in LAYOUT)
-F16_TABLE = kq.f16_table()
-F16_TABLE.flags.writeable = False
-FAST = (kq.Q8_0, kq.Q4_K, kq.Q5_K, kq.Q6_K)          # the types with a dedicated decode product
-# the types whose decode product can take x rounded to 8 bits (activations="q8"); Q8_0's float32
-# product already reads near memory speed, and its 8-bit one measured no faster
-Q8_ACT = (kq.Q4_K, kq.Q5_K, kq.Q6_K)
+F16_TABLE = kg.F16_TABLE
+FAST = kg.ROWS                  # the types with a dedicated decode product (kernels/ggml.py)
+Q8_ACT = kg.Q8_ACT              # those of them that can take x rounded to 8 bits (activations="q8")
 # the other types multiply by float32 tiles of about this many bytes (dequant_rows, then BLAS)
 TILE_BYTES = 1 << 20
 
@@ -61,6 +60,12 @@ def _matrix(qtype: int, w: np.ndarray, name: str) -> tuple[np.ndarray, int]:
     return _readonly(w), row_values(qtype, w.shape[1], name)
 
 
+# stand-ins for rows_product's buffers that a call does not use (one type each: one specialization)
+_NO_F32 = np.zeros((1, 1), np.float32)
+_NO_I16 = np.zeros((1, 1), np.int16)
+_NO_I32 = np.zeros((1, 1), np.int32)
+
+
 def matvec(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None,
            name: str = "", activations: str = "f32") -> np.ndarray:
     """out[T, N] = x[T, K] @ W.T (float32) for the ggml matrix w, uint8 [N, row_bytes] of type
@@ -75,25 +80,21 @@ def matvec(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = No
     elif out.shape != (x.shape[0], w.shape[0]) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"{name or 'matrix'}: out must be float32 {(x.shape[0], w.shape[0])}")
     x = _readonly(x)
-    parts = numba.get_num_threads()
-    if activations == "q8" and qtype in Q8_ACT:
+    if qtype in FAST:
         T = x.shape[0]
-        qx = np.empty((T, K), np.int16)
-        xd = np.empty((T, K // 256), np.float32)
-        qs = np.empty((T, K // 32), np.int32)
-        kq.quantize_x8(x, qx, xd, qs)
-        kq.matvec_q8(qtype, w, w.view(np.uint16), qx, xd, qs, out, F16_TABLE, parts, 16)
-    elif qtype in FAST:
-        xs = x.reshape(x.shape[0], -1, 32).sum(axis=2, dtype=np.float32) if qtype in (kq.Q4_K, kq.Q5_K) \
-            else np.zeros((1, 1), np.float32)
-        kq.matvec_fast(qtype, w, w.view(np.uint16), x, _readonly(xs), out, F16_TABLE, parts, 32)
-    else:
-        rows = max(1, TILE_BYTES // (4 * K))
-        tile = np.empty((min(rows, w.shape[0]), K), np.float32)
-        for r0 in range(0, w.shape[0], rows):
-            r1 = min(w.shape[0], r0 + rows)
-            kq.dequant_rows(qtype, w, r0, r1, tile[:r1 - r0], kq.KVALUES_IQ4NL, 32)
-            out[:, r0:r1] = x @ tile[:r1 - r0].T
+        q8 = activations == "q8" and qtype in Q8_ACT
+        xs = np.empty((T, K // 32), np.float32) if qtype in (kq.Q4_K, kq.Q5_K) and not q8 else _NO_F32
+        qx, xd, qs = ((np.empty((T, K), np.int16), np.empty((T, K // 256), np.float32),
+                       np.empty((T, K // 32), np.int32)) if q8 else (_NO_I16, _NO_F32, _NO_I32))
+        kg.rows_product(qtype, w, w.view(np.uint16), x, out, xs, qx, xd, qs, F16_TABLE, q8,
+                        numba.get_num_threads(), 16)
+        return out
+    rows = max(1, TILE_BYTES // (4 * K))
+    tile = np.empty((min(rows, w.shape[0]), K), np.float32)
+    for r0 in range(0, w.shape[0], rows):
+        r1 = min(w.shape[0], r0 + rows)
+        kq.dequant_rows(qtype, w, r0, r1, tile[:r1 - r0], kq.KVALUES_IQ4NL, 32)
+        out[:, r0:r1] = x @ tile[:r1 - r0].T
     return out
 
 
