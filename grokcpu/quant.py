@@ -60,6 +60,15 @@ def _matrix(qtype: int, w: np.ndarray, name: str) -> tuple[np.ndarray, int]:
     return _readonly(w), row_values(qtype, w.shape[1], name)
 
 
+def prepared(qtype: int, w: np.ndarray, name: str = "") -> tuple:
+    """The matrix w (uint8 [N, row_bytes] of a type in FAST) as kernels/ggml.py and the fused
+    decode kernels take it, checked once: (qtype, w, w16), read-only, w16 its uint16 view."""
+    if qtype not in FAST:
+        raise ValueError(f"{name or 'matrix'}: {type_name(qtype)} has no decode product")
+    w, _ = _matrix(qtype, w, name)
+    return int(qtype), w, w.view(np.uint16)
+
+
 # stand-ins for rows_product's buffers that a call does not use (one type each: one specialization)
 _NO_F32 = np.zeros((1, 1), np.float32)
 _NO_I16 = np.zeros((1, 1), np.int16)

@@ -123,8 +123,8 @@ class Workspace:
             kc, vc = self.kv.storage
             routing = self.routing("", 1)
             self.attn_args = [((dw.h, dw.x, *b.attn_args[li], b.layers[li].router, dw.cos, dw.sin, kc[li], vc[li]),
-                               (b.config.rms_norm_eps, b.consts, dw.q, dw.kv, dw.attn, dw.a, dw.scores, dw.part_q,
-                                dw.part_kv, dw.part_o, *routing)) for li in range(b.config.num_layers)]
+                               (b.config.rms_norm_eps, b.consts, dw.q, dw.kv, dw.attn, dw.a, dw.scores, b.threads,
+                                dw.scratch, *routing)) for li in range(b.config.num_layers)]
         return self._decode
 
 
@@ -144,8 +144,9 @@ class CpuBackend:
                                                             / np.float32(d)))).astype(np.float32)
         self.consts = np.array([c.attn_output_multiplier, c.attn_logit_cap, c.sequence_len], np.float32)
         # decode's per-layer arguments: norms [3, D] (attn, attn_post, moe) and the attention weights
-        self.attn_args = [] if self.gguf else [(np.stack([lw.attn_norm, lw.attn_post_norm, lw.moe_norm]), lw.wq.w, lw.wq.s,
-                           lw.wk.w, lw.wk.s, lw.wv.w, lw.wv.s, lw.wo.w, lw.wo.s) for lw in self.layers]
+        self.attn_args = [] if self.gguf else [(np.stack([lw.attn_norm, lw.attn_post_norm, lw.moe_norm]),
+                                                *((w.w, w.s) for w in (lw.wq, lw.wk, lw.wv, lw.wo)))
+                                               for lw in self.layers]
         self.activations = model.options.activations
         if not self.gguf and self.activations == "q8":
             from ..options import OptionError
@@ -274,8 +275,9 @@ class CpuBackend:
         with the next layer's attention and routing (attention() then finds them done); else
         resident experts first (overlapping the others' reads), summed in expert order."""
         dw = step.ws.decode()
-        sg, su, sd, eps = lw.w_gate.s, lw.w_up.s, lw.w_down.s, self.config.rms_norm_eps
+        eps = self.config.rms_norm_eps
         if cache is not None and dw.whole:
+            sg, su, sd = lw.w_gate.s, lw.w_up.s, lw.w_down.s
             args = (x[0], idx[0], gate[0], cache.pool_view, cache.slot_of[li], sg, su, sd, dw.gus, dw.ys, dw.es,
                     dw.gates, dw.slots, h, lw.moe_post_norm, eps, dw.moe)
             if li + 1 < len(self.layers):
@@ -294,17 +296,23 @@ class CpuBackend:
         dw.gates[:] = [g for _, g in chosen]
         if cache is None:
             for j, e in enumerate(experts):
-                KD.expert(x[0], lw.w_gate.w[e], sg[e], lw.w_up.w[e], su[e], lw.w_down.w[e], sd[e], False,
-                          dw.gu, dw.ys[j], dw.part_f, dw.part_d)
+                KD.expert(x[0], *self._expert(lw, li, e), False, dw.gu, dw.ys[j], dw.scratch)
         else:
             for e in cache.ready_first(li, experts):
                 j = experts.index(e)
-                wg, wu, wd = cache.acquire(li, e)
+                slot = cache.acquire(li, e)
                 try:
-                    KD.expert(x[0], wg, sg[e], wu, su[e], wd, sd[e], True, dw.gu, dw.ys[j], dw.part_f, dw.part_d)
+                    KD.expert(x[0], *self._expert(lw, li, e, slot), True, dw.gu, dw.ys[j], dw.scratch)
                 finally:
                     cache.release(li, e)
         KD.moe_finish(h, dw.ys, dw.gates, lw.moe_post_norm, eps, dw.moe)
+
+    def _expert(self, lw, li: int, e: int, slot=None) -> tuple:
+        """Expert e's gate, up and down as the fused kernels take them, from its expert cache
+        slot (what acquire returned) or the memory map."""
+        if slot is None:
+            slot = lw.w_gate.w[e], lw.w_up.w[e], lw.w_down.w[e]
+        return tuple(zip(slot, (lw.w_gate.s[e], lw.w_up.s[e], lw.w_down.s[e])))
 
     def moe_rows(self, li, x, idx, gate, scratch) -> np.ndarray:
         """sum_j gate[t, j] * expert_{idx[t, j]}(x[t]); each expert runs once over its tokens,

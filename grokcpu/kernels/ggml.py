@@ -1,8 +1,10 @@
 """A ggml matrix times a few rows of x, as one compiled entry: the decode product of its type
 in kernels/quants.py (matvec_fast, or matvec_q8 after quantize_x8), with the inputs that
-kernel takes (grokcpu.quant.matvec's Q8_0 and K-quant products).
+kernel takes. grokcpu.quant.matvec calls it from Python, the fused decode kernels
+(kernels/decode.py) from compiled code, so both run the same arithmetic.
 
-A matrix is (qtype, w, w16): w uint8 [N, row_bytes] read-only, w16 its uint16 view.
+A matrix is (qtype, w, w16): w uint8 [N, row_bytes] read-only, w16 its uint16 view
+(grokcpu.quant.prepared makes one).
 """
 
 import numpy as np
