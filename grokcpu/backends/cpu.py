@@ -17,9 +17,11 @@ One row (a decode step) runs fused kernels on the session's `DecodeWorkspace`
 for all rows, or (from GEMM_MIN_ROWS) dequantized tiles and BLAS. Both give the reference's
 arithmetic in float32; only the summation order differs between them.
 
-A GGUF model's matrices are `GMatrix`es (formats/gguf_checkpoint.py: ggml type + mapped bytes):
-its rows, one or many, take the many-row blocks, whose products (`product`) dispatch on the
-kind of matrix; the fused one-row kernels read int8 only.
+A GGUF model's matrices are `GMatrix`es (formats/gguf_checkpoint.py: ggml type + mapped bytes).
+Its rows take the same blocks: one row the fused kernels, whose products compile to the file's
+types (kernels/decode.py), when every matrix has a decode product (Q8_0 and the K-quants);
+several rows, or a file of other types, the many-row blocks, whose products (`product`)
+dispatch on the kind of matrix.
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ class Workspace:
     def decode(self) -> KD.DecodeWorkspace:
         if self._decode is None:
             b = self.backend
-            dw = self._decode = KD.DecodeWorkspace(b.config, b.context, b.threads, b.pair_parts)
+            dw = self._decode = KD.DecodeWorkspace(b.config, b.context, b.threads, b.pair_parts,
+                                                   (b.activations == "q8") if b.gguf else None)
             kc, vc = self.kv.storage
             routing = self.routing("", 1)
             self.attn_args = [((dw.h, dw.x, *b.attn_args[li], b.layers[li].router, dw.cos, dw.sin, kc[li], vc[li]),
@@ -143,10 +146,16 @@ class CpuBackend:
         self.inv_freq = (1.0 / (np.float32(c.rope_base) ** (np.arange(0, d, 2, dtype=np.float32)
                                                             / np.float32(d)))).astype(np.float32)
         self.consts = np.array([c.attn_output_multiplier, c.attn_logit_cap, c.sequence_len], np.float32)
+        # a GGUF model's rows go one at a time through the fused kernels when they can read every
+        # matrix (see kernels/decode.py); its experts from the map as those kernels take them
+        self.one_row = not self.gguf or all(_has_rows_products(lw) for lw in self.layers)
+        self.mapped_experts = [[tuple(w[e].prepared for w in (lw.w_gate, lw.w_up, lw.w_down))
+                                for e in range(c.num_experts)] for lw in self.layers] \
+            if self.gguf and self.one_row else None
         # decode's per-layer arguments: norms [3, D] (attn, attn_post, moe) and the attention weights
-        self.attn_args = [] if self.gguf else [(np.stack([lw.attn_norm, lw.attn_post_norm, lw.moe_norm]),
-                                                *((w.w, w.s) for w in (lw.wq, lw.wk, lw.wv, lw.wo)))
-                                               for lw in self.layers]
+        self.attn_args = [(np.stack([lw.attn_norm, lw.attn_post_norm, lw.moe_norm]),
+                           *(w.prepared if self.gguf else (w.w, w.s) for w in (lw.wq, lw.wk, lw.wv, lw.wo)))
+                          for lw in self.layers] if self.one_row else []
         self.activations = model.options.activations
         if not self.gguf and self.activations == "q8":
             from ..options import OptionError
@@ -195,8 +204,8 @@ class CpuBackend:
 
     # -- blocks --------------------------------------------------------------------------------
     def fused(self, step) -> bool:
-        """Whether this step runs the fused one-row kernels (one row of an int8 model)."""
-        return step.T == 1 and not self.gguf
+        """Whether this step runs the fused one-row kernels (one row, of a model they can read)."""
+        return step.T == 1 and self.one_row
 
     def embed(self, step) -> np.ndarray:
         c = self.config
@@ -204,7 +213,8 @@ class CpuBackend:
         if self.fused(step):
             dw = step.ws.decode()
             dw.ahead = -1
-            np.multiply(self.emb[step.toks[0]], mult, out=dw.h[0])
+            row = self.model.ckpt.embedding_rows(step.toks)[0] if self.gguf else self.emb[step.toks[0]]
+            np.multiply(row, mult, out=dw.h[0])
             dw.pos[0] = step.pos[0]
             K.rope_tables(self.inv_freq, dw.pos, dw.cos, dw.sin)
             return dw.h
@@ -276,7 +286,7 @@ class CpuBackend:
         resident experts first (overlapping the others' reads), summed in expert order."""
         dw = step.ws.decode()
         eps = self.config.rms_norm_eps
-        if cache is not None and dw.whole:
+        if cache is not None and dw.whole:              # ckpt-0's int8 slots
             sg, su, sd = lw.w_gate.s, lw.w_up.s, lw.w_down.s
             args = (x[0], idx[0], gate[0], cache.pool_view, cache.slot_of[li], sg, su, sd, dw.gus, dw.ys, dw.es,
                     dw.gates, dw.slots, h, lw.moe_post_norm, eps, dw.moe)
@@ -310,6 +320,8 @@ class CpuBackend:
     def _expert(self, lw, li: int, e: int, slot=None) -> tuple:
         """Expert e's gate, up and down as the fused kernels take them, from its expert cache
         slot (what acquire returned) or the memory map."""
+        if self.gguf:
+            return tuple(m.prepared for m in slot) if slot is not None else self.mapped_experts[li][e]
         if slot is None:
             slot = lw.w_gate.w[e], lw.w_up.w[e], lw.w_down.w[e]
         return tuple(zip(slot, (lw.w_gate.s[e], lw.w_up.s[e], lw.w_down.s[e])))
@@ -400,6 +412,13 @@ class CpuBackend:
         if self.unembed_q is not None:
             return self.unembed_q[0].nbytes + self.unembed_q[1].nbytes
         return self.emb.nbytes
+
+
+def _has_rows_products(lw) -> bool:
+    """Whether every matrix of a GGUF layer has a decode product (see GMatrix.prepared)."""
+    experts = [m for w in (lw.w_gate, lw.w_up, lw.w_down) for m in (w if isinstance(w, list) else [w])]
+    return all(m.has_rows_product for m in (lw.wq, lw.wk, lw.wv, lw.wo, *experts))
+
 
 def matmul(x: np.ndarray, w: np.ndarray, s: np.ndarray, threads: int, scratch: Scratch | None = None,
            out_major: bool = False, out: np.ndarray | None = None) -> np.ndarray:
