@@ -152,6 +152,10 @@ class CpuBackend:
         self.mapped_experts = [[tuple(w[e].prepared for w in (lw.w_gate, lw.w_up, lw.w_down))
                                 for e in range(c.num_experts)] for lw in self.layers] \
             if self.gguf and self.one_row else None
+        # how an expert cache slot holds a layer's experts (kernels.decode.resident_experts), or
+        # None where the kernels cannot find them there themselves
+        self.slot_layouts = [_slot_layout(lw) if self.gguf else (lw.w_gate.s, lw.w_up.s, lw.w_down.s)
+                             for lw in self.layers] if self.one_row else []
         # decode's per-layer arguments: norms [3, D] (attn, attn_post, moe) and the attention weights
         self.attn_args = [(np.stack([lw.attn_norm, lw.attn_post_norm, lw.moe_norm]),
                            *(w.prepared if self.gguf else (w.w, w.s) for w in (lw.wq, lw.wk, lw.wv, lw.wo)))
@@ -281,15 +285,15 @@ class CpuBackend:
         K.add_rmsnorm(h, self.moe_rows(li, x, idx, gate, step.ws.scratch), lw.moe_post_norm, eps)
 
     def _moe_one(self, li, lw, h, x, idx, gate, cache, step) -> None:
-        """One token's MoE block: all in one call when every expert is resident (1 or 2 threads),
-        with the next layer's attention and routing (attention() then finds them done); else
-        resident experts first (overlapping the others' reads), summed in expert order."""
+        """One token's MoE block: all in one call when every expert is resident (ckpt-0: with 1 or
+        2 threads; see DecodeWorkspace.whole), with the next layer's attention and routing
+        (attention() then finds them done); else resident experts first (overlapping the others'
+        reads), summed in expert order."""
         dw = step.ws.decode()
         eps = self.config.rms_norm_eps
-        if cache is not None and dw.whole:              # ckpt-0's int8 slots
-            sg, su, sd = lw.w_gate.s, lw.w_up.s, lw.w_down.s
-            args = (x[0], idx[0], gate[0], cache.pool_view, cache.slot_of[li], sg, su, sd, dw.gus, dw.ys, dw.es,
-                    dw.gates, dw.slots, h, lw.moe_post_norm, eps, dw.moe)
+        if cache is not None and dw.whole and self.slot_layouts[li] is not None:
+            args = (x[0], idx[0], gate[0], cache.pool_view, cache.slot_of[li], self.slot_layouts[li],
+                    dw.resident_work, dw.ys, dw.es, dw.gates, dw.slots, h, lw.moe_post_norm, eps, dw.moe)
             if li + 1 < len(self.layers):
                 kv, _, _, key_ok = step.segments[0]
                 before, after = step.ws.attn_args[li + 1]
@@ -412,6 +416,21 @@ class CpuBackend:
         if self.unembed_q is not None:
             return self.unembed_q[0].nbytes + self.unembed_q[1].nbytes
         return self.emb.nbytes
+
+
+def _slot_layout(lw) -> tuple | None:
+    """A GGUF layer's experts in an expert cache slot (gate, up, down end to end, as
+    GGUFCheckpoint.expert_matrices lays them): (type, byte offset, rows, row bytes) of each, or
+    None when its experts differ in type or shape (per-expert tensors)."""
+    out, off = [], 0
+    for w in (lw.w_gate, lw.w_up, lw.w_down):
+        mats = w if isinstance(w, list) else [w[0]]
+        if len({(m.qtype, m.data.shape) for m in mats}) > 1:
+            return None
+        N, rb = mats[0].data.shape
+        out.append((mats[0].qtype, off, N, rb))
+        off += N * rb
+    return tuple(out)
 
 
 def _has_rows_products(lw) -> bool:

@@ -180,12 +180,44 @@ def experts_whole(x, pool, slots, es, sg, su, sd, gus, ys):
             _out_group(g, slot[2], sd[e], ys[j], c)
 
 
+def resident_experts(x, pool, slots, es, layout, work, ys):
+    """ys[j] = expert es[j] of x[D] for each j, its weights in pool slot slots[j]. layout: how a
+    slot holds the layer's experts; work: the products' buffers. ckpt-0: the layer's scales
+    (sg, su, sd) and gus [k, 2, F] (experts_whole); a GGUF: each matrix's (type, byte offset,
+    rows, row bytes) in the slot and (gu [2, F], scratch), the experts one after another."""
+
+
+@overload(resident_experts)
+def _resident_experts(x, pool, slots, es, layout, work, ys):
+    if isinstance(layout.types[0], types.BaseTuple):
+        def impl(x, pool, slots, es, layout, work, ys):
+            gu, scratch = work
+            for j in range(slots.shape[0]):
+                expert(x, _slot_matrix(pool, slots[j], layout[0]), _slot_matrix(pool, slots[j], layout[1]),
+                       _slot_matrix(pool, slots[j], layout[2]), True, gu, ys[j], scratch)
+        return impl
+
+    def impl(x, pool, slots, es, layout, work, ys):
+        experts_whole(x, pool, slots, es, layout[0], layout[1], layout[2], work, ys)
+    return impl
+
+
 @njit(cache=True, nogil=True)
-def moe_resident(x, idx, gate, pool, slot_of, sg, su, sd, gus, ys, es, gates, slots, h, norm, eps, out):
+def _slot_matrix(pool, slot, m):
+    """A GGUF matrix (type, bytes, words) in expert cache slot `slot`: m = (type, byte offset,
+    rows, row bytes) (see CpuBackend.slot_layouts)."""
+    qt, off, N, rb = m
+    w = pool[slot, off:off + N * rb].reshape(N, rb)
+    return qt, w, w.view(np.uint16)
+
+
+@njit(cache=True, nogil=True)
+def moe_resident(x, idx, gate, pool, slot_of, layout, work, ys, es, gates, slots, h, norm, eps, out):
     """A decode layer's MoE block, h[1, D] += RMSNorm_3(sum_j gate[j] * expert_idx[j](x)), when
     every routed expert is in the expert cache (slot_of [E]: a layer's slots, -1 if absent):
-    experts_whole, then moe_finish, experts in id order. Returns False, with nothing done, when
-    one is not resident. es, gates: the experts and their gates in id order; slots: theirs."""
+    resident_experts, then moe_finish, experts in id order. Returns False, with nothing done, when
+    one is not resident. es, gates: the experts and their gates in id order; slots: theirs.
+    layout, work: see resident_experts."""
     k = idx.shape[0]
     for j in range(k):                       # insertion sort by expert id
         e, g = idx[j], gate[j]
@@ -200,18 +232,18 @@ def moe_resident(x, idx, gate, pool, slot_of, sg, su, sd, gus, ys, es, gates, sl
         slots[j] = slot_of[es[j]]
         if slots[j] < 0:
             return False
-    experts_whole(x, pool, slots, es, sg, su, sd, gus, ys)
+    resident_experts(x, pool, slots, es, layout, work, ys)
     moe_finish(h, ys, gates, norm, eps, out)
     return True
 
 
 @njit(cache=True, nogil=True)
-def moe_resident_attn(x, idx, gate, pool, slot_of, sg, su, sd, gus, ys, es, gates, slots, h, norm, eps, out,
+def moe_resident_attn(x, idx, gate, pool, slot_of, layout, work, ys, es, gates, slots, h, norm, eps, out,
                       hn, xn, norms, wq, wk, wv, wo, router, cos, sin, kc, vc, pos, key_ok, eps_n,
                       consts, q, kv, attn, a, scores, threads, scratch, xr, idx_n, gate_n, probs_n):
     """moe_resident for one layer and, when it ran, attn_route for the next (its arguments
     after `out`) in the same call: one call per decode layer while the experts are resident."""
-    if not moe_resident(x, idx, gate, pool, slot_of, sg, su, sd, gus, ys, es, gates, slots, h, norm, eps, out):
+    if not moe_resident(x, idx, gate, pool, slot_of, layout, work, ys, es, gates, slots, h, norm, eps, out):
         return False
     attn_route(hn, xn, norms, wq, wk, wv, wo, router, cos, sin, kc, vc, pos, key_ok, eps_n,
                consts, q, kv, attn, a, scores, threads, scratch, xr, idx_n, gate_n, probs_n)
@@ -247,10 +279,11 @@ class DecodeWorkspace:
         self.sin = np.empty((1, d // 2), f32)
         self.pos = np.empty(1, np.int64)
         self.gu = np.empty((2, F), f32)
-        # one thread per routed expert, whole (experts_whole: int8 slots), where that is bitwise
-        # `expert`
-        self.whole = ggml_q8 is None and pair_parts == 1 and k % parts == 0
-        self.gus = np.empty((k if self.whole else 0, 2, F), f32)
+        # the resident experts of a layer in one call (moe_resident): ckpt-0 one thread per routed
+        # expert, whole (experts_whole), where that is bitwise `expert`; a GGUF always (its
+        # experts one after another, each as `expert`)
+        self.whole = ggml_q8 is not None or (pair_parts == 1 and k % parts == 0)
+        self.gus = np.empty((k if self.whole and ggml_q8 is None else 0, 2, F), f32)
         self.ys = np.empty((k, D), f32)
         self.gates = np.empty(k, f32)
         self.slots = np.empty(k, np.int64)      # experts_whole's pool slots and expert ids
@@ -268,3 +301,4 @@ class DecodeWorkspace:
             K = max(D, H * d, F)
             self.scratch = (np.empty(K // 32, f32), np.empty(K, np.int16), np.empty(max(1, K // 256), f32),
                             np.empty(K // 32, np.int32), F16_TABLE, bool(ggml_q8), parts, 16)
+        self.resident_work = self.gus if ggml_q8 is None else (self.gu, self.scratch)   # see resident_experts
