@@ -1,5 +1,6 @@
 """ggml's block formats: which types grokcpu reads, their layout, and the checked entry points
-of the products on them (the numba kernels are in kernels/quants.py)."""
+of the products on them (the numba kernels are in kernels/quants.py, the decode products'
+compiled entry in kernels/ggml.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,13 @@ import numpy as np
 from gguf import quants as gq
 
 from .errors import CheckpointError
+from .kernels import ggml as kg
 from .kernels import quants as kq
-from .kernels import simd
 
 TYPE_NAMES = kq.TYPE_NAMES
 LAYOUT = kq.LAYOUT
 SUPPORTED = ", ".join(TYPE_NAMES[t] for t in LAYOUT)
-F16_TABLE = kq.f16_table()
-F16_TABLE.flags.writeable = False
+F16_TABLE = kg.F16_TABLE
 
 
 def _tables() -> kq.Tables:
@@ -37,10 +37,8 @@ def _tables() -> kq.Tables:
 
 
 TABLES = _tables()
-FAST = (kq.Q8_0, kq.Q4_K, kq.Q5_K, kq.Q6_K, kq.IQ3_XXS, kq.IQ3_S)   # the types with a dedicated decode product
-# the types whose decode product can take x rounded to 8 bits (activations="q8"). Q8_0 only with
-# AVX2's byte products (kernels/simd.py): its int16-word product measured no faster than float32
-Q8_ACT = (kq.Q4_K, kq.Q5_K, kq.Q6_K) + ((kq.Q8_0,) if simd.AVX2 else ())
+FAST = kg.ROWS + (kq.IQ3_XXS, kq.IQ3_S)   # the types with a dedicated decode product
+Q8_ACT = kg.Q8_ACT              # those of them that can take x rounded to 8 bits (activations="q8")
 # the other types multiply by float32 tiles of about this many bytes (dequant_rows, then BLAS)
 TILE_BYTES = 1 << 20
 
@@ -84,6 +82,22 @@ def _matrix(qtype: int, w: np.ndarray, name: str) -> tuple[np.ndarray, int]:
     return _readonly(w), row_values(qtype, w.shape[1], name)
 
 
+def prepared(qtype: int, w: np.ndarray, name: str = "") -> tuple:
+    """The matrix w (uint8 [N, row_bytes] of a type in FAST) as kernels/ggml.py and the fused
+    decode kernels take it, checked once: (qtype, w, w16), read-only, w16 its uint16 view."""
+    if qtype not in FAST:
+        raise ValueError(f"{name or 'matrix'}: {type_name(qtype)} has no decode product")
+    w, _ = _matrix(qtype, w, name)
+    return int(qtype), w, w.view(np.uint16)
+
+
+# stand-ins for rows_product's buffers that a call does not use (one type each: one specialization)
+_NO_F32 = np.zeros((1, 1), np.float32)
+_NO_I16 = np.zeros((1, 1), np.int16)
+_NO_I8 = np.zeros((1, 1), np.int8)
+_NO_I32 = np.zeros((1, 1), np.int32)
+
+
 def matvec(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = None,
            name: str = "", activations: str = "f32") -> np.ndarray:
     """out[T, N] = x[T, K] @ W.T (float32) for the ggml matrix w, uint8 [N, row_bytes] of type
@@ -98,34 +112,27 @@ def matvec(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = No
     elif out.shape != (x.shape[0], w.shape[0]) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"{name or 'matrix'}: out must be float32 {(x.shape[0], w.shape[0])}")
     x = _readonly(x)
-    parts = numba.get_num_threads()
-    if activations == "q8" and qtype in Q8_ACT and K % 256 == 0:
-        T = x.shape[0]
-        xd = np.empty((T, K // 256), np.float32)
-        qs = np.empty((T, K // 32), np.int32)
-        if simd.AVX2:
-            qx = np.empty((T, K), np.int8)
-            bs = np.empty((T, K // 16), np.int16)
-            kq.quantize_x8(x, qx, xd, qs, bs)
-            simd.matvec_q8(qtype, w, qx, xd, bs, out, parts)
-        else:
-            qx = np.empty((T, K), np.int16)
-            kq.quantize_x8(x, qx, xd, qs)
-            kq.matvec_q8(qtype, w, w.view(np.uint16), qx, xd, qs, out, F16_TABLE, parts, 16)
-    elif qtype in (kq.IQ3_XXS, kq.IQ3_S):
+    if qtype in (kq.IQ3_XXS, kq.IQ3_S):
         xp = _readonly(kq.x_order_iq3(x))
-        kq.matvec_iq3(qtype, w, w.view(np.uint16), xp, out, F16_TABLE, TABLES, parts, 64)
-    elif qtype in FAST:
-        xs = x.reshape(x.shape[0], -1, 32).sum(axis=2, dtype=np.float32) if qtype in (kq.Q4_K, kq.Q5_K) \
-            else np.zeros((1, 1), np.float32)
-        kq.matvec_fast(qtype, w, w.view(np.uint16), x, _readonly(xs), out, F16_TABLE, parts, 32)
-    else:
-        rows = max(1, TILE_BYTES // (4 * K))
-        tile = np.empty((min(rows, w.shape[0]), K), np.float32)
-        for r0 in range(0, w.shape[0], rows):
-            r1 = min(w.shape[0], r0 + rows)
-            kq.dequant_rows(qtype, w, r0, r1, tile[:r1 - r0], TABLES, 32)
-            out[:, r0:r1] = x @ tile[:r1 - r0].T
+        kq.matvec_iq3(qtype, w, w.view(np.uint16), xp, out, F16_TABLE, TABLES, numba.get_num_threads(), 64)
+        return out
+    if qtype in FAST:
+        T = x.shape[0]
+        q8 = activations == "q8" and qtype in Q8_ACT and K % 256 == 0
+        xs = np.empty((T, K // 32), np.float32) if qtype in (kq.Q4_K, kq.Q5_K) and not q8 else _NO_F32
+        xd, qs = (np.empty((T, K // 256), np.float32), np.empty((T, K // 32), np.int32)) if q8 else (_NO_F32, _NO_I32)
+        bytes8 = q8 and kg.AVX2                  # x in the byte layout of kernels/simd.py
+        qx = np.empty((T, K), np.int16) if q8 and not bytes8 else _NO_I16
+        qb, bs = (np.empty((T, K), np.int8), np.empty((T, K // 16), np.int16)) if bytes8 else (_NO_I8, _NO_I16)
+        kg.rows_product(qtype, w, w.view(np.uint16), x, out, xs, qx, xd, qs, qb, bs, F16_TABLE, q8,
+                        numba.get_num_threads(), 16)
+        return out
+    rows = max(1, TILE_BYTES // (4 * K))
+    tile = np.empty((min(rows, w.shape[0]), K), np.float32)
+    for r0 in range(0, w.shape[0], rows):
+        r1 = min(w.shape[0], r0 + rows)
+        kq.dequant_rows(qtype, w, r0, r1, tile[:r1 - r0], TABLES, 32)
+        out[:, r0:r1] = x @ tile[:r1 - r0].T
     return out
 
 

@@ -446,3 +446,56 @@ def test_iquant_experts_match_a_float64_forward_and_cache(tmp_path, types):
     sizes = expert_sizes(path)
     assert sizes == [cfg.emb_size * cfg.ffn_size // 256 * sum(gguf.GGML_QUANT_SIZES[t][1] for t in types)] * 2
     check_cached_runs(path, sizes, (3, 6, 7), cfg.num_experts)
+
+
+# -- a GGUF decode step through the fused one-row kernels ------------------------------------------
+
+ONE_ROW_TOKS = [5, 17, 200, 3, 99]
+ONE_ROW_DECODE = [2, 60, 131, 9, 255, 44, 7]
+
+
+def one_row_file(kq_ckpt, tmp_path, kind: str):
+    """kq-*: the KQ checkpoint converted (q4_k_m: Q4_K, Q5_K, Q6_K and Q8_0 matrices in one
+    file); tiny-*: TINY written by gguf-py (rows of 64 and 96 values: Q8_0 rows end in blocks
+    past the last group of eight; per-expert tensors), Q4_0 a type with no decode product."""
+    path = tmp_path / f"{kind}.gguf"
+    if kind.startswith("kq-"):
+        convert(kq_ckpt, path, kind[3:])
+    else:
+        from test_gguf import write_grok
+        write_grok(path, layout="per-expert", seed=9, qtype=QT.Q8_0 if kind == "tiny-q8_0" else QT.Q4_0)
+    return path
+
+
+def decode_logits(path, one_row: bool, **kw) -> tuple[np.ndarray, bool]:
+    """Decode logits after a short prefill, with the fused one-row kernels or (one_row False)
+    the many-row blocks, as every GGUF decode step ran before them; and whether the step made
+    the fused kernels' workspace."""
+    model = grokcpu.load(path, threads=2, **kw)
+    model.backend.one_row = model.backend.one_row and one_row
+    s = model.new_session()
+    s.prefill(ONE_ROW_TOKS)
+    got = np.stack([s.decode(t) for t in ONE_ROW_DECODE])
+    fused = s.ws._decode is not None
+    model.close()
+    return got, fused
+
+
+@pytest.mark.parametrize("kind,activations,cache", [
+    ("kq-q8_0", "f32", "auto"), ("kq-q8_0", "f32", "off"), ("kq-q4_k", "f32", "auto"), ("kq-q4_k", "q8", "off"),
+    ("kq-q4_k_m", "f32", "off"), ("kq-q4_k_m", "q8", "auto"), ("tiny-q8_0", "f32", "auto"),
+    ("tiny-q8_0", "q8", "off"), ("tiny-q4_0", "f32", "auto")])
+def test_gguf_one_row_kernels_give_the_many_row_blocks_logits_bit_for_bit(kq_ckpt, tmp_path, kind, activations,
+                                                                          cache):
+    """A decode step of a file whose matrices all have a decode product (Q8_0 and the
+    K-quants) runs the fused kernels (kernels/decode.py) with the products of the many-row path
+    (kernels/ggml.py): the same logits bit for bit, under both activations, with experts from
+    the expert cache's slots or the map. A file of another type (Q4_0) keeps the many-row
+    blocks."""
+    path = one_row_file(kq_ckpt, tmp_path, kind)
+    opts = dict(activations=activations, expert_cache_gb=cache)
+    fused, ran = decode_logits(path, True, **opts)
+    rows, ran_rows = decode_logits(path, False, **opts)
+    assert ran == (kind != "tiny-q4_0") and not ran_rows
+    np.testing.assert_array_equal(fused, rows)
+    assert np.isfinite(fused).all() and fused.std() > 0

@@ -82,8 +82,10 @@ def test_experts_whole_is_bitwise_the_per_expert_kernels(D, F, nb):
         w = pool[slots[j]].reshape(3, D, F)
         e = es[j]
         y = np.empty(D, np.float32)
-        KD.expert(x, w[0], sg[e], w[1], su[e], w[2], sd[e], True, np.empty((2, F), np.float32), y,
-                  np.empty((2, 1, F), np.float32), np.empty((2, D), np.float32))
+        # DecodeWorkspace.scratch of a ckpt-0 model, one row range per gate/up matrix
+        scratch = (np.empty((2, 1), np.float32), np.empty((2, 2, 1), np.float32), np.empty((2, 1), np.float32),
+                   np.empty((2, 1, F), np.float32), np.empty((2, D), np.float32))
+        KD.expert(x, (w[0], sg[e]), (w[1], su[e]), (w[2], sd[e]), True, np.empty((2, F), np.float32), y, scratch)
         np.testing.assert_array_equal(ys[j], y)
         g = x.astype(np.float64) @ dequant64(w[0], sg[e])
         u = x.astype(np.float64) @ dequant64(w[1], su[e])

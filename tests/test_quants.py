@@ -131,6 +131,23 @@ def test_grid_iquants_matvec_equals_float64_product(qtype):
             assert np.all(np.abs(out - x.astype(np.float64) @ W.T) <= bound), (N, K, T)
 
 
+def test_sums32_are_numpys_sums_bit_for_bit():
+    """The Q4_K/Q5_K products' per-32 sums of x (kernels/ggml.py, compiled) are what
+    quant.matvec took from numpy before: x.reshape(T, -1, 32).sum(axis=2), bit for bit, over
+    magnitudes far apart, zeros and negative zeros."""
+    from grokcpu.kernels.ggml import sums32
+    rng = np.random.default_rng(7)
+    for T, K in [(1, 32), (1, 1536), (3, 8192), (2, 256)]:
+        for trial in range(20):
+            x = (rng.standard_normal((T, K)) * 10.0 ** rng.uniform(-6, 6, (T, K))).astype(np.float32)
+            x[rng.random((T, K)) < 0.1 * (trial % 3)] = 0.0
+            x[rng.random((T, K)) < 0.02] = -0.0
+            got = np.empty((T, K // 32), np.float32)
+            sums32(x, got)
+            want = x.reshape(T, -1, 32).sum(axis=2, dtype=np.float32)
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (T, K, trial)
+
+
 def test_unsupported_type_names_type_and_tensor():
     w = np.zeros((2, 54), np.uint8)
     with pytest.raises(CheckpointError, match=r"'blk\.0\.ffn_up\.weight' has ggml type TQ1_0 \(id 34\)"):

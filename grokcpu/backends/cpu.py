@@ -17,9 +17,11 @@ One row (a decode step) runs fused kernels on the session's `DecodeWorkspace`
 for all rows, or (from GEMM_MIN_ROWS) dequantized tiles and BLAS. Both give the reference's
 arithmetic in float32; only the summation order differs between them.
 
-A GGUF model's matrices are `GMatrix`es (formats/gguf_checkpoint.py: ggml type + mapped bytes):
-its rows, one or many, take the many-row blocks, whose products (`product`) dispatch on the
-kind of matrix; the fused one-row kernels read int8 only.
+A GGUF model's matrices are `GMatrix`es (formats/gguf_checkpoint.py: ggml type + mapped bytes).
+Its rows take the same blocks: one row the fused kernels, whose products compile to the file's
+types (kernels/decode.py), when every matrix has a decode product (Q8_0 and the K-quants);
+several rows, or a file of other types, the many-row blocks, whose products (`product`)
+dispatch on the kind of matrix.
 """
 
 from __future__ import annotations
@@ -119,12 +121,13 @@ class Workspace:
     def decode(self) -> KD.DecodeWorkspace:
         if self._decode is None:
             b = self.backend
-            dw = self._decode = KD.DecodeWorkspace(b.config, b.context, b.threads, b.pair_parts)
+            dw = self._decode = KD.DecodeWorkspace(b.config, b.context, b.threads, b.pair_parts,
+                                                   (b.activations == "q8") if b.gguf else None)
             kc, vc = self.kv.storage
             routing = self.routing("", 1)
             self.attn_args = [((dw.h, dw.x, *b.attn_args[li], b.layers[li].router, dw.cos, dw.sin, kc[li], vc[li]),
-                               (b.config.rms_norm_eps, b.consts, dw.q, dw.kv, dw.attn, dw.a, dw.scores, dw.part_q,
-                                dw.part_kv, dw.part_o, *routing)) for li in range(b.config.num_layers)]
+                               (b.config.rms_norm_eps, b.consts, dw.q, dw.kv, dw.attn, dw.a, dw.scores, b.threads,
+                                dw.scratch, *routing)) for li in range(b.config.num_layers)]
         return self._decode
 
 
@@ -143,9 +146,20 @@ class CpuBackend:
         self.inv_freq = (1.0 / (np.float32(c.rope_base) ** (np.arange(0, d, 2, dtype=np.float32)
                                                             / np.float32(d)))).astype(np.float32)
         self.consts = np.array([c.attn_output_multiplier, c.attn_logit_cap, c.sequence_len], np.float32)
+        # a GGUF model's rows go one at a time through the fused kernels when they can read every
+        # matrix (see kernels/decode.py); its experts from the map as those kernels take them
+        self.one_row = not self.gguf or all(_has_rows_products(lw) for lw in self.layers)
+        self.mapped_experts = [[tuple(w[e].prepared for w in (lw.w_gate, lw.w_up, lw.w_down))
+                                for e in range(c.num_experts)] for lw in self.layers] \
+            if self.gguf and self.one_row else None
+        # how an expert cache slot holds a layer's experts (kernels.decode.resident_experts), or
+        # None where the kernels cannot find them there themselves
+        self.slot_layouts = [_slot_layout(lw) if self.gguf else (lw.w_gate.s, lw.w_up.s, lw.w_down.s)
+                             for lw in self.layers] if self.one_row else []
         # decode's per-layer arguments: norms [3, D] (attn, attn_post, moe) and the attention weights
-        self.attn_args = [] if self.gguf else [(np.stack([lw.attn_norm, lw.attn_post_norm, lw.moe_norm]), lw.wq.w, lw.wq.s,
-                           lw.wk.w, lw.wk.s, lw.wv.w, lw.wv.s, lw.wo.w, lw.wo.s) for lw in self.layers]
+        self.attn_args = [(np.stack([lw.attn_norm, lw.attn_post_norm, lw.moe_norm]),
+                           *(w.prepared if self.gguf else (w.w, w.s) for w in (lw.wq, lw.wk, lw.wv, lw.wo)))
+                          for lw in self.layers] if self.one_row else []
         self.activations = model.options.activations
         if not self.gguf and self.activations == "q8":
             from ..options import OptionError
@@ -194,8 +208,8 @@ class CpuBackend:
 
     # -- blocks --------------------------------------------------------------------------------
     def fused(self, step) -> bool:
-        """Whether this step runs the fused one-row kernels (one row of an int8 model)."""
-        return step.T == 1 and not self.gguf
+        """Whether this step runs the fused one-row kernels (one row, of a model they can read)."""
+        return step.T == 1 and self.one_row
 
     def embed(self, step) -> np.ndarray:
         c = self.config
@@ -203,7 +217,8 @@ class CpuBackend:
         if self.fused(step):
             dw = step.ws.decode()
             dw.ahead = -1
-            np.multiply(self.emb[step.toks[0]], mult, out=dw.h[0])
+            row = self.model.ckpt.embedding_rows(step.toks)[0] if self.gguf else self.emb[step.toks[0]]
+            np.multiply(row, mult, out=dw.h[0])
             dw.pos[0] = step.pos[0]
             K.rope_tables(self.inv_freq, dw.pos, dw.cos, dw.sin)
             return dw.h
@@ -270,14 +285,15 @@ class CpuBackend:
         K.add_rmsnorm(h, self.moe_rows(li, x, idx, gate, step.ws.scratch), lw.moe_post_norm, eps)
 
     def _moe_one(self, li, lw, h, x, idx, gate, cache, step) -> None:
-        """One token's MoE block: all in one call when every expert is resident (1 or 2 threads),
-        with the next layer's attention and routing (attention() then finds them done); else
-        resident experts first (overlapping the others' reads), summed in expert order."""
+        """One token's MoE block: all in one call when every expert is resident (ckpt-0: with 1 or
+        2 threads; see DecodeWorkspace.whole), with the next layer's attention and routing
+        (attention() then finds them done); else resident experts first (overlapping the others'
+        reads), summed in expert order."""
         dw = step.ws.decode()
-        sg, su, sd, eps = lw.w_gate.s, lw.w_up.s, lw.w_down.s, self.config.rms_norm_eps
-        if cache is not None and dw.whole:
-            args = (x[0], idx[0], gate[0], cache.pool_view, cache.slot_of[li], sg, su, sd, dw.gus, dw.ys, dw.es,
-                    dw.gates, dw.slots, h, lw.moe_post_norm, eps, dw.moe)
+        eps = self.config.rms_norm_eps
+        if cache is not None and dw.whole and self.slot_layouts[li] is not None:
+            args = (x[0], idx[0], gate[0], cache.pool_view, cache.slot_of[li], self.slot_layouts[li],
+                    dw.resident_work, dw.ys, dw.es, dw.gates, dw.slots, h, lw.moe_post_norm, eps, dw.moe)
             if li + 1 < len(self.layers):
                 kv, _, _, key_ok = step.segments[0]
                 before, after = step.ws.attn_args[li + 1]
@@ -294,17 +310,25 @@ class CpuBackend:
         dw.gates[:] = [g for _, g in chosen]
         if cache is None:
             for j, e in enumerate(experts):
-                KD.expert(x[0], lw.w_gate.w[e], sg[e], lw.w_up.w[e], su[e], lw.w_down.w[e], sd[e], False,
-                          dw.gu, dw.ys[j], dw.part_f, dw.part_d)
+                KD.expert(x[0], *self._expert(lw, li, e), False, dw.gu, dw.ys[j], dw.scratch)
         else:
             for e in cache.ready_first(li, experts):
                 j = experts.index(e)
-                wg, wu, wd = cache.acquire(li, e)
+                slot = cache.acquire(li, e)
                 try:
-                    KD.expert(x[0], wg, sg[e], wu, su[e], wd, sd[e], True, dw.gu, dw.ys[j], dw.part_f, dw.part_d)
+                    KD.expert(x[0], *self._expert(lw, li, e, slot), True, dw.gu, dw.ys[j], dw.scratch)
                 finally:
                     cache.release(li, e)
         KD.moe_finish(h, dw.ys, dw.gates, lw.moe_post_norm, eps, dw.moe)
+
+    def _expert(self, lw, li: int, e: int, slot=None) -> tuple:
+        """Expert e's gate, up and down as the fused kernels take them, from its expert cache
+        slot (what acquire returned) or the memory map."""
+        if self.gguf:
+            return tuple(m.prepared for m in slot) if slot is not None else self.mapped_experts[li][e]
+        if slot is None:
+            slot = lw.w_gate.w[e], lw.w_up.w[e], lw.w_down.w[e]
+        return tuple(zip(slot, (lw.w_gate.s[e], lw.w_up.s[e], lw.w_down.s[e])))
 
     def moe_rows(self, li, x, idx, gate, scratch) -> np.ndarray:
         """sum_j gate[t, j] * expert_{idx[t, j]}(x[t]); each expert runs once over its tokens,
@@ -392,6 +416,28 @@ class CpuBackend:
         if self.unembed_q is not None:
             return self.unembed_q[0].nbytes + self.unembed_q[1].nbytes
         return self.emb.nbytes
+
+
+def _slot_layout(lw) -> tuple | None:
+    """A GGUF layer's experts in an expert cache slot (gate, up, down end to end, as
+    GGUFCheckpoint.expert_matrices lays them): (type, byte offset, rows, row bytes) of each, or
+    None when its experts differ in type or shape (per-expert tensors)."""
+    out, off = [], 0
+    for w in (lw.w_gate, lw.w_up, lw.w_down):
+        mats = w if isinstance(w, list) else [w[0]]
+        if len({(m.qtype, m.data.shape) for m in mats}) > 1:
+            return None
+        N, rb = mats[0].data.shape
+        out.append((mats[0].qtype, off, N, rb))
+        off += N * rb
+    return tuple(out)
+
+
+def _has_rows_products(lw) -> bool:
+    """Whether every matrix of a GGUF layer has a decode product (see GMatrix.prepared)."""
+    experts = [m for w in (lw.w_gate, lw.w_up, lw.w_down) for m in (w if isinstance(w, list) else [w])]
+    return all(m.has_rows_product for m in (lw.wq, lw.wk, lw.wv, lw.wo, *experts))
+
 
 def matmul(x: np.ndarray, w: np.ndarray, s: np.ndarray, threads: int, scratch: Scratch | None = None,
            out_major: bool = False, out: np.ndarray | None = None) -> np.ndarray:

@@ -2,15 +2,18 @@
 every matrix a `GMatrix` (ggml type + the file's bytes, mapped, zero copy) instead of int8.
 
 Norms and routers are decoded to float32 in RAM at load (read with pread); every matrix stays
-in the map and goes through `GMatrix.product`: quant.matvec for a few rows, dequantized tiles and
-BLAS for many. With the expert cache on, experts are read into its slots instead
-(`expert_segments`, `expert_matrices`: GMatrix views of a slot; `expert_bytes` its size in the
-file's types). The output layer is `output.weight` when the file has one, else the tied
-`token_embd.weight` (llama.cpp's Grok graph does the same). Layer names: see formats/gguf.py.
+in the map. A decode step's products read it in the fused one-row kernels (`GMatrix.prepared`,
+for the types with a decode product); the others go through `GMatrix.product`: quant.matvec
+for a few rows, dequantized tiles and BLAS for many. With the expert cache on, experts are read
+into its slots instead (`expert_segments`, `expert_matrices`: GMatrix views of a slot;
+`expert_bytes` its size in the file's types). The output layer is `output.weight` when the file
+has one, else the tied `token_embd.weight` (llama.cpp's Grok graph does the same). Layer names:
+see formats/gguf.py.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,6 +64,17 @@ class GMatrix:
     @property
     def nbytes(self) -> int:
         return self.data.nbytes
+
+    @property
+    def has_rows_product(self) -> bool:
+        """Whether its type has a decode product (quant.FAST): the fused decode kernels read it."""
+        return self.qtype in quant.FAST
+
+    @functools.cached_property
+    def prepared(self) -> tuple:
+        """The matrix as the fused decode kernels take it, (qtype, bytes, words), checked and made
+        once (quant.prepared)."""
+        return quant.prepared(self.qtype, self.data, self.name)
 
     def _kernels(self) -> bool:
         """Whether grokcpu's block kernels read this matrix (float rows not in 32s: numpy does)."""

@@ -4,63 +4,155 @@ one (or, with 1 or 2 threads and the experts resident, all of them in one region
 `experts_whole`), and one call to finish the MoE block. A token's many short products would
 otherwise pay Python's argument checks and small allocations per call. The arithmetic is the
 kernels of the many-row path in the same order, or kernels bitwise theirs.
+
+The blocks serve both formats: a matrix argument is ckpt-0's (int8 w [R, C], float32 scales
+[nb, C]) or a GGUF model's (ggml type, bytes [N, row_bytes], their uint16 view: see
+grokcpu.quant.prepared), and the products (qkv, out_proj, gate_up, down) compile to the
+format's kernels: kernels/matvec.py's, or kernels/ggml.py's rows_product, the product of the
+GGUF many-row path. `scratch` is the format's product buffers (DecodeWorkspace.scratch).
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
+from .ggml import F16_TABLE, rows_product
 from .layers import add_rmsnorm, attention, gelu_mul, rmsnorm, rope, route
 from .matvec import _out_group, _range_into, _split, qmatvec, qmatvec_multi, qmatvec_qkv, qmatvec_t
 
 
+def _ggml(m) -> bool:
+    """Whether a matrix argument's numba type is a GGUF model's (ggml type, bytes, words)."""
+    return isinstance(m, types.BaseTuple) and isinstance(m.types[0], types.Integer)
+
+
 @njit(cache=True, nogil=True)
-def attn_block(h, x, norms, wq, sq, wk, sk, wv, sv, wo, so, cos, sin, kc, vc, pos,
-               key_ok, eps, consts, q, kv, attn, a, scores, part_q, part_kv, part_o):
+def ggml_vec(m, x, out, scratch):
+    """out[N] = W @ x[K] for a GGUF matrix m: rows_product on one row, with the session's
+    scratch (xs, qx, xd, qs, f16, q8, parts, n16) (see DecodeWorkspace)."""
+    qt, w, w16 = m
+    xs, qx, xd, qs, qb, bs, f16, q8, parts, n16 = scratch
+    K = x.shape[0]
+    rows_product(qt, w, w16, x.reshape(1, K), out.reshape(1, out.shape[0]), xs[:K // 32].reshape(1, K // 32),
+                 qx[:K].reshape(1, K), xd[:K // 256].reshape(1, K // 256), qs[:K // 32].reshape(1, K // 32),
+                 qb[:K].reshape(1, K), bs[:K // 16].reshape(1, K // 16), f16, q8, parts, n16)
+
+
+def qkv(x, wq, wk, wv, q, kv, scratch):
+    """q = x @ Wq, kv[0] = x @ Wk, kv[1] = x @ Wv for one row x [D]."""
+
+
+def out_proj(x, w, out, scratch):
+    """out = x @ W, the attention's output projection."""
+
+
+def gate_up(x, wg, wu, gu, scratch):
+    """gu[0] = x @ Wg, gu[1] = x @ Wu, an expert's gate and up projections."""
+
+
+def down(x, w, down_t, y, scratch):
+    """y = x @ W, an expert's down projection (ckpt-0: W output-major [D, F] when down_t, the
+    expert cache's layout)."""
+
+
+@overload(qkv)
+def _qkv(x, wq, wk, wv, q, kv, scratch):
+    if _ggml(wq):
+        def impl(x, wq, wk, wv, q, kv, scratch):
+            ggml_vec(wq, x, q, scratch)
+            ggml_vec(wk, x, kv[0], scratch)
+            ggml_vec(wv, x, kv[1], scratch)
+        return impl
+
+    def impl(x, wq, wk, wv, q, kv, scratch):          # one parallel region for the three
+        qmatvec_qkv(x, wq[0], wq[1], wk[0], wk[1], wv[0], wv[1], q, kv, scratch[0], scratch[1])
+    return impl
+
+
+@overload(out_proj)
+def _out_proj(x, w, out, scratch):
+    if _ggml(w):
+        def impl(x, w, out, scratch):
+            ggml_vec(w, x, out, scratch)
+        return impl
+
+    def impl(x, w, out, scratch):
+        qmatvec(x, w[0], w[1], out, scratch[2])
+    return impl
+
+
+@overload(gate_up)
+def _gate_up(x, wg, wu, gu, scratch):
+    if _ggml(wg):
+        def impl(x, wg, wu, gu, scratch):
+            ggml_vec(wg, x, gu[0], scratch)
+            ggml_vec(wu, x, gu[1], scratch)
+        return impl
+
+    def impl(x, wg, wu, gu, scratch):                 # both matrices in one parallel region
+        qmatvec_multi(x, (wg[0], wu[0]), (wg[1], wu[1]), gu, scratch[3])
+    return impl
+
+
+@overload(down)
+def _down(x, w, down_t, y, scratch):
+    if _ggml(w):
+        def impl(x, w, down_t, y, scratch):
+            ggml_vec(w, x, y, scratch)
+        return impl
+
+    def impl(x, w, down_t, y, scratch):
+        if down_t:
+            qmatvec_t(x, w[0], w[1], y)
+        else:
+            qmatvec(x, w[0], w[1], y, scratch[4])
+    return impl
+
+
+@njit(cache=True, nogil=True)
+def attn_block(h, x, norms, wq, wk, wv, wo, cos, sin, kc, vc, pos, key_ok, eps, consts, q, kv, attn, a, scores,
+               threads, scratch):
     """h[1, D] += RMSNorm_1(Attention(RMSNorm_0(h))) for the token at `pos`, its key and value
     written into kc/vc [G, S, d].
 
     norms [3, D]: the layer's attn_norm, attn_post_norm and moe_norm. consts float32: the
     attention multiplier, the logit cap, the uniform-softmax row count. kv [2, G*d]: the new
-    key and value, made with the query in one region (qmatvec_qkv; part_kv [2, P, G*d],
-    part_q [P, H*d]: P is the thread count).
+    key and value (ckpt-0: made with the query in one region, qmatvec_qkv).
     """
     mult, cap, n_uniform = consts[0], consts[1], consts[2]
     H, d = q.shape[1], q.shape[2]
     G = kc.shape[0]
     rmsnorm(h, norms[0], eps, x)
-    qmatvec_qkv(x[0], wq, sq, wk, sk, wv, sv, q.reshape(H * d), kv, part_q, part_kv)
+    qkv(x[0], wq, wk, wv, q.reshape(H * d), kv, scratch)
     k = kv[0].reshape(1, G, d)
     rope(q, cos, sin)
     rope(k, cos, sin)
     kc[:, pos, :] = k[0]
     vc[:, pos, :] = kv[1].reshape(G, d)
-    attention(q, kc, vc, pos, key_ok, mult, cap, n_uniform, attn, scores, part_q.shape[0])
-    qmatvec(attn.reshape(H * d), wo, so, a[0], part_o)
+    attention(q, kc, vc, pos, key_ok, mult, cap, n_uniform, attn, scores, threads)
+    out_proj(attn.reshape(H * d), wo, a[0], scratch)
     add_rmsnorm(h, a, norms[1], eps)
 
 
 @njit(cache=True, nogil=True)
-def attn_route(h, x, norms, wq, sq, wk, sk, wv, sv, wo, so, router, cos, sin, kc, vc, pos, key_ok, eps, consts,
-               q, kv, attn, a, scores, part_q, part_kv, part_o, xr, idx, gate, probs):
+def attn_route(h, x, norms, wq, wk, wv, wo, router, cos, sin, kc, vc, pos, key_ok, eps, consts,
+               q, kv, attn, a, scores, threads, scratch, xr, idx, gate, probs):
     """attn_block, then xr = RMSNorm_2(h) and the router's top-k into idx/gate (probs: the
     softmax): a decode layer's attention and routing in one call."""
-    attn_block(h, x, norms, wq, sq, wk, sk, wv, sv, wo, so, cos, sin, kc, vc, pos, key_ok, eps, consts,
-               q, kv, attn, a, scores, part_q, part_kv, part_o)
+    attn_block(h, x, norms, wq, wk, wv, wo, cos, sin, kc, vc, pos, key_ok, eps, consts, q, kv, attn, a, scores,
+               threads, scratch)
     rmsnorm(h, norms[2], eps, xr)
     route(xr, router, idx.shape[1], idx, gate, probs)
 
 
 @njit(cache=True, nogil=True)
-def expert(x, wg, sg, wu, su, wd, sd, down_t, gu, y, part_f, part_d):
-    """y[D] = down(gelu(x @ gate) * (x @ up)) for one token: gate/up [D, F] input-major (one
-    qmatvec_multi into gu [2, F], part_f [2, Q, F]); down output-major [D, F] (the expert
-    cache's layout) when down_t, else [F, D] as in the file."""
-    qmatvec_multi(x, (wg, wu), (sg, su), gu, part_f)
+def expert(x, wg, wu, wd, down_t, gu, y, scratch):
+    """y[D] = down(gelu(x @ gate) * (x @ up)) for one token, into gu [2, F] and y. ckpt-0:
+    gate/up [D, F] input-major, down output-major [D, F] (the expert cache's layout) when
+    down_t, else [F, D] as in the file."""
+    gate_up(x, wg, wu, gu, scratch)
     gelu_mul(gu[0], gu[1])
-    if down_t:
-        qmatvec_t(gu[0], wd, sd, y)
-    else:
-        qmatvec(gu[0], wd, sd, y, part_d)
+    down(gu[0], wd, down_t, y, scratch)
 
 
 @njit(parallel=True, cache=True, fastmath=True, nogil=True)
@@ -88,12 +180,44 @@ def experts_whole(x, pool, slots, es, sg, su, sd, gus, ys):
             _out_group(g, slot[2], sd[e], ys[j], c)
 
 
+def resident_experts(x, pool, slots, es, layout, work, ys):
+    """ys[j] = expert es[j] of x[D] for each j, its weights in pool slot slots[j]. layout: how a
+    slot holds the layer's experts; work: the products' buffers. ckpt-0: the layer's scales
+    (sg, su, sd) and gus [k, 2, F] (experts_whole); a GGUF: each matrix's (type, byte offset,
+    rows, row bytes) in the slot and (gu [2, F], scratch), the experts one after another."""
+
+
+@overload(resident_experts)
+def _resident_experts(x, pool, slots, es, layout, work, ys):
+    if isinstance(layout.types[0], types.BaseTuple):
+        def impl(x, pool, slots, es, layout, work, ys):
+            gu, scratch = work
+            for j in range(slots.shape[0]):
+                expert(x, _slot_matrix(pool, slots[j], layout[0]), _slot_matrix(pool, slots[j], layout[1]),
+                       _slot_matrix(pool, slots[j], layout[2]), True, gu, ys[j], scratch)
+        return impl
+
+    def impl(x, pool, slots, es, layout, work, ys):
+        experts_whole(x, pool, slots, es, layout[0], layout[1], layout[2], work, ys)
+    return impl
+
+
 @njit(cache=True, nogil=True)
-def moe_resident(x, idx, gate, pool, slot_of, sg, su, sd, gus, ys, es, gates, slots, h, norm, eps, out):
+def _slot_matrix(pool, slot, m):
+    """A GGUF matrix (type, bytes, words) in expert cache slot `slot`: m = (type, byte offset,
+    rows, row bytes) (see CpuBackend.slot_layouts)."""
+    qt, off, N, rb = m
+    w = pool[slot, off:off + N * rb].reshape(N, rb)
+    return qt, w, w.view(np.uint16)
+
+
+@njit(cache=True, nogil=True)
+def moe_resident(x, idx, gate, pool, slot_of, layout, work, ys, es, gates, slots, h, norm, eps, out):
     """A decode layer's MoE block, h[1, D] += RMSNorm_3(sum_j gate[j] * expert_idx[j](x)), when
     every routed expert is in the expert cache (slot_of [E]: a layer's slots, -1 if absent):
-    experts_whole, then moe_finish, experts in id order. Returns False, with nothing done, when
-    one is not resident. es, gates: the experts and their gates in id order; slots: theirs."""
+    resident_experts, then moe_finish, experts in id order. Returns False, with nothing done, when
+    one is not resident. es, gates: the experts and their gates in id order; slots: theirs.
+    layout, work: see resident_experts."""
     k = idx.shape[0]
     for j in range(k):                       # insertion sort by expert id
         e, g = idx[j], gate[j]
@@ -108,21 +232,21 @@ def moe_resident(x, idx, gate, pool, slot_of, sg, su, sd, gus, ys, es, gates, sl
         slots[j] = slot_of[es[j]]
         if slots[j] < 0:
             return False
-    experts_whole(x, pool, slots, es, sg, su, sd, gus, ys)
+    resident_experts(x, pool, slots, es, layout, work, ys)
     moe_finish(h, ys, gates, norm, eps, out)
     return True
 
 
 @njit(cache=True, nogil=True)
-def moe_resident_attn(x, idx, gate, pool, slot_of, sg, su, sd, gus, ys, es, gates, slots, h, norm, eps, out,
-                      hn, xn, norms, wq, sq, wk, sk, wv, sv, wo, so, router, cos, sin, kc, vc, pos, key_ok, eps_n,
-                      consts, q, kv, attn, a, scores, part_q, part_kv, part_o, xr, idx_n, gate_n, probs_n):
+def moe_resident_attn(x, idx, gate, pool, slot_of, layout, work, ys, es, gates, slots, h, norm, eps, out,
+                      hn, xn, norms, wq, wk, wv, wo, router, cos, sin, kc, vc, pos, key_ok, eps_n,
+                      consts, q, kv, attn, a, scores, threads, scratch, xr, idx_n, gate_n, probs_n):
     """moe_resident for one layer and, when it ran, attn_route for the next (its arguments
     after `out`) in the same call: one call per decode layer while the experts are resident."""
-    if not moe_resident(x, idx, gate, pool, slot_of, sg, su, sd, gus, ys, es, gates, slots, h, norm, eps, out):
+    if not moe_resident(x, idx, gate, pool, slot_of, layout, work, ys, es, gates, slots, h, norm, eps, out):
         return False
-    attn_route(hn, xn, norms, wq, sq, wk, sk, wv, sv, wo, so, router, cos, sin, kc, vc, pos, key_ok, eps_n,
-               consts, q, kv, attn, a, scores, part_q, part_kv, part_o, xr, idx_n, gate_n, probs_n)
+    attn_route(hn, xn, norms, wq, wk, wv, wo, router, cos, sin, kc, vc, pos, key_ok, eps_n,
+               consts, q, kv, attn, a, scores, threads, scratch, xr, idx_n, gate_n, probs_n)
     return True
 
 
@@ -138,9 +262,11 @@ def moe_finish(h, ys, gate, norm, eps, out):
 
 
 class DecodeWorkspace:
-    """The buffers of one decode token, made once per session."""
+    """The buffers of one decode token, made once per session. ggml_q8: None for a ckpt-0
+    model; for a GGUF model, whether its K-quant products take x rounded to 8 bits
+    (activations="q8")."""
 
-    def __init__(self, c, context: int, parts: int, pair_parts: int):
+    def __init__(self, c, context: int, parts: int, pair_parts: int, ggml_q8: bool | None = None):
         D, H, G, d, F = c.emb_size, c.num_q_heads, c.num_kv_heads, c.key_size, c.ffn_size
         k = c.num_selected_experts
         f32 = np.float32
@@ -153,16 +279,28 @@ class DecodeWorkspace:
         self.sin = np.empty((1, d // 2), f32)
         self.pos = np.empty(1, np.int64)
         self.gu = np.empty((2, F), f32)
-        # one thread per routed expert, whole (experts_whole), where that is bitwise `expert`
-        self.whole = pair_parts == 1 and k % parts == 0
-        self.gus = np.empty((k if self.whole else 0, 2, F), f32)
+        # the resident experts of a layer in one call (moe_resident): ckpt-0 one thread per routed
+        # expert, whole (experts_whole), where that is bitwise `expert`; a GGUF always (its
+        # experts one after another, each as `expert`)
+        self.whole = ggml_q8 is not None or (pair_parts == 1 and k % parts == 0)
+        self.gus = np.empty((k if self.whole and ggml_q8 is None else 0, 2, F), f32)
         self.ys = np.empty((k, D), f32)
         self.gates = np.empty(k, f32)
-        self.part_q = np.empty((parts, H * d), f32)
-        self.part_kv = np.empty((2, parts, G * d), f32)
-        self.part_o = np.empty((parts, D), f32)
-        self.part_f = np.empty((2, pair_parts, F), f32)
-        self.part_d = np.empty((parts, D), f32)
         self.slots = np.empty(k, np.int64)      # experts_whole's pool slots and expert ids
         self.es = np.empty(k, np.int64)
         self.ahead = -1                          # a layer whose attention already ran (moe_resident_attn)
+        if ggml_q8 is None:
+            # the row-range partial sums of the int8 products: qkv's, the output projection's,
+            # gate/up's and down's
+            self.scratch = (np.empty((parts, H * d), f32), np.empty((2, parts, G * d), f32),
+                            np.empty((parts, D), f32), np.empty((2, pair_parts, F), f32),
+                            np.empty((parts, D), f32))
+        else:
+            # rows_product's buffers for the longest rows: x's sums per 32 values, or x in 8 bits
+            # (int16 values, scales per 256, sums per 32, int8 values, sums per 16); the f16
+            # table; the row-range count; n16
+            K = max(D, H * d, F)
+            self.scratch = (np.empty(K // 32, f32), np.empty(K, np.int16), np.empty(max(1, K // 256), f32),
+                            np.empty(K // 32, np.int32), np.empty(K, np.int8), np.empty(K // 16, np.int16),
+                            F16_TABLE, bool(ggml_q8), parts, 16)
+        self.resident_work = self.gus if ggml_q8 is None else (self.gu, self.scratch)   # see resident_experts
