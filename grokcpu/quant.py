@@ -37,7 +37,8 @@ def _tables() -> kq.Tables:
 
 
 TABLES = _tables()
-FAST = kg.ROWS + (kq.IQ3_XXS, kq.IQ3_S)   # the types with a dedicated decode product
+ROWS = kg.ROWS                  # the types with a decode product in kernels/ggml.py (fused decode too)
+FAST = ROWS + (kq.IQ3_XXS, kq.IQ3_S)   # the types with a dedicated decode product
 Q8_ACT = kg.Q8_ACT              # those of them that can take x rounded to 8 bits (activations="q8")
 # the other types multiply by float32 tiles of about this many bytes (dequant_rows, then BLAS)
 TILE_BYTES = 1 << 20

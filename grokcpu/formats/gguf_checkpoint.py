@@ -67,8 +67,8 @@ class GMatrix:
 
     @property
     def has_rows_product(self) -> bool:
-        """Whether its type has a decode product (quant.FAST): the fused decode kernels read it."""
-        return self.qtype in quant.FAST
+        """Whether its type has a decode product the fused decode kernels call (quant.ROWS)."""
+        return self.qtype in quant.ROWS
 
     @functools.cached_property
     def prepared(self) -> tuple:
