@@ -54,6 +54,14 @@ def test_a_model_against_itself_is_exact(demo_path, tmpdir_empty):
     assert f"PPL          model {d['ppl']:.4f}, reference {d['ppl']:.4f}" in text
 
 
+def test_accuracy_options_apply_to_the_model_only(demo_path, tmpdir_empty):
+    """--unembed int8 changes --model's logits; the reference keeps the exact float32 output layer."""
+    exact = json.loads(measure(demo_path, demo_path, "--json").stdout)
+    d = json.loads(measure(demo_path, demo_path, "--json", "--unembed", "int8").stdout)
+    assert d["ppl_reference"] == exact["ppl"] and d["ppl"] != exact["ppl"]
+    assert 0 < d["kl_mean"] < 1e-3 and 0 < d["max_logit_diff"] < 0.1
+
+
 def log_softmax(z):
     z = z - z.max(axis=1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
@@ -87,6 +95,8 @@ def test_q4_k_against_ckpt0_equals_a_float64_computation(demo_path, tok, tmp_pat
     for key, value in want.items():
         assert d[key] == pytest.approx(value, rel=1e-9), key      # the same float64 sums, another order
     assert d["kl_mean"] > 1e-3 and d["max_logit_diff"] > 0.1    # Q4_K is measurably not the exact model
+    q8 = json.loads(measure(q4, demo_path, "--json", "--activations", "q8").stdout)   # a ckpt-0 model refuses q8
+    assert q8["ppl_reference"] == d["ppl_reference"] and q8["kl_mean"] != d["kl_mean"]
 
 
 def one_line_error(r, match):

@@ -42,7 +42,7 @@ def perplexity(
     The text is cut into chunks of --ctx tokens, each run as one prefill; the second half of
     each chunk is scored (every scored token sees at least ctx/2 tokens before it). The
     reference runs first and its logits wait in a temporary file, so only one model is in
-    memory at a time."""
+    memory at a time. --unembed and --activations apply to --model; the reference runs exact."""
     if run.model is None or reference is None:
         raise GrokError("perplexity needs --model (the model to measure) and --reference (the exact one)",
                         hint="e.g. grok-cli perplexity --model grok-1-q4_k.gguf --reference grok-1/")
@@ -61,8 +61,10 @@ def perplexity(
         if need > free:
             raise GrokError(f"the reference's logits need {gb(need)} in {tmp}, which has {gb(free)} free",
                             hint="pass fewer --chunks, or point TMPDIR at a larger disk")
+        # the options that trade accuracy for speed are --model's: the reference runs exact
+        exact = dataclasses.replace(run, options=dataclasses.replace(run.options, unembed="f32", activations="f32"))
         with open(store, "wb") as f:
-            ref_scores = one_model(run, reference, "reference", todo, save=f)
+            ref_scores = one_model(exact, reference, "reference", todo, save=f)
         saved = np.memmap(store, np.float32, "r", shape=shape)
         scores = one_model(run, run.model, "model", todo, reference=saved)
         del saved
