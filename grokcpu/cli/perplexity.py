@@ -69,7 +69,7 @@ def perplexity(
         scores = one_model(run, run.model, "model", todo, reference=saved)
         del saved
     res, ref = ppl.summary(scores), ppl.summary(ref_scores)
-    err(f"perplexity: {len(todo)} chunks of {ctx} tokens: reference {ref['seconds']:.2f} s "
+    err(f"perplexity: {chunk_count(len(todo))} of {ctx} tokens: reference {ref['seconds']:.2f} s "
         f"({ref['tokens_per_s']:.1f} tok/s), model {res['seconds']:.2f} s ({res['tokens_per_s']:.1f} tok/s)")
     doc = {"model": str(run.model), "reference": str(reference),
            "text": str(text_file) if text_file is not None else "demo corpus", "ctx": ctx, **res,
@@ -131,6 +131,10 @@ def one_model(run: Run, path: Path, label: str, todo: np.ndarray, **score_kw) ->
         L.model.close()
 
 
+def chunk_count(n: int) -> str:
+    return f"{n} chunk" if n == 1 else f"{n} chunks"
+
+
 def report(d: dict) -> str:
     """The figures as a few aligned lines (the running figures were on stderr)."""
     def num(x, fmt):
@@ -139,7 +143,7 @@ def report(d: dict) -> str:
     return "\n".join([
         f"model        {d['model']}",
         f"reference    {d['reference']}",
-        f"text         {d['text']}: {d['chunks']} chunks of {d['ctx']} tokens, {d['scored_tokens']} scored "
+        f"text         {d['text']}: {chunk_count(d['chunks'])} of {d['ctx']} tokens, {d['scored_tokens']} scored "
         "(each chunk's second half)",
         f"PPL          model {d['ppl']:.4f}, reference {d['ppl_reference']:.4f}",
         f"KL           mean {d['kl_mean']:.6f} ± {num(d['kl_stderr'], '.6f')}, median {d['kl_median']:.6f}, "
