@@ -15,6 +15,7 @@ import numpy as np
 import typer
 
 from .. import perplexity as ppl
+from ..demo import corpus_text
 from ..errors import GrokError
 from .app import Loaded, Run, command, err, gb, model_stats_line, out
 from .generate import read_text_file
@@ -48,11 +49,12 @@ def perplexity(
                         hint="e.g. grok-cli perplexity --model grok-1-q4_k.gguf --reference grok-1/")
     if chunks is not None and chunks < 1:
         raise GrokError(f"--chunks {chunks} is out of range", hint="use an integer >= 1")
-    text = read_text_file(text_file, "--text") if text_file is not None else _corpus()
+    text = read_text_file(text_file, "--text") if text_file is not None else corpus_text()
     tok, ctx, vocab = check_pair(run, reference, ctx)
     todo = ppl.make_chunks(tok.encode(text), ctx, chunks)
-    # The reference's float32 logits of every scored position go to a file (N x ctx/2 x V x 4
-    # bytes), so the two models never share the RAM: each one's expert cache may fill it.
+    # The reference runs over every chunk first, its float32 logits of the scored positions going
+    # to a file (N x ctx/2 x V x 4 bytes), rather than both models chunk by chunk: then only one
+    # model is ever in RAM, and each one's 'auto' expert cache may take what is free.
     run = dataclasses.replace(run, options=dataclasses.replace(run.options, context=run.options.context or ctx))
     with tempfile.TemporaryDirectory(prefix="grokcpu-perplexity-") as tmp:
         store = Path(tmp) / "reference-logits.f32"
@@ -67,7 +69,7 @@ def perplexity(
             ref_scores = one_model(exact, reference, "reference", todo, save=f)
         saved = np.memmap(store, np.float32, "r", shape=shape)
         scores = one_model(run, run.model, "model", todo, reference=saved)
-        del saved
+        del saved                                   # unmapped before the folder goes
     res, ref = ppl.summary(scores), ppl.summary(ref_scores)
     err(f"perplexity: {chunk_count(len(todo))} of {ctx} tokens: reference {ref['seconds']:.2f} s "
         f"({ref['tokens_per_s']:.1f} tok/s), model {res['seconds']:.2f} s ({res['tokens_per_s']:.1f} tok/s)")
@@ -75,11 +77,6 @@ def perplexity(
            "text": str(text_file) if text_file is not None else "demo corpus", "ctx": ctx, **res,
            "reference_seconds": ref["seconds"], "reference_tokens_per_s": ref["tokens_per_s"]}
     out(json.dumps(doc, indent=1) + "\n" if as_json else report(doc))
-
-
-def _corpus() -> str:
-    from ..demo import corpus_text
-    return corpus_text()
 
 
 def check_pair(run: Run, reference: Path, ctx: int | None):
