@@ -26,15 +26,18 @@ from .errors import GrokError  # noqa: E402
 __version__ = "0.1.0"
 
 
-def open_checkpoint(path: str | os.PathLike, config=None):
-    """The weights of a model, opened: a Checkpoint (ckpt-0 folder) or a GGUFCheckpoint (a file)."""
+def open_checkpoint(path: str | os.PathLike, config=None, weights: bool = True):
+    """The weights of a model, opened: a Checkpoint (ckpt-0 folder) or a GGUFCheckpoint (a file).
+
+    weights=False opens a ckpt-0 checkpoint's headers and config only; a GGUF reads just its
+    metadata, norms and routers either way."""
     from .checkpoint import Checkpoint
     if os.path.isfile(path):          # a folder is a ckpt-0 checkpoint; a file may be a GGUF
         from .formats.gguf import detect_format
         if detect_format(path) == "gguf":
             from .formats.gguf_checkpoint import GGUFCheckpoint
             return GGUFCheckpoint(path, config=config)
-    return Checkpoint(path, config=config)
+    return Checkpoint(path, config=config, weights=weights)
 
 
 def load(path: str | os.PathLike, *, config=None, options=None, **kwargs) -> "Model":

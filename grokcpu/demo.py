@@ -56,10 +56,14 @@ def is_built(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / "tokenizer.model").is_file() and (path / "ckpt-0").is_dir()
 
 
-def corpus_lines() -> list[str]:
+def corpus_text() -> str:
+    """grokcpu/data/demo_corpus.txt: the demo tokenizer's training text, perplexity's default text."""
     from importlib import resources
-    text = resources.files("grokcpu").joinpath("data/demo_corpus.txt").read_text(encoding="utf-8")
-    return [line for line in text.splitlines() if line.strip()]
+    return resources.files("grokcpu").joinpath("data/demo_corpus.txt").read_text(encoding="utf-8")
+
+
+def corpus_lines() -> list[str]:
+    return [line for line in corpus_text().splitlines() if line.strip()]
 
 
 def train_tokenizer(vocab_size: int = DEMO_VOCAB) -> bytes:

@@ -79,6 +79,12 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
 
+    def same_pieces(self, other: "Tokenizer") -> bool:
+        """Whether both tokenizers give every id the same piece (e.g. a tokenizer.model and the
+        one a GGUF file carries), so the same ids mean the same text to both models."""
+        ids = list(range(self.vocab_size))
+        return self.vocab_size == other.vocab_size and self.sp.id_to_piece(ids) == other.sp.id_to_piece(ids)
+
     def detokenizer(self) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self)
 

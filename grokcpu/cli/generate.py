@@ -74,7 +74,13 @@ def read_prompt(text: str | None, prompt: str | None, prompt_file: Path | None) 
         if stream is None:
             return replace_invalid(sys.stdin.read())
         return _decode(stream.read(), "stdin")
+    return read_text_file(prompt_file, "--prompt-file")
+
+
+def read_text_file(path: Path, flag: str) -> str:
+    """The text of the file given to option `flag` (bytes that are not UTF-8 become U+FFFD, with a note)."""
     try:
-        return _decode(prompt_file.read_bytes(), f"--prompt-file {str(prompt_file)!r}")
+        data = path.read_bytes()
     except OSError as e:
-        raise GrokError(f"cannot read --prompt-file {str(prompt_file)!r}: {e.strerror or e}") from None
+        raise GrokError(f"cannot read {flag} {str(path)!r}: {e.strerror or e}") from None
+    return _decode(data, f"{flag} {str(path)!r}")

@@ -94,10 +94,9 @@ class Worker:
             opts = dataclasses.replace(opts, threads=max(1, physical_cores() // self.share))
         if self.share > 1 and opts.expert_cache_gb == "auto":
             from .. import open_checkpoint
-            from ..checkpoint import Checkpoint
             from ..expert_cache import GB, auto_budget
             # headers only (a GGUF's load reads just its norms and routers): the workers read the weights
-            ck = open_checkpoint(run.model) if os.path.isfile(run.model) else Checkpoint(run.model, weights=False)
+            ck = open_checkpoint(run.model, weights=False)
             try:
                 budget = auto_budget(ck, opts.context or ck.config.sequence_len, share=self.share)
             finally:
