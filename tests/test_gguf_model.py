@@ -205,15 +205,16 @@ def test_split_output_loads(fixture, tmp_path):
 
 KILL = """
 import os, signal, sys
+from grokcpu.cli.convert import _terminable
 from grokcpu.formats.convert import convert
 def progress(done, total, name):
     if done > total // 2:
         os.kill(os.getpid(), signal.SIG{sig})
-convert(sys.argv[1], sys.argv[2], "q8_0", progress=progress)
+_terminable(convert, sys.argv[1], sys.argv[2], "q8_0", 0, None, progress)   # as grok-cli convert runs it
 """
 
 
-@pytest.mark.parametrize("sig", ["KILL", "INT"])
+@pytest.mark.parametrize("sig", ["KILL", "INT", "TERM"])
 def test_convert_killed_midway_leaves_no_output(demo_path, tmp_path, sig):
     out = tmp_path / "out.gguf"
     p = subprocess.run([sys.executable, "-c", KILL.format(sig=sig), str(demo_path), str(out)], cwd=ROOT,
@@ -223,8 +224,14 @@ def test_convert_killed_midway_leaves_no_output(demo_path, tmp_path, sig):
     left = os.listdir(tmp_path)
     if sig == "INT":                     # an exception unwinds: the temporary folder is removed too
         assert left == [] and "KeyboardInterrupt" in p.stderr
-    else:                                # SIGKILL: only the hidden temporary folder can remain
-        assert all(n.startswith(".out.gguf.tmp-") for n in left)
+    elif sig == "TERM":                  # grok-cli turns SIGTERM into SystemExit: the same unwinding
+        assert left == [] and p.returncode == 128 + 15
+    else:                                # SIGKILL: only the hidden temporary folder can remain,
+        assert left and all(n.startswith(".out.gguf.tmp-") for n in left)
+        live = tmp_path / f".out.gguf.tmp-{os.getppid()}"  # (a live process's is kept)
+        live.mkdir()
+        convert(demo_path, out, "q8_0")  # until the next conversion to the same file sweeps it
+        assert sorted(os.listdir(tmp_path)) == sorted(["out.gguf", live.name])
 
 
 @pytest.mark.parametrize("qtype,layout", [(QT.Q4_0, "per-expert"), (QT.Q8_0, "merged")])

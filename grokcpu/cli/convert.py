@@ -56,6 +56,20 @@ def convert(
             msg = f"convert: {done / max(total, 1):.0%} {gb(done)}/{gb(total)} {name}"
             err("\r" + msg + "\x1b[K" if tty else msg, end="" if tty and done < total else "\n")
 
-    files = run_convert(run.model, out_path, qtype.lower(), size, run.tokenizer, progress, err)
+    files = _terminable(run_convert, run.model, out_path, qtype.lower(), size, run.tokenizer, progress, err)
     err(f"wrote {', '.join(str(f) for f in files)} ({gb(sum(f.stat().st_size for f in files))}) "
         f"in {time.perf_counter() - t0:.1f} s")
+
+
+def _terminable(fn, *args):
+    """fn(*args) with SIGTERM raised as SystemExit, so that its cleanup (the temporary folder)
+    runs when the process is asked to stop, as for Ctrl-C."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        return fn(*args)
+    finally:
+        signal.signal(signal.SIGTERM, old)

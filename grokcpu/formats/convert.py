@@ -24,6 +24,7 @@ skeleton(out, cfg, type_name) writes the same header with no source: the tensor 
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import shutil
@@ -356,6 +357,7 @@ def _convert(src, out: Path, type_name: str, split_max_size: int, progress, note
         note("note: no tokenizer found beside the model: the GGUF has none (pass --tokenizer PATH to add it)")
     if out.is_dir():
         raise GrokError(f"--out {str(out)!r} is a folder", hint="give the path of the .gguf file to write")
+    _sweep_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         tmp.mkdir()
@@ -371,6 +373,21 @@ def _convert(src, out: Path, type_name: str, split_max_size: int, progress, note
         return final
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sweep_stale(out: Path) -> None:
+    """Remove the temporary folders of earlier conversions to `out` whose process is gone (a
+    SIGKILL or a power cut skips their cleanup); a live process's folder stays."""
+    for d in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        pid = d.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:                   # alive, another user's
+            pass
 
 
 def _write(src, cfg, shapes, types, ftype, path: Path, split_max_size: int, progress) -> list[Path]:
