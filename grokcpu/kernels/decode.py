@@ -1,7 +1,8 @@
 """One decode token's blocks in a few compiled calls on a preallocated workspace (the CPU
 backend's one-row path): the attention block and the router in one call, each routed expert in
-one (or, with 1 or 2 threads and the experts resident, all of them in one region:
-`experts_whole`), and one call to finish the MoE block. A token's many short products would
+one and one call to finish the MoE block, or, with the experts resident in the expert cache,
+the MoE block and the next layer's attention in one (`moe_resident_attn`; ckpt-0 with 1 or 2
+threads, its experts in one region: `experts_whole`). A token's many short products would
 otherwise pay Python's argument checks and small allocations per call. The arithmetic is the
 kernels of the many-row path in the same order, or kernels bitwise theirs.
 
