@@ -84,10 +84,10 @@ def _matrix(qtype: int, w: np.ndarray, name: str) -> tuple[np.ndarray, int]:
 
 
 def prepared(qtype: int, w: np.ndarray, name: str = "") -> tuple:
-    """The matrix w (uint8 [N, row_bytes] of a type in FAST) as kernels/ggml.py and the fused
+    """The matrix w (uint8 [N, row_bytes] of a type in ROWS) as kernels/ggml.py and the fused
     decode kernels take it, checked once: (qtype, w, w16), read-only, w16 its uint16 view."""
-    if qtype not in FAST:
-        raise ValueError(f"{name or 'matrix'}: {type_name(qtype)} has no decode product")
+    if qtype not in ROWS:
+        raise ValueError(f"{name or 'matrix'}: {type_name(qtype)} has no rows_product")
     w, _ = _matrix(qtype, w, name)
     return int(qtype), w, w.view(np.uint16)
 
@@ -117,9 +117,9 @@ def matvec(qtype: int, w: np.ndarray, x: np.ndarray, out: np.ndarray | None = No
         xp = _readonly(kq.x_order_iq3(x))
         kq.matvec_iq3(qtype, w, w.view(np.uint16), xp, out, F16_TABLE, TABLES, numba.get_num_threads(), 64)
         return out
-    if qtype in FAST:
+    if qtype in ROWS:
         T = x.shape[0]
-        q8 = activations == "q8" and qtype in Q8_ACT and K % 256 == 0
+        q8 = activations == "q8" and kg.takes_q8(qtype, K)
         xs = np.empty((T, K // 32), np.float32) if qtype in (kq.Q4_K, kq.Q5_K) and not q8 else _NO_F32
         xd, qs = (np.empty((T, K // 256), np.float32), np.empty((T, K // 32), np.int32)) if q8 else (_NO_F32, _NO_I32)
         bytes8 = q8 and kg.AVX2                  # x in the byte layout of kernels/simd.py
