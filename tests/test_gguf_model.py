@@ -474,11 +474,11 @@ def one_row_file(kq_ckpt, tmp_path, kind: str):
     return path
 
 
-def decode_logits(path, one_row: bool, **kw) -> tuple[np.ndarray, bool]:
+def decode_logits(path, one_row: bool, threads: int = 2, **kw) -> tuple[np.ndarray, bool]:
     """Decode logits after a short prefill, with the fused one-row kernels or (one_row False)
     the many-row blocks, as every GGUF decode step ran before them; and whether the step made
     the fused kernels' workspace."""
-    model = grokcpu.load(path, threads=2, **kw)
+    model = grokcpu.load(path, threads=threads, **kw)
     model.backend.one_row = model.backend.one_row and one_row
     s = model.new_session()
     s.prefill(ONE_ROW_TOKS)
@@ -488,19 +488,21 @@ def decode_logits(path, one_row: bool, **kw) -> tuple[np.ndarray, bool]:
     return got, fused
 
 
-@pytest.mark.parametrize("kind,activations,cache", [
-    ("kq-q8_0", "f32", "auto"), ("kq-q8_0", "f32", "off"), ("kq-q4_k", "f32", "auto"), ("kq-q4_k", "q8", "off"),
-    ("kq-q4_k_m", "f32", "off"), ("kq-q4_k_m", "q8", "auto"), ("tiny-q8_0", "f32", "auto"),
-    ("tiny-q8_0", "q8", "off"), ("tiny-q4_0", "f32", "auto")])
+@pytest.mark.parametrize("kind,activations,cache,threads", [
+    ("kq-q8_0", "f32", "auto", 2), ("kq-q8_0", "f32", "off", 2), ("kq-q4_k", "f32", "auto", 2),
+    ("kq-q4_k", "q8", "off", 2), ("kq-q4_k", "q8", "auto", 3), ("kq-q4_k_m", "f32", "off", 2),
+    ("kq-q4_k_m", "q8", "auto", 2), ("kq-q4_k_m", "f32", "auto", 3), ("tiny-q8_0", "f32", "auto", 2),
+    ("tiny-q8_0", "q8", "off", 2), ("tiny-q4_0", "f32", "auto", 2)])
 def test_gguf_one_row_kernels_give_the_many_row_blocks_logits_bit_for_bit(kq_ckpt, tmp_path, kind, activations,
-                                                                          cache):
+                                                                          cache, threads):
     """A decode step of a file whose matrices all have a decode product (Q8_0 and the
     K-quants) runs the fused kernels (kernels/decode.py) with the products of the many-row path
     (kernels/ggml.py): the same logits bit for bit, under both activations, with experts from
     the expert cache's slots or the map. A file of another type (Q4_0) keeps the many-row
-    blocks."""
+    blocks. With 2 threads each of the two routed experts runs on a thread of its own
+    (ggml_experts_whole), with 3 one after another, their rows split."""
     path = one_row_file(kq_ckpt, tmp_path, kind)
-    opts = dict(activations=activations, expert_cache_gb=cache)
+    opts = dict(activations=activations, expert_cache_gb=cache, threads=threads)
     fused, ran = decode_logits(path, True, **opts)
     rows, ran_rows = decode_logits(path, False, **opts)
     assert ran == (kind != "tiny-q4_0") and not ran_rows

@@ -48,10 +48,14 @@ def q8_kernel(kind, qtype, w, x, parts):
         qx, xd, qs = (np.empty((T, x.shape[1]), np.int16), np.empty((T, x.shape[1] // 256), np.float32),
                       np.empty((T, x.shape[1] // 32), np.int32))
         kq.quantize_x8(x, qx, xd, qs)
-        kq.matvec_q8(qtype, w, w.view(np.uint16), qx, xd, qs, out, quant.F16_TABLE, parts, 16)
     else:
         qx, xd, qs, bs = quantize8_bytes(x)
-        simd.matvec_q8(qtype, w, qx, xd, bs, out, parts)
+    per = -(-N // parts)
+    for n0 in range(0, N, per):
+        if kind == "words":
+            kq.rows8(qtype, w, w.view(np.uint16), qx, xd, qs, out, quant.F16_TABLE, n0, min(N, n0 + per), 16)
+        else:
+            simd.rows(qtype, w, qx, xd, bs, out, n0, min(N, n0 + per))
     return out
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .ggml import F16_TABLE, rows_product
+from .ggml import F16_TABLE, rows_products
 from .layers import add_rmsnorm, attention, gelu_mul, rmsnorm, rope, route
 from .matvec import _out_group, _range_into, _split, qmatvec, qmatvec_multi, qmatvec_qkv, qmatvec_t
 
@@ -28,15 +28,20 @@ def _ggml(m) -> bool:
 
 
 @njit(cache=True, nogil=True)
-def ggml_vec(m, x, out, scratch):
-    """out[N] = W @ x[K] for a GGUF matrix m: rows_product on one row, with the session's
-    scratch (xs, qx, xd, qs, f16, q8, parts, n16) (see DecodeWorkspace)."""
-    qt, w, w16 = m
+def ggml_rows(ms, x, outs, scratch):
+    """outs[i][N_i] = W_i @ x[K] for GGUF matrices ms (a tuple): rows_products on one row, x
+    prepared once, with the session's scratch (xs, qx, xd, qs, qb, bs, f16, q8, parts, n16)
+    (see DecodeWorkspace)."""
     xs, qx, xd, qs, qb, bs, f16, q8, parts, n16 = scratch
     K = x.shape[0]
-    rows_product(qt, w, w16, x.reshape(1, K), out.reshape(1, out.shape[0]), xs[:K // 32].reshape(1, K // 32),
-                 qx[:K].reshape(1, K), xd[:K // 256].reshape(1, K // 256), qs[:K // 32].reshape(1, K // 32),
-                 qb[:K].reshape(1, K), bs[:K // 16].reshape(1, K // 16), f16, q8, parts, n16)
+    rows_products(ms, x.reshape(1, K), outs, xs[:K // 32].reshape(1, K // 32), qx[:K].reshape(1, K),
+                  xd[:K // 256].reshape(1, K // 256), qs[:K // 32].reshape(1, K // 32), qb[:K].reshape(1, K),
+                  bs[:K // 16].reshape(1, K // 16), f16, q8, parts, n16)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _row(v):
+    return v.reshape(1, v.shape[0])
 
 
 def qkv(x, wq, wk, wv, q, kv, scratch):
@@ -59,10 +64,8 @@ def down(x, w, down_t, y, scratch):
 @overload(qkv)
 def _qkv(x, wq, wk, wv, q, kv, scratch):
     if _ggml(wq):
-        def impl(x, wq, wk, wv, q, kv, scratch):
-            ggml_vec(wq, x, q, scratch)
-            ggml_vec(wk, x, kv[0], scratch)
-            ggml_vec(wv, x, kv[1], scratch)
+        def impl(x, wq, wk, wv, q, kv, scratch):        # one parallel region for the three
+            ggml_rows((wq, wk, wv), x, (_row(q), _row(kv[0]), _row(kv[1])), scratch)
         return impl
 
     def impl(x, wq, wk, wv, q, kv, scratch):          # one parallel region for the three
@@ -74,7 +77,7 @@ def _qkv(x, wq, wk, wv, q, kv, scratch):
 def _out_proj(x, w, out, scratch):
     if _ggml(w):
         def impl(x, w, out, scratch):
-            ggml_vec(w, x, out, scratch)
+            ggml_rows((w,), x, (_row(out),), scratch)
         return impl
 
     def impl(x, w, out, scratch):
@@ -85,9 +88,8 @@ def _out_proj(x, w, out, scratch):
 @overload(gate_up)
 def _gate_up(x, wg, wu, gu, scratch):
     if _ggml(wg):
-        def impl(x, wg, wu, gu, scratch):
-            ggml_vec(wg, x, gu[0], scratch)
-            ggml_vec(wu, x, gu[1], scratch)
+        def impl(x, wg, wu, gu, scratch):             # one region, x prepared once
+            ggml_rows((wg, wu), x, (_row(gu[0]), _row(gu[1])), scratch)
         return impl
 
     def impl(x, wg, wu, gu, scratch):                 # both matrices in one parallel region
@@ -99,7 +101,7 @@ def _gate_up(x, wg, wu, gu, scratch):
 def _down(x, w, down_t, y, scratch):
     if _ggml(w):
         def impl(x, w, down_t, y, scratch):
-            ggml_vec(w, x, y, scratch)
+            ggml_rows((w,), x, (_row(y),), scratch)
         return impl
 
     def impl(x, w, down_t, y, scratch):
@@ -181,16 +183,40 @@ def experts_whole(x, pool, slots, es, sg, su, sd, gus, ys):
             _out_group(g, slot[2], sd[e], ys[j], c)
 
 
+@njit(parallel=True, cache=True, nogil=True)
+def ggml_experts_whole(x, pool, slots, g, u, d, gus, ys, xs, qx, xd, qs, qb, bs, f16, q8, n16):
+    """ys[j] = expert j of a GGUF model's layer for x[D], its weights in pool slot slots[j]
+    (g, u, d: int64 [4], layout's rows for gate, up, down; see resident_experts): one work item
+    per expert, each `expert` on its own buffers (gus [k, 2, F]; xs .. bs [k, ...],
+    rows_products') on its thread alone: one parallel region for the layer's experts where
+    `expert` takes two each. Bitwise `expert`: a row's product does not depend on the split."""
+    for j in prange(slots.shape[0]):
+        s = slots[j]
+        expert(x, _slot_matrix(pool, s, (g[0], g[1], g[2], g[3])), _slot_matrix(pool, s, (u[0], u[1], u[2], u[3])),
+               _slot_matrix(pool, s, (d[0], d[1], d[2], d[3])), True, gus[j], ys[j],
+               (xs[j], qx[j], xd[j], qs[j], qb[j], bs[j], f16, q8, 1, n16))
+
+
 def resident_experts(x, pool, slots, es, layout, work, ys):
     """ys[j] = expert es[j] of x[D] for each j, its weights in pool slot slots[j]. layout: how a
     slot holds the layer's experts; work: the products' buffers. ckpt-0: the layer's scales
     (sg, su, sd) and gus [k, 2, F] (experts_whole); a GGUF: each matrix's (type, byte offset,
-    rows, row bytes) in the slot and (gu [2, F], scratch), the experts one after another."""
+    rows, row bytes) in the slot, and either the buffers of one thread per expert (gus [k, 2, F],
+    then ggml_experts_whole's) or (gu [2, F], scratch), the experts one after another."""
 
 
 @overload(resident_experts)
 def _resident_experts(x, pool, slots, es, layout, work, ys):
     if isinstance(layout.types[0], types.BaseTuple):
+        if work.types[0].ndim == 3:
+            def impl(x, pool, slots, es, layout, work, ys):
+                gus, lay, xs, qx, xd, qs, qb, bs, f16, q8, n16 = work
+                for m in range(3):
+                    for i in range(4):
+                        lay[m, i] = layout[m][i]
+                ggml_experts_whole(x, pool, slots, lay[0], lay[1], lay[2], gus, ys, xs, qx, xd, qs, qb, bs, f16, q8, n16)
+            return impl
+
         def impl(x, pool, slots, es, layout, work, ys):
             gu, scratch = work
             for j in range(slots.shape[0]):
@@ -280,11 +306,12 @@ class DecodeWorkspace:
         self.sin = np.empty((1, d // 2), f32)
         self.pos = np.empty(1, np.int64)
         self.gu = np.empty((2, F), f32)
-        # the resident experts of a layer in one call (moe_resident): ckpt-0 one thread per routed
-        # expert, whole (experts_whole), where that is bitwise `expert`; a GGUF always (its
-        # experts one after another, each as `expert`)
-        self.whole = ggml_q8 is not None or (pair_parts == 1 and k % parts == 0)
-        self.gus = np.empty((k if self.whole and ggml_q8 is None else 0, 2, F), f32)
+        # the resident experts of a layer in one call (moe_resident), one thread per routed expert
+        # when the threads divide them (ckpt-0: where that is bitwise `expert`, experts_whole;
+        # a GGUF: ggml_experts_whole); else a GGUF's one after another, each as `expert`
+        per_expert = k % parts == 0 and (ggml_q8 is not None or pair_parts == 1)
+        self.whole = ggml_q8 is not None or per_expert
+        self.gus = np.empty((k if per_expert else 0, 2, F), f32)
         self.ys = np.empty((k, D), f32)
         self.gates = np.empty(k, f32)
         self.slots = np.empty(k, np.int64)      # experts_whole's pool slots and expert ids
@@ -297,11 +324,16 @@ class DecodeWorkspace:
                             np.empty((parts, D), f32), np.empty((2, pair_parts, F), f32),
                             np.empty((parts, D), f32))
         else:
-            # rows_product's buffers for the longest rows: x's sums per 32 values, or x in 8 bits
+            # rows_products' buffers for the longest rows: x's sums per 32 values, or x in 8 bits
             # (int16 values, scales per 256, sums per 32, int8 values, sums per 16); the f16
-            # table; the row-range count; n16
+            # table; the row-range count; n16. ggml_experts_whole: those per expert.
             K = max(D, H * d, F)
-            self.scratch = (np.empty(K // 32, f32), np.empty(K, np.int16), np.empty(max(1, K // 256), f32),
-                            np.empty(K // 32, np.int32), np.empty(K, np.int8), np.empty(K // 16, np.int16),
-                            F16_TABLE, bool(ggml_q8), parts, 16)
-        self.resident_work = self.gus if ggml_q8 is None else (self.gu, self.scratch)   # see resident_experts
+            shapes = ((K // 32, f32), (K, np.int16), (max(1, K // 256), f32), (K // 32, np.int32), (K, np.int8),
+                      (K // 16, np.int16))
+            self.scratch = (*(np.empty(n, t) for n, t in shapes), F16_TABLE, bool(ggml_q8), parts, 16)
+            if per_expert:
+                work = (self.gus, np.empty((3, 4), np.int64), *(np.empty((k, n), t) for n, t in shapes), F16_TABLE,
+                        bool(ggml_q8), 16)
+            else:
+                work = (self.gu, self.scratch)
+        self.resident_work = self.gus if ggml_q8 is None else work      # see resident_experts

@@ -6,9 +6,9 @@ one ggml type. dequant_rows decodes Q8_0, Q4_K and Q6_K with a loop each, the gr
 quant values as float32 (q) and, per sub-block s of SUB values, a scale and an offset, so that
 value = scale[s] * q - offset[s]. The non-linear types' value tables come in as one Tables.
 The hot types (Q8_0, Q4_K, Q5_K, Q6_K; IQ3_XXS, IQ3_S) have a dedicated decode product each
-(matvec_fast; matvec_iq3); grokcpu.quant.matvec multiplies the others by tiles of dequant_rows.
-Opt-in, the K-quants also have decode products on x rounded to 8 bits (quantize_x8, matvec_q8:
-integer sums, faster, not exact).
+(rows_f32, run by kernels/ggml.py; matvec_iq3); grokcpu.quant.matvec multiplies the others by tiles of dequant_rows.
+Opt-in, the K-quants also have decode products on x rounded to 8 bits (quantize_x8, rows8, or
+kernels/simd.py with AVX2: integer sums, faster, not exact).
 """
 
 import math
@@ -650,22 +650,16 @@ def _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n8):
             out[t, n] = _row_q6_K(w[n], w16[n], x[t], f16, acc, n8, w, pf)
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def matvec_fast(qt, w, w16, x, xs, out, f16, parts, n32):
-    """out[T, N] = x[T, K] @ W.T for Q8_0, Q4_K, Q5_K or Q6_K (qt), `parts` ranges of rows in
-    parallel; xs [T, K/32]: the sums of x over each 32 values (read by Q4_K and Q5_K)."""
-    N = w.shape[0]
-    parts = max(1, min(N, parts))
-    per = (N + parts - 1) // parts
-    for p in prange(parts):
-        n0 = p * per
-        n1 = min(N, n0 + per)
-        if qt == Q8_0:
-            _rows_q8_0(w, w16, x, xs, out, f16, n0, n1, n32)
-        elif qt == Q4_K or qt == Q5_K:
-            _rows_q45_K(w, w16, x, xs, out, f16, n0, n1, n32 // 4, qt == Q5_K)
-        else:
-            _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n32 // 4)
+@njit(cache=True, nogil=True)
+def rows_f32(qt, w, w16, x, xs, out, f16, n0, n1, n8):
+    """Rows n0..n1-1 of out[T, N] = x[T, K] @ W.T for Q8_0, Q4_K, Q5_K or Q6_K (qt); xs [T, K/32]:
+    the sums of x over each 32 values (read by Q4_K and Q5_K). n8 is 8 (see kernels/ggml.py)."""
+    if qt == Q8_0:
+        _rows_q8_0(w, w16, x, xs, out, f16, n0, n1, 4 * n8)
+    elif qt == Q4_K or qt == Q5_K:
+        _rows_q45_K(w, w16, x, xs, out, f16, n0, n1, n8, qt == Q5_K)
+    else:
+        _rows_q6_K(w, w16, x, xs, out, f16, n0, n1, n8)
 
 
 # ---- Decode products for IQ3_XXS and IQ3_S (the bulk of the published IQ3_XS file). Per block,
@@ -950,7 +944,7 @@ def _row8_q6_K(row, r16, qx, xd, t, f16, n16, w, pf):
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _rows8(qt, w, w16, qx, xd, qs, out, f16, n0, n1, n16):
+def rows8(qt, w, w16, qx, xd, qs, out, f16, n0, n1, n16):
     """Rows n0..n1-1 of Q4_K, Q5_K or Q6_K (qt) against 8-bit x, each row of x in turn."""
     for n in range(n0, n1):
         row = w[n]
@@ -963,14 +957,3 @@ def _rows8(qt, w, w16, qx, xd, qs, out, f16, n0, n1, n16):
                 out[t, n] = _row8_q5_K(row, r16, qx, xd, qs, t, f16, n16, w, pf)
             else:
                 out[t, n] = _row8_q6_K(row, r16, qx, xd, t, f16, n16, w, pf)
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def matvec_q8(qt, w, w16, qx, xd, qs, out, f16, parts, n16):
-    """out[T, N] = x[T, K] @ W.T for Q4_K, Q5_K or Q6_K (qt), x given 8-bit by quantize_x8 (qx,
-    xd, qs), `parts` ranges of rows in parallel. n16 is 16 (see above)."""
-    N = w.shape[0]
-    parts = max(1, min(N, parts))
-    per = (N + parts - 1) // parts
-    for p in prange(parts):
-        _rows8(qt, w, w16, qx, xd, qs, out, f16, p * per, min(N, p * per + per), n16)

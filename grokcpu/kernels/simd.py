@@ -16,7 +16,7 @@ x is int8 [T, K] in natural order with its step per 256 values and its sums per 
 import llvmlite.binding as llvm
 import numba
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -213,7 +213,7 @@ row_q8_0 = _row(_q8_0, 272, False)
 
 
 @njit(cache=True, nogil=True)
-def _rows(qt, w, qx, xd, bs, out, n0, n1):
+def rows(qt, w, qx, xd, bs, out, n0, n1):
     """Rows n0..n1-1 against each row of x; Q8_0 asks for the next row's bytes as a row starts
     (the K-quants per unit, inside their rows)."""
     rb = w.shape[1]
@@ -231,15 +231,3 @@ def _rows(qt, w, qx, xd, bs, out, n0, n1):
                 out[t, n] = row_q5_K(w, n * rb, qx, t * K, xd, t * nb, bs, t * 16 * nb, nb)
             else:
                 out[t, n] = row_q6_K(w, n * rb, qx, t * K, xd, t * nb, bs, t * 16 * nb, nb)
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def matvec_q8(qt, w, qx, xd, bs, out, parts):
-    """out[T, N] = x[T, K] @ W.T for Q8_0, Q4_K, Q5_K or Q6_K (qt; K a multiple of 256), x from
-    quantize_x8 as bytes (qx int8 [T, K], xd [T, K/256], bs int16 [T, K/16]), `parts` ranges of
-    rows in parallel."""
-    N = w.shape[0]
-    parts = max(1, min(N, parts))
-    per = (N + parts - 1) // parts
-    for p in prange(parts):
-        _rows(qt, w, qx, xd, bs, out, p * per, min(N, p * per + per))
