@@ -140,6 +140,9 @@ class CpuBackend:
         self.pair_parts = max(1, self.threads // 2)     # row ranges per matrix of gate/up pairs
         self.layers = model.ckpt.layers
         self.gguf = getattr(model.ckpt, "format", "ckpt-0") == "gguf"
+        self.output = model.ckpt.output if self.gguf else None
+        if self.gguf:
+            self.layers, self.output = _resident_dense(self.layers, self.output)
         self.emb = None if self.gguf else model.ckpt.embeddings
         self.final_norm = model.ckpt.final_norm
         d = c.key_size
@@ -390,7 +393,7 @@ class CpuBackend:
     def logits(self, hf: np.ndarray, ws: Workspace) -> np.ndarray:
         scale = self.config.output_multiplier_scale
         if self.gguf:
-            out = self.product(hf, self.model.ckpt.output, ws.scratch)
+            out = self.product(hf, self.output, ws.scratch)
             out *= np.float32(scale)
             return out
         if self.unembed_q is not None:
@@ -412,10 +415,35 @@ class CpuBackend:
     def unembed_bytes(self) -> int:
         """Bytes the output layer reads per token."""
         if self.gguf:
-            return self.model.ckpt.output.nbytes
+            return self.output.nbytes
         if self.unembed_q is not None:
             return self.unembed_q[0].nbytes + self.unembed_q[1].nbytes
         return self.emb.nbytes
+
+
+def resident_copies(arrays: list) -> list:
+    """Copies of the arrays in one allocation of the process's own memory: numpy asks for huge
+    pages there, where a stream reads 1.5x faster than through a file map's 4 KiB pages."""
+    ends = np.cumsum([0] + [-(-a.nbytes // 64) * 64 for a in arrays])
+    arena = np.empty(int(ends[-1]), np.uint8)
+    out = []
+    for a, o in zip(arrays, ends):
+        v = arena[o:o + a.nbytes].view(a.dtype).reshape(a.shape)
+        v[...] = a
+        v.flags.writeable = False             # the kernels' types for the map's arrays
+        out.append(v)
+    return out
+
+
+def _resident_dense(layers: list, output) -> tuple:
+    """A GGUF model's attention matrices and output layer (read in full every token) as
+    resident_copies; the experts stay in the map (the expert cache's to page)."""
+    from dataclasses import replace
+    names = ("wq", "wk", "wv", "wo")
+    mats = [getattr(lw, n) for lw in layers for n in names] + [output]
+    copies = iter(replace(m, data=c) for m, c in zip(mats, resident_copies([m.data for m in mats])))
+    layers = [replace(lw, **{n: next(copies) for n in names}) for lw in layers]
+    return layers, next(copies)
 
 
 def _slot_layout(lw) -> tuple | None:
