@@ -15,11 +15,12 @@ import os
 # prefill; at 2^4 they sleep at once. OpenBLAS reads this when it starts, so it applies when
 # grokcpu is imported before numpy (the CLI and tools do); a value already set wins.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-# numba's OpenMP workers likewise spin after each parallel region by default. A decode step is
-# hundreds of short regions with Python between them: spinning workers took the cores from
-# that Python and from every other thread or process (3x slower decode on a busy 2-core
-# machine, 5-30x per region when called from the main thread). Passive workers sleep at once.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# numba's OpenMP workers spin GOMP_SPINCOUNT times after a parallel region, then sleep: a short
+# spin spares a token's many regions a wake-up each without taking cores from other work
+# (docs/PERFORMANCE.md, "Threads"). A value the user set for either wins.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = "1000"
 
 from .errors import GrokError  # noqa: E402
 
