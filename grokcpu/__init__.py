@@ -17,7 +17,7 @@ import os
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 # numba's OpenMP workers spin GOMP_SPINCOUNT times after a parallel region, then sleep: a short
 # spin spares a token's many regions a wake-up each without taking cores from other work
-# (docs/PERFORMANCE.md, "Threads"). A value the user set for either wins.
+# (docs/PERFORMANCE.md, "Workers that spin"). A value the user set for either wins.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     os.environ["GOMP_SPINCOUNT"] = "1000"
