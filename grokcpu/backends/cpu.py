@@ -140,9 +140,9 @@ class CpuBackend:
         self.pair_parts = max(1, self.threads // 2)     # row ranges per matrix of gate/up pairs
         self.layers = model.ckpt.layers
         self.gguf = getattr(model.ckpt, "format", "ckpt-0") == "gguf"
-        self.output = model.ckpt.output if self.gguf else None
+        self.output = None                                # a GGUF's output layer (resident_copies)
         if self.gguf:
-            self.layers, self.output = _resident_dense(self.layers, self.output)
+            self.layers, self.output = _resident_dense(self.layers, model.ckpt.output)
         self.emb = None if self.gguf else model.ckpt.embeddings
         self.final_norm = model.ckpt.final_norm
         d = c.key_size

@@ -184,16 +184,18 @@ def experts_whole(x, pool, slots, es, sg, su, sd, gus, ys):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def ggml_experts_whole(x, pool, slots, g, u, d, gus, ys, xs, qx, xd, qs, qb, bs, f16, q8, n16):
+def ggml_experts_whole(x, pool, slots, gt, go, gn, gr, ut, uo, un, ur, dt, do, dn, dr, gus, ys, xs, qx, xd, qs, qb, bs,
+                       f16, q8, n16):
     """ys[j] = expert j of a GGUF model's layer for x[D], its weights in pool slot slots[j]
-    (g, u, d: int64 [4], layout's rows for gate, up, down; see resident_experts): one work item
-    per expert, each `expert` on its own buffers (gus [k, 2, F]; xs .. bs [k, ...],
+    (gt, go, gn, gr: the gate's (type, byte offset, rows, row bytes) in a slot, as the layout of
+    resident_experts; u.., d..: up's, down's; scalars, since a parallel loop takes no tuple): one
+    work item per expert, each `expert` on its own buffers (gus [k, 2, F]; xs .. bs [k, ...],
     rows_products') on its thread alone: one parallel region for the layer's experts where
     `expert` takes two each. Bitwise `expert`: a row's product does not depend on the split."""
     for j in prange(slots.shape[0]):
         s = slots[j]
-        expert(x, _slot_matrix(pool, s, (g[0], g[1], g[2], g[3])), _slot_matrix(pool, s, (u[0], u[1], u[2], u[3])),
-               _slot_matrix(pool, s, (d[0], d[1], d[2], d[3])), True, gus[j], ys[j],
+        expert(x, _slot_matrix(pool, s, (gt, go, gn, gr)), _slot_matrix(pool, s, (ut, uo, un, ur)),
+               _slot_matrix(pool, s, (dt, do, dn, dr)), True, gus[j], ys[j],
                (xs[j], qx[j], xd[j], qs[j], qb[j], bs[j], f16, q8, 1, n16))
 
 
@@ -210,11 +212,10 @@ def _resident_experts(x, pool, slots, es, layout, work, ys):
     if isinstance(layout.types[0], types.BaseTuple):
         if work.types[0].ndim == 3:
             def impl(x, pool, slots, es, layout, work, ys):
-                gus, lay, xs, qx, xd, qs, qb, bs, f16, q8, n16 = work
-                for m in range(3):
-                    for i in range(4):
-                        lay[m, i] = layout[m][i]
-                ggml_experts_whole(x, pool, slots, lay[0], lay[1], lay[2], gus, ys, xs, qx, xd, qs, qb, bs, f16, q8, n16)
+                gus, xs, qx, xd, qs, qb, bs, f16, q8, n16 = work
+                (gt, go, gn, gr), (ut, uo, un, ur), (dt, do, dn, dr) = layout
+                ggml_experts_whole(x, pool, slots, gt, go, gn, gr, ut, uo, un, ur, dt, do, dn, dr, gus, ys,
+                                   xs, qx, xd, qs, qb, bs, f16, q8, n16)
             return impl
 
         def impl(x, pool, slots, es, layout, work, ys):
@@ -332,8 +333,7 @@ class DecodeWorkspace:
                       (K // 16, np.int16))
             self.scratch = (*(np.empty(n, t) for n, t in shapes), F16_TABLE, bool(ggml_q8), parts, 16)
             if per_expert:
-                work = (self.gus, np.empty((3, 4), np.int64), *(np.empty((k, n), t) for n, t in shapes), F16_TABLE,
-                        bool(ggml_q8), 16)
+                work = (self.gus, *(np.empty((k, n), t) for n, t in shapes), F16_TABLE, bool(ggml_q8), 16)
             else:
                 work = (self.gu, self.scratch)
         self.resident_work = self.gus if ggml_q8 is None else work      # see resident_experts
