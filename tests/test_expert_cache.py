@@ -1,6 +1,7 @@
 """The expert cache: exact results under any budget, LRU order, byte accounting, memory bound."""
 
 import ctypes
+import errno
 import mmap
 import os
 
@@ -51,20 +52,34 @@ def test_budget_too_small_is_a_clear_error(fixture):
         grokcpu.load(fixture.path, expert_cache_policy="fifo")
 
 
-def test_experts_land_whole_across_concurrent_read_pieces(medium_ckpt, monkeypatch):
+@pytest.mark.parametrize("reads", ["direct", "buffered", "direct refused"])
+def test_experts_land_whole_across_concurrent_read_pieces(medium_ckpt, monkeypatch, reads):
     """Gate and up read in pieces (a short last one), down's pieces transposed by whichever
-    reader thread read them: every byte lands where it belongs."""
+    reader thread read them: every byte lands where it belongs, with direct reads (blocks
+    around unaligned ranges), buffered ones, and where the file system refuses direct reads."""
     ck = Checkpoint(medium_ckpt)
     D = ck.config.emb_size
     monkeypatch.setattr(ExpertCache, "READ_CHUNK", 24 * D + 100)     # 24 rows a read, a short last one
-    cache = ExpertCache(ck, 2 * 3 * D * ck.config.ffn_size, prefetch=False)
+    if reads == "direct refused":
+        real_open = os.open
+
+        def refuse(path, flags, *a):
+            if flags & getattr(os, "O_DIRECT", 0):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, *a)
+        monkeypatch.setattr(os, "open", refuse)
+    cache = ExpertCache(ck, 2 * 3 * D * ck.config.ffn_size, prefetch=False, drop_page_cache=reads != "buffered")
     assert cache.down_rows == 24 and ck.config.ffn_size % 24
+    assert cache.direct == (reads != "buffered" and hasattr(os, "O_DIRECT"))
+    offsets = [off % cache.ALIGN for layer in range(2) for _, off, _ in ck.expert_ranges(layer, 1)]
+    assert any(offsets)                     # ranges that do not start on a block: read around
     for key in [(2, 7), (0, 1), (3, 0)]:
         wg, wu, wd = cache.acquire(*key)
         lw = ck.layers[key[0]]
         assert np.array_equal(wd, lw.w_down.w[key[1]].T) and np.array_equal(wu, lw.w_up.w[key[1]])
         assert np.array_equal(wg, lw.w_gate.w[key[1]])
         cache.release(*key)
+    assert bool(cache._buffered) == (reads == "direct refused" and cache.direct)
     cache.close()
 
 

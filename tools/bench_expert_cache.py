@@ -6,7 +6,7 @@
 
 In one run it measures (1) the disk's cold read bandwidth on the checkpoint's own expert bytes
 (after dropping them from the page cache: one stream of 64 MiB preads, and as many reads in
-flight as the cache keeps; the better is the disk rate), then decodes from a cold page cache
+flight as the cache keeps, buffered and direct; the best is the disk rate), then decodes from a cold page cache
 (2) with the expert cache (the default: no prefetch), (3) with the cache and prefetch, and
 with the cache off: experts read from the memory map, the kernel deciding what stays, (4) with
 the same memory as the cache run (a ballast holds the rest of RAM: the page cache gets what
@@ -19,6 +19,7 @@ from disk while decoding (/proc/self/io; for mmap this is the only measure of it
 
 import argparse
 import json
+import mmap
 import os
 import sys
 import time
@@ -55,40 +56,52 @@ def disk_read_bytes() -> int | None:
     return None
 
 
-def disk_gbs(ranges, limit: int, block: int = 64 << 20, workers: int = 1) -> float:
+def disk_gbs(ranges, limit: int, block: int = 64 << 20, workers: int = 1, direct: bool = False) -> float:
     """Cold read bandwidth over the first `limit` bytes of these (path, offset, length) ranges,
-    GB/s: `block`-byte reads, `workers` of them in flight at once (1: one sequential stream)."""
+    GB/s: `block`-byte reads, `workers` of them in flight at once (1: one sequential stream);
+    direct: O_DIRECT reads of the aligned blocks around each piece (0.0 where refused)."""
     from concurrent.futures import ThreadPoolExecutor
     drop_cache({p for p, _, _ in ranges})
+    align = ExpertCache.ALIGN
     pieces, total = [], 0
     for path, off, n in ranges:
         for pos in range(0, n, block):
             if total >= limit:
                 break
             k = min(block, n - pos, limit - total)
-            pieces.append((path, off + pos, k))
+            a0 = (off + pos) // align * align if direct else off + pos
+            a1 = -(-(off + pos + k) // align) * align if direct else off + pos + k
+            pieces.append((path, a0, a1 - a0))
             total += k
     fds = {}
-    for path, _, _ in pieces:
-        if path not in fds:
-            fds[path] = os.open(path, os.O_RDONLY)
-            os.posix_fadvise(fds[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    bufs = [bytearray(block) for _ in range(workers)]
+    try:
+        for path, _, _ in pieces:
+            if path not in fds:
+                fds[path] = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+                if not direct:
+                    os.posix_fadvise(fds[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except (OSError, AttributeError):
+        for fd in fds.values():
+            os.close(fd)
+        return 0.0
+    bufs = [mmap.mmap(-1, block + 2 * align) for _ in range(workers)]    # page-aligned
 
     def read(w: int) -> int:
         done = 0
         for path, off, k in pieces[w::workers]:
-            done += os.preadv(fds[path], [memoryview(bufs[w])[:k]], off)
+            done += min(k, os.preadv(fds[path], [memoryview(bufs[w])[:k]], off))
         return done
 
     t = time.perf_counter()
     try:
         with ThreadPoolExecutor(workers) as ex:
             done = sum(ex.map(read, range(workers)))
+    except OSError:
+        return 0.0
     finally:
         for fd in fds.values():
             os.close(fd)
-    return done / (time.perf_counter() - t) / 1e9
+    return min(done, total) / (time.perf_counter() - t) / 1e9
 
 
 def run(model_path, files, tokens, threads, prompt_tokens=8, memory_bytes=None, **opts) -> dict:
@@ -164,10 +177,13 @@ def main(argv=None) -> int:
     ck.close()
     limit = min(2 << 30, expert_total)
     single = disk_gbs(ranges, limit)
-    # the drive with as many reads in flight as the cache's misses keep
-    disk = max(single, disk_gbs(ranges, limit, ExpertCache.READ_CHUNK, ExpertCache.IO_THREADS))
+    # the drive with as many reads in flight as the cache's misses keep, buffered and direct
+    deep = disk_gbs(ranges, limit, ExpertCache.READ_CHUNK, ExpertCache.IO_THREADS)
+    direct = disk_gbs(ranges, limit, ExpertCache.READ_CHUNK, ExpertCache.IO_THREADS, direct=True)
+    disk = max(single, deep, direct)
     results = {"model": a.model, "expert_gb": expert_total / 1e9, "budget_gb": a.budget_gb,
-               "disk_read_gb_s": disk, "disk_single_stream_gb_s": single, "runs": []}
+               "disk_read_gb_s": disk, "disk_single_stream_gb_s": single, "disk_buffered_gb_s": deep,
+               "disk_direct_gb_s": direct, "runs": []}
     modes = [dict(expert_cache_gb=a.budget_gb, prefetch=False), dict(expert_cache_gb=a.budget_gb, prefetch=True)]
     if not a.skip_mmap:
         # the kernel's page cache given the memory the cache run had (its footprint), then all RAM
@@ -193,7 +209,8 @@ def main(argv=None) -> int:
                   f"stalled {r['prefill_stall_seconds']:.1f} s of {r['prefill_io_busy_seconds']:.1f} s reading; "
                   f"decode stalled {r['decode_stall_seconds']:.1f} s of {r['decode_io_busy_seconds']:.1f} s reading")
     print(f"experts {results['expert_gb']:.2f} GB, budget {a.budget_gb} GB, disk cold read {disk:.2f} GB/s "
-          f"({ExpertCache.IO_THREADS} x {ExpertCache.READ_CHUNK >> 20} MiB in flight; one stream {single:.2f} GB/s)")
+          f"(the best of: {ExpertCache.IO_THREADS} x {ExpertCache.READ_CHUNK >> 20} MiB in flight, buffered "
+          f"{deep:.2f} and direct {direct:.2f} GB/s; one stream {single:.2f} GB/s)")
     print(f"{'mode':<26} {'tok/s':>6} {'late':>6} {'hit':>5} {'GB read':>8} {'read GB/s':>9} {'of disk':>7} "
           f"{'io busy s':>9} {'stall s':>8} {'decode disk GB':>14}")
     base = [r for r in results["runs"] if "memory_gb" in r["mode"]]
