@@ -48,7 +48,8 @@ def load(path: str | os.PathLike, *, config=None, options=None, **kwargs) -> "Mo
     Grok-1 GGUF file (one file, any shard NAME-0000k-of-0000n.gguf, or NAME.gguf.partKofN).
     Options, by keyword (or an `Options` as options=): threads (default: physical cores),
     context (KV-cache length; default: the model's sequence_len), expert_cache_gb ("auto",
-    "off", or GB), expert_cache_policy ("lru", "lfu"), prefetch, pin_experts ((layer, expert)
+    "off", or GB), expert_cache_policy ("lru", "lfu"), prefetch, expert_reads ("auto",
+    "direct", "buffered": how misses are read), pin_experts ((layer, expert)
     pairs), routing_trace (a JSONL path), unembed ("f32" exact, or "int8": 4x fewer bytes per
     token), activations ("f32" exact, or "q8": a GGUF model's Q4_K/Q5_K/Q6_K decode products with
     x rounded to 8 bits), offload ("none", or "dense": attention, norms, router and embeddings on

@@ -120,7 +120,7 @@ class ExpertCache:
     ALIGN = 4096                # direct reads: offsets, lengths and buffers in these units
 
     def __init__(self, ckpt, budget_bytes: int, policy: str = "lru", prefetch: bool = False,
-                 io_threads: int = IO_THREADS, drop_page_cache: bool = True):
+                 io_threads: int = IO_THREADS, drop_page_cache: bool = True, reads: str = "auto"):
         c = ckpt.config
         self.ckpt = ckpt
         self.L, self.E, self.k = c.num_layers, c.num_experts, c.num_selected_experts
@@ -145,7 +145,8 @@ class ExpertCache:
         self.policy = make_policy(policy)
         self.prefetch_enabled = prefetch
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
-        self.direct = drop_page_cache and hasattr(os, "O_DIRECT")    # else buffered reads
+        # reads: "direct", "buffered", or "auto" (direct when the page cache is to hold nothing)
+        self.direct = hasattr(os, "O_DIRECT") and (reads == "direct" or (reads == "auto" and drop_page_cache))
         # Anonymous pages, committed as slots fill; not advised as huge pages (numpy's arrays are),
         # since their faults may then stall on compaction: 0.4-0.7 GB/s here against 1.6-2.
         self._pool_map = mmap.mmap(-1, max(1, self.nslots * self.expert_bytes))

@@ -56,11 +56,13 @@ class Model:
                 _gguf_options(options)
             if options.expert_cache_gb != "off":
                 budget = budget_bytes(options.expert_cache_gb, ckpt, self.context)
-                # Under a budget smaller than the experts, file pages are dropped after each read
-                # so RAM holds one copy; when all fit, the page cache keeps them for the next run.
+                # Under a budget smaller than the experts, misses bypass the page cache (or their
+                # file pages are dropped) so RAM holds one copy; when all fit, the page cache
+                # keeps them for the next run.
                 every = c.num_layers * c.num_experts * ckpt.expert_bytes
                 self.experts = ExpertCache(ckpt, budget, policy=options.expert_cache_policy,
-                                           prefetch=options.prefetch, drop_page_cache=budget < every)
+                                           prefetch=options.prefetch, drop_page_cache=budget < every,
+                                           reads=options.expert_reads)
                 if pins:
                     self.experts.pin(pins)
             elif pins:

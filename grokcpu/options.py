@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from .errors import GrokError
 
 POLICIES = ("lru", "lfu")
+READS = ("auto", "direct", "buffered")
 UNEMBEDS = ("f32", "int8")
 ACTIVATIONS = ("f32", "q8")
 OFFLOADS = ("none", "dense")
@@ -181,6 +182,8 @@ class Options:
     expert_cache_gb: str | float = "auto"  # 'auto', 'off' (experts from the memory map), or GB
     expert_cache_policy: str = "lru"
     prefetch: bool = False                # read the next layer's likely experts ahead
+    expert_reads: str = "auto"            # misses: direct (O_DIRECT), buffered, or auto (direct
+                                          # below all experts where the file system allows it)
     pin_experts: tuple = ()               # (layer, expert) pairs kept resident, or ("SPEC",)
     routing_trace: str | None = None      # append the routing to this JSONL file
     unembed: str = "f32"                  # output layer: f32 (exact) or int8
@@ -211,6 +214,7 @@ class Options:
             expert_cache_gb=expert_cache_gb(d.get("expert_cache_gb", "auto")),
             expert_cache_policy=_choice("expert_cache_policy", d.get("expert_cache_policy", "lru"), POLICIES),
             prefetch=_bool("prefetch", d.get("prefetch", False)),
+            expert_reads=_choice("expert_reads", d.get("expert_reads", "auto"), READS),
             pin_experts=pin_list(d.get("pin_experts", ())),
             routing_trace=trace,
             unembed=_choice("unembed", d.get("unembed", "f32"), UNEMBEDS),

@@ -67,7 +67,7 @@ def test_generate_on_a_fixture_with_an_explicit_tokenizer(demo_path, tok):
     want = tok.decode(greedy_direct(m, tok.encode("Running a model"), 8)) + "\n"
     r = cli("generate", "-p", "Running a model", "-n", 8, *GREEDY, "--model", fx,
             "--tokenizer", demo_path / "tokenizer.model", "--threads", 1, "--no-prefetch",
-            "--expert-cache-gb", "0.001", "--expert-cache-policy", "lfu")
+            "--expert-cache-gb", "0.001", "--expert-cache-policy", "lfu", "--expert-reads", "direct")
     assert r.exit_code == 0, r.stderr
     assert r.stdout == want
     assert "RANDOM" not in r.stderr
@@ -122,6 +122,7 @@ def corrupt_copy(tmp_path, how):
     (["--max-tokens", "0"], "error: --max-tokens 0 is out of range"),
     (["--expert-cache-policy", "bogus"], "error: --expert-cache-policy 'bogus' is not known (hint: use one of: lru, lfu)"),
     (["--expert-cache-gb", "lots"], "error: --expert-cache-gb 'lots' is not a size"),
+    (["--expert-reads", "mmap"], "error: --expert-reads 'mmap' is not known (hint: use one of: auto, direct, buffered)"),
     (["--threads", "0"], "error: --threads 0 is out of range"),
     (["--context", "8"], "error: the prompt has 15 tokens but the context holds 8 (hint: shorten the prompt"),
     (["--context", "99999"], "error: --context 99999 is longer than the model's sequence_len 2048"),

@@ -25,14 +25,15 @@ def expert_gb(cfg):
     return 3 * cfg.emb_size * cfg.ffn_size / 1e9
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_logits_identical_whatever_the_budget(fixture, prefetch):
+@pytest.mark.parametrize("prefetch,reads", [(True, "auto"), (False, "auto"), (False, "buffered"), (False, "direct")])
+def test_logits_identical_whatever_the_budget(fixture, prefetch, reads):
     full = grokcpu.load(fixture.path)
     ref_pre, ref_dec = run(full, fixture)
     c = full.config
     one = expert_gb(c)
     for n in (c.num_selected_experts, c.num_selected_experts + 1, c.num_layers * c.num_experts // 2):
-        m = grokcpu.load(fixture.path, expert_cache_gb=n * one * 1.0001, prefetch=prefetch)
+        m = grokcpu.load(fixture.path, expert_cache_gb=n * one * 1.0001, prefetch=prefetch, expert_reads=reads)
+        assert m.experts.direct == (reads != "buffered" and hasattr(os, "O_DIRECT"))
         pre, dec = run(m, fixture)
         assert np.array_equal(pre, ref_pre) and np.array_equal(dec, ref_dec)
         st = m.stats()["expert_cache"]
@@ -50,6 +51,8 @@ def test_budget_too_small_is_a_clear_error(fixture):
             grokcpu.load(fixture.path, expert_cache_gb=bad)
     with pytest.raises(GrokError, match="expert_cache_policy .fifo. is not known"):
         grokcpu.load(fixture.path, expert_cache_policy="fifo")
+    with pytest.raises(GrokError, match="expert_reads .mmap. is not known"):
+        grokcpu.load(fixture.path, expert_reads="mmap")
 
 
 @pytest.mark.parametrize("reads", ["direct", "buffered", "direct refused"])

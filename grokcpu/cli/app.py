@@ -78,6 +78,8 @@ ENGINE_PARAMS = [
     ("expert_cache_policy", str, "lru", _opt("--expert-cache-policy", help="expert eviction policy (lru, lfu)")),
     ("prefetch", bool, False, _opt("--prefetch/--no-prefetch",
      help="read the next layer's likely experts ahead (off by default: it lost on the models measured)")),
+    ("expert_reads", str, "auto", _opt("--expert-reads",
+     help="how misses read: direct (bypass the page cache), buffered, or auto (direct below all experts)")),
     ("pin_experts", Optional[str], None, _opt("--pin-experts",
      help="keep experts resident: LAYER:EXPERT,... or TRACE.jsonl:N (the N most used)")),
     ("routing_trace", Optional[str], None, _opt("--routing-trace",
@@ -111,7 +113,8 @@ SAMPLING_PARAMS = [
 # (in Annotated, typer.Option's first name sits in .default)
 FLAGS = {name: (info.default if isinstance(info.default, str) else info.param_decls[0]).split("/")[0]
          for name, _, _, info in ENGINE_PARAMS + SAMPLING_PARAMS}
-ENGINE_OPTION_NAMES = ("threads", "context", "expert_cache_gb", "expert_cache_policy", "prefetch", "pin_experts",
+ENGINE_OPTION_NAMES = ("threads", "context", "expert_cache_gb", "expert_cache_policy", "prefetch", "expert_reads",
+                       "pin_experts",
                        "routing_trace", "unembed", "activations", "offload")
 
 

@@ -31,6 +31,7 @@ def parser() -> argparse.ArgumentParser:
     a("--expert-cache-gb", default="auto")
     a("--expert-cache-policy", default="lru")
     a("--prefetch", action="store_true")
+    a("--expert-reads", default="auto", help="direct, buffered, or auto (direct below all experts)")
     a("--pin-experts")
     a("--routing-trace")
     a("--unembed", default="f32")
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
     try:
         opts = grokcpu.Options.make(threads=args.threads, context=args.context, expert_cache_gb=args.expert_cache_gb,
                                     expert_cache_policy=args.expert_cache_policy, prefetch=args.prefetch,
+                                    expert_reads=args.expert_reads,
                                     pin_experts=args.pin_experts or (), routing_trace=args.routing_trace,
                                     unembed=args.unembed, activations=args.activations, offload=args.offload)
     except grokcpu.OptionError as e:
