@@ -14,7 +14,7 @@ import grokcpu
 from grokcpu import quant
 from grokcpu.cli import app
 from grokcpu.kernels import quants as kq
-from grokcpu.kernels import simd
+from grokcpu.kernels import simd, vnni
 from test_gguf import TINY, write_grok
 from test_quants import random_matrix
 
@@ -233,3 +233,49 @@ def test_cli_flag(demo_path, tmp_path):
         r = cli("generate", "--model", model, "--activations", value, "-n", 2, "hi")
         lines = problems(r.stderr)
         assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith(message), r.stderr
+
+
+@pytest.mark.skipif(not vnni.VNNI, reason="this CPU has no AVX-512 VNNI: prefill keeps float32 tiles and BLAS")
+def test_vnni_prefill_kernel_equals_float64_product_of_the_rounded_x():
+    """The many-row Q4_K product on 8-bit x (kernels/vnni.py): exact int32 sums per 32 values,
+    float32 per 256, against float64 dequant(W) @ dequant(quantize8(x)); partial tiles of 16 rows,
+    row counts not a multiple of 4, and any thread count giving the same bits."""
+    rng = np.random.default_rng(300)
+    for N, K in [(4, 256), (7, 768), (33, 512)]:
+        w = random_matrix(kq.Q4_K, N, K, rng)
+        W = dequantize(w, kq.Q4_K).reshape(N, K).astype(np.float64)
+        for T in (1, 15, 16, 17, 40):
+            x = rng.standard_normal((T, K)).astype(np.float32)
+            x8 = dequantize8(x)
+            ref = x8 @ W.T
+            scale = np.abs(x8) @ np.abs(W).T + np.abs(x8) @ np.abs(dequantize_mins(w, kq.Q4_K, N, K)).T
+            bound = 4e-7 * (K // 256 + 4) * scale
+            first = vnni.q4k_product(w, x, np.empty((T, N), np.float32), quant.F16_TABLE, 1)
+            assert np.all(np.abs(first - ref) <= bound), (N, K, T, np.abs(first - ref).max())
+            for threads in (2, 3):
+                np.testing.assert_array_equal(vnni.q4k_product(w, x, np.empty((T, N), np.float32),
+                                                               quant.F16_TABLE, threads), first)
+    x[3, 100] = np.nan                                    # a NaN in x: its row NaN, as in float32
+    out = vnni.q4k_product(w, x, np.empty((T, N), np.float32), quant.F16_TABLE, 2)
+    assert np.isnan(out[3]).all() and np.isfinite(np.delete(out, 3, axis=0)).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_q8_prefill_matches_q8_decode(tmp_path, threads):
+    """Prefill of 20 tokens (the many-row path: on AVX-512 VNNI the integer product above, else
+    float32 tiles) against the same tokens decoded one at a time (the 8-bit row kernels), both
+    with x rounded to 8 bits, and against the exact float32 prefill: within the 8-bit error of
+    test_q4_k_model_logits_within_the_8bit_error, the same argmax. (Prefill and decode cannot
+    agree to float32's order: a last-bit difference upstream moves a rounding of x by a step.)"""
+    path = tmp_path / "m.gguf"
+    write_grok(path, Q8_CFG, seed=4, qtype=QT.Q4_K)
+    toks = (TOKS * 2)[:20]
+    pre = grokcpu.load(path, threads=threads, activations="q8").new_session().prefill(toks)
+    exact = grokcpu.load(path, threads=threads).new_session().prefill(toks)
+    s = grokcpu.load(path, threads=threads, activations="q8").new_session()
+    dec = np.stack([s.decode(t) for t in toks])
+    top = np.abs(exact).max()
+    for other in (dec, exact):
+        err = np.abs(pre - other).max()
+        assert 0 < err <= 0.05 * top, err / top
+        assert (pre.argmax(-1) == other.argmax(-1)).all()

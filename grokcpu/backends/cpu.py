@@ -409,7 +409,7 @@ class CpuBackend:
             return matmul(x, w.w, w.s, self.threads, scratch, out_major, out)
         if isinstance(w, tuple):
             return matmul(x, *w, self.threads, scratch, out_major, out)
-        return w.product(np.ascontiguousarray(x), out, scratch, self.activations)
+        return w.product(np.ascontiguousarray(x), out, scratch, self.activations, self.threads)
 
     @property
     def unembed_bytes(self) -> int:

@@ -24,7 +24,8 @@ from .. import quant
 from ..backends.cpu import GEMM_MIN_ROWS, TILE_ELEMS
 from ..checkpoint import LayerWeights
 from ..errors import CheckpointError
-from ..kernels.quants import BF16, F16, F32
+from ..kernels import vnni
+from ..kernels.quants import BF16, F16, F32, Q4_K
 from .gguf import check_grok_tensors, grok_config, open_gguf
 
 _FLOAT = {F32: np.float32, F16: np.float16}
@@ -93,11 +94,12 @@ class GMatrix:
         return out
 
     def product(self, x: np.ndarray, out: np.ndarray | None = None, scratch=None,
-                activations: str = "f32") -> np.ndarray:
+                activations: str = "f32", threads: int = 1) -> np.ndarray:
         """x [T, K] @ W.T -> float32 [T, N] (into out): F32 with BLAS on the map itself; other
         types with quant.matvec for a few rows (x rounded to 8 bits for the K-quants under
         activations="q8"), from GEMM_MIN_ROWS rows dequantized tiles and BLAS (the tile from
-        `scratch`, a cpu.Scratch, when given)."""
+        `scratch`, a cpu.Scratch, when given), or for Q4_K under activations="q8" on a CPU with
+        AVX-512 VNNI, integer products on `threads` threads (kernels/vnni.py)."""
         T, N = x.shape[0], self.N
         if out is None:
             out = np.empty((T, N), np.float32)
@@ -106,6 +108,8 @@ class GMatrix:
             return out
         if T < GEMM_MIN_ROWS and self._kernels():
             return quant.matvec(self.qtype, self.data, x, out, self.name, activations)
+        if activations == "q8" and self.qtype == Q4_K and vnni.VNNI and N >= vnni.ROWS:
+            return vnni.q4k_product(self.data, x, out, quant.F16_TABLE, threads)
         step = max(1, min(N, TILE_ELEMS // self.K))
         tile = scratch("tile", step * self.K) if scratch is not None else np.empty(step * self.K, np.float32)
         for r0 in range(0, N, step):
