@@ -112,14 +112,9 @@ def test_kernel_equals_float64_product_of_the_rounded_x(qtype):
     rng = np.random.default_rng(200 + qtype)
     for N, K in [(5, 256), (7, 768), (33, 512)]:          # one block; output counts uneven over threads
         w = random_matrix(qtype, N, K, rng)
-        W = dequantize(w, qtype).reshape(N, K).astype(np.float64)
         for T in (1, 2, 3, 4):
             x = rng.standard_normal((T, K)).astype(np.float32)
-            x8 = dequantize8(x)
-            ref = x8 @ W.T
-            # float32 per block: d * xd * (int sum) - dmin * xd * (int sum), added up over K/256 blocks
-            scale = np.abs(x8) @ np.abs(W).T + np.abs(x8) @ np.abs(dequantize_mins(w, qtype, N, K)).T
-            bound = 4e-7 * (K // 256 + 4) * scale
+            ref, bound = rounded_x_reference(qtype, w, x)
             got = quant.matvec(qtype, w, x, activations="q8")
             assert np.all(np.abs(got - ref) <= bound), (N, K, T, np.abs(got - ref).max())
             for kind in kinds(qtype):
@@ -155,6 +150,16 @@ def test_integer_sums_do_not_overflow_at_the_extremes(qtype, kind):
         x[1, ::2] *= -1.0                                  # alternating signs
         out = q8_kernel(kind, qtype, w, x, 2)
         np.testing.assert_allclose(out, dequantize8(x) @ W.T, rtol=1e-6)
+
+
+def rounded_x_reference(qtype, w, x):
+    """float64 dequant(W) @ dequant(quantize8(x)), and the bound an 8-bit kernel meets: float32
+    per block, d * xd * (int sum) - dmin * xd * (int sum), added up over K/256 blocks."""
+    N, K = w.shape[0], x.shape[1]
+    W = dequantize(w, qtype).reshape(N, K).astype(np.float64)
+    x8 = dequantize8(x)
+    scale = np.abs(x8) @ np.abs(W).T + np.abs(x8) @ np.abs(dequantize_mins(w, qtype, N, K)).T
+    return x8 @ W.T, 4e-7 * (K // 256 + 4) * scale
 
 
 def dequantize_mins(w, qtype, N, K):
@@ -243,13 +248,9 @@ def test_vnni_prefill_kernel_equals_float64_product_of_the_rounded_x():
     rng = np.random.default_rng(300)
     for N, K in [(4, 256), (7, 768), (33, 512)]:
         w = random_matrix(kq.Q4_K, N, K, rng)
-        W = dequantize(w, kq.Q4_K).reshape(N, K).astype(np.float64)
         for T in (1, 15, 16, 17, 40):
             x = rng.standard_normal((T, K)).astype(np.float32)
-            x8 = dequantize8(x)
-            ref = x8 @ W.T
-            scale = np.abs(x8) @ np.abs(W).T + np.abs(x8) @ np.abs(dequantize_mins(w, kq.Q4_K, N, K)).T
-            bound = 4e-7 * (K // 256 + 4) * scale
+            ref, bound = rounded_x_reference(kq.Q4_K, w, x)
             first = vnni.q4k_product(w, x, np.empty((T, N), np.float32), quant.F16_TABLE, 1)
             assert np.all(np.abs(first - ref) <= bound), (N, K, T, np.abs(first - ref).max())
             for threads in (2, 3):

@@ -24,19 +24,19 @@ from .prefetch import prefetch_bytes
 from .quants import Q4_K, Q5_K, Q8_0
 
 
-def _avx2() -> bool:
-    """Whether numba compiles for a CPU with AVX2 (the host's, unless NUMBA_CPU_NAME/FEATURES
-    say otherwise)."""
+def compiles_for(*features: str) -> bool:
+    """Whether numba compiles for a CPU with these LLVM features (the host's, unless
+    NUMBA_CPU_NAME/FEATURES say otherwise)."""
     feats = numba.config.CPU_FEATURES
     if feats:
-        return {"+avx2", "+f16c"} <= set(feats.split(","))
+        return {"+" + f for f in features} <= set(feats.split(","))
     if numba.config.CPU_NAME not in (None, "host"):
         return False
     f = llvm.get_host_cpu_features()
-    return bool(f.get("avx2") and f.get("f16c"))          # F16C: a half's conversion in one instruction
+    return all(f.get(k) for k in features)
 
 
-AVX2 = _avx2()
+AVX2 = compiles_for("avx2", "f16c")       # F16C: a half's conversion in one instruction
 AHEAD = 3072            # bytes ahead of the block being read that each block asks for (quants.AHEAD)
 
 _I1, _I8, _I16, _I32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32)

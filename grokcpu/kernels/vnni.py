@@ -15,36 +15,21 @@ under activations="q8" round x the same way. Compiled only where the CPU has AVX
 (`VNNI`); elsewhere the caller keeps the float32 tiles and BLAS.
 """
 
-import llvmlite.binding as llvm
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .quants import quantize_x8
+from .quants import _k4_pair, quantize_x8
+from .simd import _F32, _I8, _I32, _fn, _Ops, compiles_for
 
 LANES = 16              # tokens per tile: one int32 lane each
 ROWS = 4                # weight rows per pass: each x vector serves four
 
 
-def _vnni() -> bool:
-    """Whether numba compiles for a CPU with AVX-512 VNNI (the host's, unless NUMBA_CPU_NAME or
-    NUMBA_CPU_FEATURES say otherwise)."""
-    need = {"avx512f", "avx512bw", "avx512vnni"}
-    feats = numba.config.CPU_FEATURES
-    if feats:
-        return {"+" + f for f in need} <= set(feats.split(","))
-    if numba.config.CPU_NAME not in (None, "host"):
-        return False
-    f = llvm.get_host_cpu_features()
-    return all(f.get(k) for k in need)
+VNNI = compiles_for("avx512f", "avx512bw", "avx512vnni")
 
-
-VNNI = _vnni()
-
-_I8, _I32, _F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
 _V16D, _V16F = ir.VectorType(_I32, 16), ir.VectorType(_F32, 16)
 
 
@@ -75,8 +60,8 @@ def _block4(typingctx, w, wo, ws, xt, xo, sc, mn, so, ns, dd, dm, do, nb, xd, xd
         ws_, so_, ns_, do_, nb_ = idx(2), idx(7), idx(8), idx(11), idx(12)
         scp, mnp, ddp, dmp = base(5), base(6), base(9), base(10)
         xqp = b.gep(base(15), [idx(16)])
-        dp = cgutils.get_or_insert_function(b.module, ir.FunctionType(_V16D, [_V16D, _V16D, _V16D]),
-                                            "llvm.x86.avx512.vpdpbusd.512")
+        op = _Ops(b)
+        dp = _fn(b, "llvm.x86.avx512.vpdpbusd.512", _V16D, _V16D, _V16D, _V16D)
         tot = [ir.Constant(_V16D, None)] * ROWS
         mins = [ir.Constant(_V16F, None)] * ROWS
         for j in range(8):
@@ -86,18 +71,18 @@ def _block4(typingctx, w, wo, ws, xt, xo, sc, mn, so, ns, dd, dm, do, nb, xd, xd
                 for r in range(ROWS):
                     off = b.add(b.mul(ws_, ip(r)), ip(32 * j + 4 * i))
                     wv = b.load(b.bitcast(b.gep(wp, [off]), _I32.as_pointer()), align=1)
-                    sums[r] = b.call(dp, [sums[r], _splat(b, wv, _V16D), xv])
+                    sums[r] = b.call(dp, [sums[r], op.splat(_V16D, wv), xv])
             q = vec(xqp, ip(LANES * j), _V16F)
             for r in range(ROWS):
                 k = b.add(b.add(so_, ip(j)), b.mul(ns_, ip(r)))
-                tot[r] = b.add(tot[r], b.mul(sums[r], _splat(b, b.load(b.gep(scp, [k])), _V16D)))
-                mins[r] = b.fadd(mins[r], b.fmul(_splat(b, b.load(b.gep(mnp, [k])), _V16F), q))
+                tot[r] = b.add(tot[r], b.mul(sums[r], op.splat(_V16D, b.load(b.gep(scp, [k])))))
+                mins[r] = b.fadd(mins[r], b.fmul(op.splat(_V16F, b.load(b.gep(mnp, [k]))), q))
         xdv = vec(b.gep(base(13), [idx(14)]), ip(0), _V16F)
         accp = base(17)
         for r in range(ROWS):
             k = b.add(do_, b.mul(nb_, ip(r)))
-            v = b.fsub(b.fmul(b.sitofp(tot[r], _V16F), _splat(b, b.load(b.gep(ddp, [k])), _V16F)),
-                       b.fmul(mins[r], _splat(b, b.load(b.gep(dmp, [k])), _V16F)))
+            v = b.fsub(b.fmul(b.sitofp(tot[r], _V16F), op.splat(_V16F, b.load(b.gep(ddp, [k])))),
+                       b.fmul(mins[r], op.splat(_V16F, b.load(b.gep(dmp, [k])))))
             ap = b.bitcast(b.gep(accp, [ip(LANES * r)]), _V16F.as_pointer())
             b.store(b.fadd(b.load(ap, align=4), b.fmul(v, xdv)), ap, align=4)
         return context.get_dummy_value()
@@ -127,33 +112,21 @@ def _nibbles(typingctx, src, so, dst, do):
     return sig, codegen
 
 
-def _splat(b, v, vt):
-    one = b.insert_element(ir.Constant(vt, ir.Undefined), v, _I32(0))
-    return b.shuffle_vector(one, ir.Constant(vt, ir.Undefined), ir.Constant(_V16D, [0] * 16))
-
-
 @njit(cache=True, nogil=True)
 def _unpack_q4k(w, w16, f16, n, K, q, qo, sc, mn, so, dd, dm, do):
     """Row n of a Q4_K matrix: its values' nibbles as bytes into q[qo:qo+K], the 6-bit scale and
     min of each 32 values into sc (int32) and mn (float32) [so:so+K/32] (ggml's
     get_scale_min_k4), each 256's d and dmin into dd/dm[do:do+K/256]."""
+    row = w[n]
     for blk in range(K // 256):
         o = blk * 144
         dd[do + blk] = f16[w16[n, o // 2]]
         dm[do + blk] = f16[w16[n, o // 2 + 1]]
-        for j in range(8):
-            if j < 4:
-                s = w[n, o + 4 + j] & 63
-                m = w[n, o + 8 + j] & 63
-            else:
-                s = (w[n, o + 8 + j] & 0xF) | ((w[n, o + j] >> 6) << 4)
-                m = (w[n, o + 8 + j] >> 4) | ((w[n, o + 4 + j] >> 6) << 4)
-            sc[so + blk * 8 + j] = s
-            mn[so + blk * 8 + j] = np.float32(m)
-    row = w[n]
-    for blk in range(K // 256):
         for j in range(4):
-            _nibbles(row, blk * 144 + 16 + 32 * j, q, qo + blk * 256 + 64 * j)
+            s0, m0, s1, m1 = _k4_pair(row, o, j)
+            sc[so + blk * 8 + 2 * j], sc[so + blk * 8 + 2 * j + 1] = s0, s1
+            mn[so + blk * 8 + 2 * j], mn[so + blk * 8 + 2 * j + 1] = np.float32(m0), np.float32(m1)
+            _nibbles(row, o + 16 + 32 * j, q, qo + blk * 256 + 64 * j)
 
 
 @njit(parallel=True, cache=True, nogil=True)
