@@ -16,7 +16,9 @@ early, `request` starts a layer's misses together, `acquire` waits only for what
 ckpt-0's down projection is stored transposed, output-major [D, F] (the file holds [F, D]): each
 piece is transposed into the slot by the thread that read it (compiled, without the GIL), so
 the transposes run on every core in parallel with the other pieces' reads; decode then reads it
-with contiguous dot products (`qmatvec_t`), 1.5-1.7x as fast as the input-major kernel. A GGUF
+with contiguous dot products (`qmatvec_t`), 1.5-1.7x as fast as the input-major kernel. Pieces
+reach the slot with whole-line streaming stores (kernels/stream.py): a miss costs about 0.35
+CPU-seconds per GB here, the direct read's pinning and the copy out of scratch included. A GGUF
 slot holds the three parts' file bytes as they are (down too; their ggml types may differ, and
 a slot is the largest expert's size): `acquire` returns GMatrix views of it, which the same
 kernels read as the mapped matrices.
@@ -37,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .errors import GrokError
-from .kernels.matvec import transpose_into
+from .kernels.stream import copy_into, transpose_into
 
 GB = 1e9
 
@@ -113,10 +115,11 @@ class ExpertCache:
 
     GUESS_WARMUP = 32          # guesses judged before prefetch may pause itself
     READ_AHEAD_SLACK = 8 << 20  # bytes past a read that the kernel may have read ahead
-    READ_CHUNK = 4 << 20        # bytes per read of a miss (the down projection's: whole 8-row groups)
+    READ_CHUNK = 4 << 20        # bytes per read of a miss, the blocks around it included
     IO_THREADS = 32             # reads in flight at once (the drive's queue depth, not cores):
                                 # 128 MiB filled the disk here; each reader has a READ_CHUNK scratch
     ALIGN = 4096                # direct reads: offsets, lengths and buffers in these units
+    HUGE = 2 << 20              # a huge page
 
     def __init__(self, ckpt, budget_bytes: int, policy: str = "lru", prefetch: bool = False,
                  io_threads: int = IO_THREADS, drop_page_cache: bool = True, reads: str = "auto"):
@@ -129,8 +132,10 @@ class ExpertCache:
         # slot: gate, up and down as the file holds them (GMatrix views; no transpose).
         self.gguf = getattr(ckpt, "format", "ckpt-0") == "gguf"
         self.slot_shape = (3, D, F)
-        # rows of [F, D] per read of the down range: a multiple of 8 (whole 8x8 transpose blocks)
-        self.down_rows = max(8, self.READ_CHUNK // D // 8 * 8)
+        # bytes per read: with the blocks around it for a direct read, READ_CHUNK at most
+        self.piece = self.READ_CHUNK - 2 * self.ALIGN
+        # rows of [F, D] per read of the down range: a multiple of 64 (whole transpose blocks)
+        self.down_rows = max(64, self.piece // D // 64 * 64)
         self._scratch = threading.local()
         self.expert_bytes = ckpt.expert_bytes          # a slot: the largest expert
         total = self.L * self.E
@@ -149,7 +154,9 @@ class ExpertCache:
         # np.empty does not touch the pages: RAM is committed as slots fill. numpy asks for huge
         # pages: a first touch costs more (faults may wait on compaction), decode reads faster
         # (a Q4_K decode 1.2x here).
-        self.pool = np.empty((self.nslots, self.expert_bytes), np.uint8 if self.gguf else np.int8)
+        # (a slot's rows 64-byte aligned: the transpose writes whole cache lines)
+        self.pool = _aligned_empty(self.nslots * self.expert_bytes, self.ALIGN).view(
+            np.uint8 if self.gguf else np.int8).reshape(self.nslots, self.expert_bytes)
         self.pool_view = self.pool.view()             # what kernels read: the mapped weights' type
         self.pool_view.flags.writeable = False
         self.slots = [_Slot() for _ in range(self.nslots)]
@@ -443,13 +450,11 @@ class ExpertCache:
         return dst
 
     def _scratch_buf(self, n: int):
-        """This reader thread's ALIGN-aligned byte buffer of at least n bytes."""
+        """This reader thread's byte buffer of at least n bytes, on 2 MiB boundaries: huge pages,
+        which a direct read pins for the device in a fraction of the time 4 KiB pages take."""
         buf = getattr(self._scratch, "buf", None)
         if buf is None or len(buf) < n:
-            size = max(n, self.READ_CHUNK + 2 * self.ALIGN)
-            raw = np.empty(size + self.ALIGN, np.uint8)
-            skip = -raw.ctypes.data % self.ALIGN
-            buf = self._scratch.buf = raw[skip:skip + size]
+            buf = self._scratch.buf = _aligned_empty(max(n, self.READ_CHUNK), self.HUGE)
         return buf
 
     def _start_load(self, i: int, key) -> None:
@@ -460,7 +465,7 @@ class ExpertCache:
             st.busy_since = time.perf_counter()
         st.inflight += 1
         parts = self.ranges[key]
-        step = self.READ_CHUNK
+        step = self.piece
         pieces, soff = [], 0
         for segs in (parts if self.gguf else parts[:2]):
             for path, foff, n in segs:
@@ -487,11 +492,9 @@ class ExpertCache:
                     dst = slot.view(np.uint8)[soff:soff + n]
                     got = self._read_bytes(path, foff, n, load.key, dst)
                     if got is not dst:
-                        dst[:] = got
+                        copy_into(got, dst)
                 else:
                     got = self._read_bytes(path, foff, n, load.key).view(np.int8)
-                    if got.ctypes.data % 8:          # the transpose reads 8-byte words
-                        got = got.copy()
                     down = slot.reshape(self.slot_shape)[2]
                     transpose_into(got.reshape(-1, down.shape[0]), down, r0)
         except Exception as e:             # surfaced to the thread that waits for this slot
@@ -523,6 +526,14 @@ class ExpertCache:
                     del self.where[key]
                     self.policy.remove(key)
                 s.key = None
+
+
+def _aligned_empty(nbytes: int, align: int) -> np.ndarray:
+    """n uninitialized bytes starting on a multiple of `align` (np.empty: pages are committed
+    as they are first written)."""
+    raw = np.empty(nbytes + align, np.uint8)
+    skip = -raw.ctypes.data % align
+    return raw[skip:skip + nbytes]
 
 
 class _Load:

@@ -62,7 +62,7 @@ def test_experts_land_whole_across_concurrent_read_pieces(medium_ckpt, monkeypat
     around unaligned ranges), buffered ones, and where the file system refuses direct reads."""
     ck = Checkpoint(medium_ckpt)
     D = ck.config.emb_size
-    monkeypatch.setattr(ExpertCache, "READ_CHUNK", 24 * D + 100)     # 24 rows a read, a short last one
+    monkeypatch.setattr(ExpertCache, "READ_CHUNK", 192 * D + 2 * ExpertCache.ALIGN + 100)   # 192 rows a read
     if reads == "direct refused":
         real_open = os.open
 
@@ -72,7 +72,7 @@ def test_experts_land_whole_across_concurrent_read_pieces(medium_ckpt, monkeypat
             return real_open(path, flags, *a)
         monkeypatch.setattr(os, "open", refuse)
     cache = ExpertCache(ck, 2 * 3 * D * ck.config.ffn_size, prefetch=False, drop_page_cache=reads != "buffered")
-    assert cache.down_rows == 24 and ck.config.ffn_size % 24
+    assert cache.down_rows == 192 and ck.config.ffn_size % 192
     assert cache.direct == (reads != "buffered" and hasattr(os, "O_DIRECT"))
     offsets = [off % cache.ALIGN for layer in range(2) for _, off, _ in ck.expert_ranges(layer, 1)]
     assert any(offsets)                     # ranges that do not start on a block: read around

@@ -262,14 +262,33 @@ def test_int8_unembedding_error_is_bounded():
     assert (np.abs(got - ref) <= bound * 1.001 + 1e-6).all()
 
 
-@pytest.mark.parametrize("n,D,F,c0", [(16, 24, 40, 8), (13, 24, 40, 8), (16, 20, 40, 3), (5, 7, 9, 2), (1024, 64, 2048, 512)])
-def test_transpose_into_whole_blocks_and_remainders(n, D, F, c0):
-    from grokcpu.kernels.matvec import transpose_into
+@pytest.mark.parametrize("n,D,F,c0", [(16, 24, 40, 8), (13, 24, 40, 8), (5, 7, 9, 2), (1024, 64, 2048, 512),
+                                      (130, 40, 256, 64), (200, 48, 512, 128), (64, 16, 128, 3), (300, 72, 704, 320)])
+@pytest.mark.parametrize("shift", [0, 5])
+def test_transpose_into_whole_blocks_and_remainders(n, D, F, c0, shift):
+    """Whole 64x16 blocks (streamed where the destination's lines are 64-byte aligned: shift 0
+    with c0 a multiple of 64; plain stores elsewhere), remainder rows and columns bytewise."""
+    from grokcpu.kernels.stream import transpose_into
     src = RNG.integers(-128, 128, (n, D), dtype=np.int8)
-    dst = np.zeros((D, F), np.int8)
+    raw = np.zeros(D * F + 128, np.int8)
+    skip = -raw.ctypes.data % 64 + shift
+    dst = raw[skip:skip + D * F].reshape(D, F)
     transpose_into(src, dst, c0)
     assert np.array_equal(dst[:, c0:c0 + n], src.T)
     assert not dst[:, :c0].any() and not dst[:, c0 + n:].any()
+
+
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 255, 256, 257, 1000, 5000])
+@pytest.mark.parametrize("shift", [0, 1, 17, 63])
+def test_copy_into_streams_whole_lines_and_copies_the_edges(n, shift):
+    """An unaligned head up to the first 64-byte boundary, whole 256-byte runs streamed, a tail."""
+    from grokcpu.kernels.stream import copy_into
+    src = RNG.integers(0, 256, n, dtype=np.uint8)
+    raw = np.zeros(n + 256, np.uint8)
+    skip = -raw.ctypes.data % 64 + shift
+    copy_into(src, raw[skip:skip + n])
+    assert np.array_equal(raw[skip:skip + n], src)
+    assert not raw[:skip].any() and not raw[skip + n:].any()
 
 
 def test_compiled_kernels_are_dropped_when_any_kernel_source_changes(tmp_path):
