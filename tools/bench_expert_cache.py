@@ -12,8 +12,8 @@ with the cache off: experts read from the memory map, the kernel deciding what s
 the same memory as the cache run (a ballast holds the rest of RAM: the page cache gets what
 the budget, dense weights and KV cache took) and (5) with all of RAM.
 Reported: tok/s (all of the decode, and its second half, "late", after most experts' first
-use), hit rate, GB read, read GB/s while reading (and as a fraction of (1)), the
-time compute stalled on reads against the time reads were in flight, and what the kernel read
+use), hit rate, GB read, read GB/s while reading (and as a fraction of (1); for prefill and
+decode apart too: prefill's includes the pool's first fill), the time compute stalled on reads against the time reads were in flight, and what the kernel read
 from disk while decoding (/proc/self/io; for mmap this is the only measure of its misses).
 """
 
@@ -152,6 +152,9 @@ def run(model_path, files, tokens, threads, prompt_tokens=8, memory_bytes=None, 
         if k in pre:
             out["prefill_" + k] = pre[k]
             out["decode_" + k] = st[k] - pre[k]
+    for phase in ("prefill", "decode"):       # each phase's miss reads: GB over the time reads were in flight
+        if out.get(phase + "_io_busy_seconds"):
+            out[phase + "_read_gb_s"] = out[phase + "_bytes_read"] / 1e9 / out[phase + "_io_busy_seconds"]
     return out
 
 
@@ -194,8 +197,9 @@ def main(argv=None) -> int:
         mem = footprint if opts.pop("same_memory", False) else None
         r = run(a.model, files, a.tokens, a.threads, a.prompt_tokens, memory_bytes=mem, **opts)
         footprint = footprint or r["footprint_bytes"]
-        if "read_gb_s" in r:
-            r["read_fraction_of_disk"] = r["read_gb_s"] / disk
+        for k in ("", "prefill_", "decode_"):
+            if k + "read_gb_s" in r:
+                r[k + "read_fraction_of_disk"] = r[k + "read_gb_s"] / disk
         results["runs"].append(r)
         if a.json:              # one object per mode, each with the disk rate of this run
             print(json.dumps({k: v for k, v in results.items() if k != "runs"} | r), flush=True)
@@ -205,9 +209,12 @@ def main(argv=None) -> int:
         return 0
     for r in results["runs"]:
         if "prefill_stall_seconds" in r:
+            rates = "; ".join(f"{p} read {r[p + '_read_gb_s']:.2f} GB/s ({r[p + '_read_fraction_of_disk']:.0%})"
+                              for p in ("prefill", "decode") if p + "_read_gb_s" in r)
             print(f"{'prefetch' if r['mode'].get('prefetch') else 'no prefetch'}: prefill {r['prefill_s']:.1f} s, "
                   f"stalled {r['prefill_stall_seconds']:.1f} s of {r['prefill_io_busy_seconds']:.1f} s reading; "
-                  f"decode stalled {r['decode_stall_seconds']:.1f} s of {r['decode_io_busy_seconds']:.1f} s reading")
+                  f"decode stalled {r['decode_stall_seconds']:.1f} s of {r['decode_io_busy_seconds']:.1f} s reading; "
+                  + rates)
     print(f"experts {results['expert_gb']:.2f} GB, budget {a.budget_gb} GB, disk cold read {disk:.2f} GB/s "
           f"(the best of: {ExpertCache.IO_THREADS} x {ExpertCache.READ_CHUNK >> 20} MiB in flight, buffered "
           f"{deep:.2f} and direct {direct:.2f} GB/s; one stream {single:.2f} GB/s)")
