@@ -291,6 +291,18 @@ def test_copy_into_streams_whole_lines_and_copies_the_edges(n, shift):
     assert not raw[:skip].any() and not raw[skip + n:].any()
 
 
+def test_stream_kernels_refuse_shapes_their_unchecked_stores_would_overrun():
+    from grokcpu.kernels.stream import copy_into, transpose_into
+    dst = np.zeros((16, 128), np.int8)
+    with pytest.raises(ValueError):
+        transpose_into(np.zeros((64, 16), np.int8), dst, 65)        # c0 + n past the row
+    with pytest.raises(ValueError):
+        transpose_into(np.zeros((64, 32), np.int8), dst, 0)         # 32 columns into 16 rows
+    with pytest.raises(ValueError):
+        copy_into(np.zeros(300, np.uint8), np.zeros(256, np.uint8))
+    assert not dst.any()
+
+
 def test_compiled_kernels_are_dropped_when_any_kernel_source_changes(tmp_path):
     """numba's cache checks only a kernel's own file: a change to matvec.py must also drop
     decode.py's compiled kernels, which embed matvec's code."""

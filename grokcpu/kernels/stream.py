@@ -110,6 +110,8 @@ def transpose_into(src, dst, c0):
     prange). Whole 64 x 16 blocks, then the rest byte by byte."""
     n, D = src.shape
     F = dst.shape[1]
+    if dst.shape[0] != D or c0 < 0 or c0 + n > F:      # the blocks' stores are unchecked
+        raise ValueError("transpose_into: src[n, D] does not fit dst[D, c0:c0+n]")
     n64, D16 = n // 64 * 64, D // 16 * 16
     s, d = src.reshape(n * D), dst.reshape(D * F)
     if (dst.ctypes.data + c0) % 64 == 0 and F % 64 == 0:
@@ -134,6 +136,8 @@ def copy_into(src, dst):
     """dst[:] = src (1-D int8 or uint8 arrays of one length): whole lines streamed where dst's
     are 64-byte aligned."""
     n = src.size
+    if dst.size != n:                                   # the lines' stores are unchecked
+        raise ValueError("copy_into: src and dst differ in size")
     head = min(n, -dst.ctypes.data % 64)
     dst[:head] = src[:head]
     body = head + (n - head) // 256 * 256
