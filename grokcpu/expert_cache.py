@@ -133,7 +133,7 @@ class ExpertCache:
         self.gguf = getattr(ckpt, "format", "ckpt-0") == "gguf"
         self.slot_shape = (3, D, F)
         # bytes per read: with the blocks around it for a direct read, READ_CHUNK at most
-        self.piece = self.READ_CHUNK - 2 * self.ALIGN
+        self.piece = max(self.ALIGN, self.READ_CHUNK - 2 * self.ALIGN)
         # rows of [F, D] per read of the down range: a multiple of 64 (whole transpose blocks)
         self.down_rows = max(64, self.piece // D // 64 * 64)
         self._scratch = threading.local()
