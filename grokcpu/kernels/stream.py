@@ -114,7 +114,7 @@ def transpose_into(src, dst, c0):
         raise ValueError("transpose_into: src[n, D] does not fit dst[D, c0:c0+n]")
     n64, D16 = n // 64 * 64, D // 16 * 16
     s, d = src.reshape(n * D), dst.reshape(D * F)
-    if (dst.ctypes.data + c0) % 64 == 0 and F % 64 == 0:
+    if (np.int64(dst.ctypes.data) + c0) % 64 == 0 and F % 64 == 0:      # (ctypes.data: uint64)
         for i in range(0, n64, 64):
             for c in range(0, D16, 16):
                 _block_nt(s, i * D + c, D, d, c * F + c0 + i, F)
@@ -138,7 +138,7 @@ def copy_into(src, dst):
     n = src.size
     if dst.size != n:                                   # the lines' stores are unchecked
         raise ValueError("copy_into: src and dst differ in size")
-    head = min(n, -dst.ctypes.data % 64)
+    head = min(n, -np.int64(dst.ctypes.data) % 64)
     dst[:head] = src[:head]
     body = head + (n - head) // 256 * 256
     for i in range(head, body, 256):
