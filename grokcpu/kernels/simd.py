@@ -50,6 +50,13 @@ def _fn(builder, name, ret, *args):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, list(args)), name)
 
 
+def _elem(context, b, sig, args, k):
+    """i8* to element args[k + 1] of the array args[k] (an intrinsic's array and offset pair)."""
+    ary = context.make_array(sig.args[k])(context, b, args[k])
+    idx = context.cast(b, args[k + 1], sig.args[k + 1], types.intp)
+    return b.bitcast(b.gep(ary.data, [idx]), _I8.as_pointer())
+
+
 class _Ops:
     """IR helpers over one builder: loads at byte offsets, splats, shuffles, the multiply-adds."""
 
@@ -183,11 +190,7 @@ def _row(block, nbytes, hints):
             b = builder
             op = _Ops(b)
 
-            def ptr(k):
-                ary = context.make_array(sig.args[k])(context, b, args[k])
-                idx = context.cast(b, args[k + 1], sig.args[k + 1], types.intp)
-                return b.bitcast(b.gep(ary.data, [idx]), _I8.as_pointer())
-            wp, xp, bp = ptr(0), ptr(2), ptr(6)
+            wp, xp, bp = (_elem(context, b, sig, args, k) for k in (0, 2, 6))
             xda = context.make_array(sig.args[4])(context, b, args[4])
             xdp = b.gep(xda.data, [context.cast(b, args[5], sig.args[5], types.intp)])
             n = context.cast(b, args[8], sig.args[8], types.intp)

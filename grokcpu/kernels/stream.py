@@ -18,7 +18,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from .simd import _Ops
+from .simd import _elem, _Ops
 
 _ROWS = [int(f"{i:04b}"[::-1], 2) for i in range(16)]       # bit-reversed: columns come out in order
 _I8, _I32 = ir.IntType(8), ir.IntType(32)
@@ -41,20 +41,13 @@ def _store(b, v, p, streaming):
         st.set_metadata("nontemporal", b.module.add_metadata([_I32(1)]))
 
 
-def _ptr(context, b, sig, args, k):
-    """i8* to element args[k + 1] of array args[k]."""
-    ary = context.make_array(sig.args[k])(context, b, args[k])
-    off = context.cast(b, args[k + 1], sig.args[k + 1], types.intp)
-    return b.bitcast(b.gep(ary.data, [off]), _I8.as_pointer())
-
-
 @intrinsic
 def _lines(typingctx, src, so, dst, do):
     """dst[do:do+256] = src[so:so+256], dst's four lines 64-byte aligned and streamed."""
     sig = types.void(src, so, dst, do)
 
     def codegen(context, builder, sig, args):
-        op, sp, dp = _Ops(builder), _ptr(context, builder, sig, args, 0), _ptr(context, builder, sig, args, 2)
+        op, sp, dp = _Ops(builder), _elem(context, builder, sig, args, 0), _elem(context, builder, sig, args, 2)
         for k in range(0, 256, 64):
             _store(builder, op.load(sp, k, _V64), op.at(dp, k), True)
         return context.get_dummy_value()
@@ -72,7 +65,7 @@ def _block(streaming: bool):
         def codegen(context, builder, sig, args):
             b, op = builder, _Ops(builder)
 
-            sp, dp = _ptr(context, b, sig, args, 0), _ptr(context, b, sig, args, 3)
+            sp, dp = _elem(context, b, sig, args, 0), _elem(context, b, sig, args, 3)
             ss_, ds_ = (context.cast(b, args[k], sig.args[k], types.intp) for k in (2, 5))
 
             def cat(x, y):
@@ -114,15 +107,15 @@ def transpose_into(src, dst, c0):
         raise ValueError("transpose_into: src[n, D] does not fit dst[D, c0:c0+n]")
     n64, D16 = n // 64 * 64, D // 16 * 16
     s, d = src.reshape(n * D), dst.reshape(D * F)
-    if (np.int64(dst.ctypes.data) + c0) % 64 == 0 and F % 64 == 0:      # (ctypes.data: uint64)
-        for i in range(0, n64, 64):
-            for c in range(0, D16, 16):
+    streaming = (np.int64(dst.ctypes.data) + c0) % 64 == 0 and F % 64 == 0     # (ctypes.data: uint64)
+    for i in range(0, n64, 64):
+        for c in range(0, D16, 16):
+            if streaming:
                 _block_nt(s, i * D + c, D, d, c * F + c0 + i, F)
-        _fence()
-    else:
-        for i in range(0, n64, 64):
-            for c in range(0, D16, 16):
+            else:
                 _block_any(s, i * D + c, D, d, c * F + c0 + i, F)
+    if streaming:
+        _fence()
     for i in range(n64):
         for c in range(D16, D):
             dst[c, c0 + i] = src[i, c]

@@ -22,7 +22,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .quants import _k4_pair, quantize_x8
-from .simd import _F32, _I8, _I32, _fn, _Ops, compiles_for
+from .simd import _F32, _I8, _I32, _elem, _fn, _Ops, compiles_for
 
 LANES = 16              # tokens per tile: one int32 lane each
 ROWS = 4                # weight rows per pass: each x vector serves four
@@ -96,18 +96,12 @@ def _nibbles(typingctx, src, so, dst, do):
     sig = types.void(src, so, dst, do)
 
     def codegen(context, builder, sig, args):
-        b = builder
+        b, op = builder, _Ops(builder)
         v32 = ir.VectorType(_I8, 32)
-
-        def ptr(k):
-            a = context.make_array(sig.args[k])(context, b, args[k]).data
-            i = context.cast(b, args[k + 1], sig.args[k + 1], types.intp)
-            return b.bitcast(b.gep(a, [i]), v32.as_pointer())
-        v = b.load(ptr(0), align=1)
-        d = ptr(2)
-        b.store(b.and_(v, ir.Constant(v32, [15] * 32)), d, align=1)
-        hi = b.bitcast(b.gep(b.bitcast(d, _I8.as_pointer()), [ir.Constant(ir.IntType(64), 32)]), v32.as_pointer())
-        b.store(b.lshr(v, ir.Constant(v32, [4] * 32)), hi, align=1)
+        v = op.load(_elem(context, b, sig, args, 0), 0, v32)
+        d = _elem(context, b, sig, args, 2)
+        b.store(b.and_(v, ir.Constant(v32, [15] * 32)), b.bitcast(d, v32.as_pointer()), align=1)
+        b.store(b.lshr(v, ir.Constant(v32, [4] * 32)), b.bitcast(op.at(d, 32), v32.as_pointer()), align=1)
         return context.get_dummy_value()
     return sig, codegen
 
