@@ -153,8 +153,7 @@ class ExpertCache:
         self.direct = hasattr(os, "O_DIRECT") and (reads == "direct" or (reads == "auto" and drop_page_cache))
         # np.empty does not touch the pages: RAM is committed as slots fill. numpy asks for huge
         # pages: a first touch costs more (faults may wait on compaction), decode reads faster
-        # (a Q4_K decode 1.2x here).
-        # (a slot's rows 64-byte aligned: the transpose writes whole cache lines)
+        # (a Q4_K decode 1.2x here). Aligned, so a slot's lines are whole for streaming stores.
         self.pool = _aligned_empty(self.nslots * self.expert_bytes, self.ALIGN).view(
             np.uint8 if self.gguf else np.int8).reshape(self.nslots, self.expert_bytes)
         self.pool_view = self.pool.view()             # what kernels read: the mapped weights' type

@@ -13,8 +13,9 @@ the same memory as the cache run (a ballast holds the rest of RAM: the page cach
 the budget, dense weights and KV cache took) and (5) with all of RAM.
 Reported: tok/s (all of the decode, and its second half, "late", after most experts' first
 use), hit rate, GB read, read GB/s while reading (and as a fraction of (1); for prefill and
-decode apart too: prefill's includes the pool's first fill), the time compute stalled on reads against the time reads were in flight, and what the kernel read
-from disk while decoding (/proc/self/io; for mmap this is the only measure of its misses).
+decode apart too: prefill's includes the pool's first fill), the time compute stalled on reads
+against the time reads were in flight, and what the kernel read from disk while decoding
+(/proc/self/io; for mmap this is the only measure of its misses).
 """
 
 import argparse
